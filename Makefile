@@ -1,0 +1,28 @@
+# `make test` and `make demo` work on a fresh machine: they build .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel on this machine's disk; an unpinned torch would pull CUDA packages.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: test test-slow demo venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest
+
+test-slow: venv
+	$(PY) -m pytest -m slow
+
+demo: venv
+	$(PY) -m nxd_models.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

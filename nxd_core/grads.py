@@ -1,0 +1,64 @@
+"""Gradient clipping across tensor parallel ranks."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from . import parallel_state as ps
+from .sharding import get_sharding
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float, norm_type: float = 2) -> torch.Tensor:
+    """Clip gradients by their total norm over the whole (unsharded) model; return that norm.
+
+    Sharded parameters contribute their local piece and are summed across the
+    TP group; a piece replicated on k ranks (KV heads when tp > heads) counts
+    1/k per rank. Replicated parameters hold the same gradient on every rank
+    and count once. Data-parallel gradients are expected to be averaged
+    already, as after DDP. Matches torch.nn.utils.clip_grad_norm_ on the
+    unsharded model.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    params = [p for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    if not params:
+        return torch.tensor(0.0)
+    device = params[0].grad.device
+    sharded = torch.zeros((), dtype=torch.float32, device=device)
+    replicated = torch.zeros((), dtype=torch.float32, device=device)
+    tp = ps.get_tensor_model_parallel_size()
+
+    for p in params:
+        grad = p.grad.detach().float()
+        spec = get_sharding(p)
+        if norm_type == math.inf:
+            value = grad.abs().max()
+            if spec is not None and tp > 1:
+                sharded = torch.maximum(sharded, value)
+            else:
+                replicated = torch.maximum(replicated, value)
+        else:
+            value = grad.norm(norm_type) ** norm_type
+            if spec is not None and tp > 1:
+                sharded = sharded + value * (spec.parts / spec.tp)
+            else:
+                replicated = replicated + value
+
+    group = ps.get_tensor_model_parallel_group()
+    if tp > 1:
+        op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
+        dist.all_reduce(sharded, op=op, group=group)
+    if norm_type == math.inf:
+        total = torch.maximum(sharded, replicated)
+    else:
+        total = (sharded + replicated) ** (1.0 / norm_type)
+
+    clip_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        p.grad.detach().mul_(clip_coef.to(p.grad.dtype))
+    return total

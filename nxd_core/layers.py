@@ -1,0 +1,248 @@
+"""ColumnParallelLinear, RowParallelLinear and ParallelEmbedding.
+
+Weights use torch's layout ([out, in] for linears), so a parallel layer has
+the same parameter names and, at tp=1, the same shapes as the torch.nn layer
+it replaces. Each sharded parameter carries its `ShardSpec`.
+
+Initialisation draws the full-size weight and keeps this rank's slice: a model
+built at tp=N under a seed holds exactly the slices of the tp=1 model built
+under that seed. On the meta device nothing is drawn (weights come from a
+checkpoint later).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import init
+
+from . import parallel_state as ps
+from .mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from .sharding import ShardSpec, copy_sharding_attributes, get_sharding, set_sharding, shard_tensor, valid_mask
+
+
+def _check_divisible(spec: ShardSpec, layer: str, what: str, pad: bool) -> None:
+    if spec.is_padded and not pad:
+        valid = [d for d in ps.divisors(spec.full_size // spec.unit)]
+        raise ValueError(
+            f"{layer}: {what} {spec.full_size} is not divisible by tensor parallel size {spec.tp}. "
+            f"Use a tp in {valid}, or pass pad=True to zero-pad it to {spec.padded_size}."
+        )
+
+
+def _sharded_parameter(full_shape, spec: ShardSpec | None, fill: Callable[[torch.Tensor], object], dtype, device):
+    """A parameter holding this rank's piece of a full tensor drawn by `fill` (replicated when spec is None)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rank = ps.get_tensor_model_parallel_rank()
+    shape = list(full_shape)
+    if spec is not None:
+        shape[spec.dim] = spec.shard_size
+    if device.type == "meta":
+        data = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        full = torch.empty(full_shape, dtype=dtype, device=device)
+        with torch.no_grad():
+            fill(full)
+        data = full if spec is None else shard_tensor(full, spec, rank)
+    param = nn.Parameter(data)
+    if spec is not None:
+        set_sharding(param, spec)
+        if spec.is_padded and device.type != "meta":
+            # Padding stays zero through training: its gradient is masked out.
+            mask = valid_mask(spec, rank, shape, device=device).to(dtype)
+            param.register_hook(lambda grad: grad * mask)
+    return param
+
+
+def _linear_default_init(fan_in: int):
+    """torch.nn.Linear's initialisation, so tp=1 layers equal nn.Linear under the same seed."""
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+
+    def weight(w):
+        init.kaiming_uniform_(w, a=math.sqrt(5))
+
+    def bias(b):
+        init.uniform_(b, -bound, bound)
+
+    return weight, bias
+
+
+def _linear_inits(init_method, fan_in):
+    if init_method is None:
+        return _linear_default_init(fan_in)
+    # A user init applies to the weight; the bias starts at zero (Megatron's convention).
+    return init_method, init.zeros_
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T + b with A's output dim (weight rows) split across TP ranks.
+
+    gather_output=True all-gathers Y to full size; False leaves each rank its
+    slice, ready for a RowParallelLinear(input_is_parallel=True).
+    `max_parts`/`unit` bound the split (e.g. KV heads: replicate instead of
+    cutting a head).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        gather_output: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        init_method: Callable | None = None,
+        pad: bool = False,
+        max_parts: int | None = None,
+        unit: int = 1,
+    ):
+        super().__init__()
+        self.input_size, self.output_size = input_size, output_size
+        self.gather_output = gather_output
+        tp = ps.get_tensor_model_parallel_size()
+        self.spec = ShardSpec(dim=0, full_size=output_size, tp=tp, max_parts=max_parts, unit=unit)
+        _check_divisible(self.spec, "ColumnParallelLinear", "output_size", pad)
+        if gather_output and self.spec.parts != tp:
+            raise ValueError("ColumnParallelLinear: gather_output=True needs tp <= max_parts (pieces would repeat)")
+        weight_init, bias_init = _linear_inits(init_method, input_size)
+        self.weight = _sharded_parameter((output_size, input_size), self.spec, weight_init, dtype, device)
+        self.bias = _sharded_parameter((output_size,), self.spec, bias_init, dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_tensor_model_parallel_region(x)
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output:
+            y = gather_from_tensor_model_parallel_region(y)
+            if self.spec.is_padded:
+                y = y[..., : self.output_size]
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, output_size={self.output_size}, tp={self.spec.tp}, "
+            f"local_out={self.spec.shard_size}, gather_output={self.gather_output}"
+        )
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T + b with A's input dim (weight columns) split across TP ranks.
+
+    Each rank multiplies its slice of X and the partial results are summed
+    (all-reduce); the bias is replicated and added once, after the sum.
+    input_is_parallel=False scatters a full X first.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        input_is_parallel: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        init_method: Callable | None = None,
+        pad: bool = False,
+        max_parts: int | None = None,
+        unit: int = 1,
+    ):
+        super().__init__()
+        self.input_size, self.output_size = input_size, output_size
+        self.input_is_parallel = input_is_parallel
+        tp = ps.get_tensor_model_parallel_size()
+        self.spec = ShardSpec(dim=1, full_size=input_size, tp=tp, max_parts=max_parts, unit=unit)
+        _check_divisible(self.spec, "RowParallelLinear", "input_size", pad)
+        weight_init, bias_init = _linear_inits(init_method, input_size)
+        self.weight = _sharded_parameter((output_size, input_size), self.spec, weight_init, dtype, device)
+        self.bias = _sharded_parameter((output_size,), None, bias_init, dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            if self.spec.is_padded:
+                x = F.pad(x, (0, self.spec.padded_size - self.input_size))
+            x = scatter_to_tensor_model_parallel_region(x)
+        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, output_size={self.output_size}, tp={self.spec.tp}, "
+            f"local_in={self.spec.shard_size}, input_is_parallel={self.input_is_parallel}"
+        )
+
+
+class ParallelEmbedding(nn.Module):
+    """An embedding table split over the vocabulary (default) or the embedding dim.
+
+    Vocabulary sharding: each rank looks up the ids in its range, zeros the
+    rest, and the partial lookups are summed. The range is a buffer, not a
+    Python value, so one traced graph serves every rank.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        init_method: Callable = init.normal_,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        shard_across_embedding: bool = False,
+        pad: bool = False,
+    ):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self.shard_across_embedding = shard_across_embedding
+        tp = ps.get_tensor_model_parallel_size()
+        dim, size, what = (1, embedding_dim, "embedding_dim") if shard_across_embedding else (0, num_embeddings, "num_embeddings")
+        self.spec = ShardSpec(dim=dim, full_size=size, tp=tp)
+        _check_divisible(self.spec, "ParallelEmbedding", what, pad)
+
+        def fill(w):
+            init_method(w)
+            if padding_idx is not None:
+                w[padding_idx].zero_()  # as torch.nn.Embedding does
+
+        self.weight = _sharded_parameter((num_embeddings, embedding_dim), self.spec, fill, dtype, device)
+        start, _ = self.spec.bounds(ps.get_tensor_model_parallel_rank())
+        vocab_range = torch.tensor([start, start + self.spec.shard_size]) if dim == 0 else torch.tensor([0, num_embeddings])
+        buffer_device = device if device is not None and torch.device(device).type != "meta" else None
+        self.register_buffer("vocab_range", vocab_range.to(buffer_device), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.spec.tp == 1:
+            return F.embedding(ids, self.weight)
+        if self.shard_across_embedding:
+            out = gather_from_tensor_model_parallel_region(F.embedding(ids, self.weight))
+            return out[..., : self.embedding_dim] if self.spec.is_padded else out
+        outside = (ids < self.vocab_range[0]) | (ids >= self.vocab_range[1])
+        local_ids = (ids - self.vocab_range[0]).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_model_parallel_region(out)
+
+    def extra_repr(self) -> str:
+        sharded = "embedding_dim" if self.shard_across_embedding else "vocab"
+        return f"{self.num_embeddings}, {self.embedding_dim}, tp={self.spec.tp}, sharded over {sharded}"
+
+
+def move_model_to_device(model: nn.Module, device) -> nn.Module:
+    """model.to(device), keeping every parameter's tensor parallel attributes.
+
+    Some backends (XLA) replace parameter objects on .to(); the attributes are
+    copied across by name so the sharding metadata survives.
+    """
+    before = {name: p for name, p in model.named_parameters() if get_sharding(p) is not None}
+    model.to(device)
+    for name, param in model.named_parameters():
+        if name in before and param is not before[name]:
+            copy_sharding_attributes(before[name], param)
+    return model

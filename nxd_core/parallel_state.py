@@ -1,0 +1,135 @@
+"""Process groups for tensor parallelism (TP) and data parallelism (DP).
+
+Ranks are laid out tp-major: a TP group is `tp` contiguous ranks, and data
+parallelism runs across TP groups (rank r is in TP group r // tp and DP group
+r % tp). With tp=1 and no process group at all, every getter answers as a
+single process would, so layers and models run unchanged in a plain script.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+_TP_GROUP = None
+_DP_GROUP = None
+_TP_RANKS: list[list[int]] | None = None
+_DP_RANKS: list[list[int]] | None = None
+_TP_SIZE = 1
+_INITIALIZED = False
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def divide(numerator: int, denominator: int, what: str = "size") -> int:
+    """numerator / denominator, or a clear error naming both and the valid choices."""
+    if numerator % denominator != 0:
+        raise ValueError(
+            f"{what} {numerator} is not divisible by tensor parallel size {denominator}; "
+            f"valid tp values are {divisors(numerator)}"
+        )
+    return numerator // denominator
+
+
+def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
+    """Build the TP and DP groups over the default process group.
+
+    Every rank must call this, in the same order as any other group creation.
+    """
+    global _TP_GROUP, _DP_GROUP, _TP_RANKS, _DP_RANKS, _TP_SIZE, _INITIALIZED
+    tp = int(tensor_model_parallel_size)
+    if tp < 1:
+        raise ValueError(f"tensor_model_parallel_size must be >= 1, got {tp}")
+    if _INITIALIZED:
+        destroy_model_parallel()
+
+    if not dist.is_initialized():
+        if tp != 1:
+            raise RuntimeError(
+                f"tensor_model_parallel_size={tp} needs a torch.distributed process group: "
+                "run under torchrun, call torch.distributed.init_process_group first, "
+                "or use nxd_core.workers.WorkerGroup"
+            )
+        _TP_SIZE, _TP_RANKS, _DP_RANKS = 1, [[0]], [[0]]
+        _INITIALIZED = True
+        return
+
+    world = dist.get_world_size()
+    if world % tp != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_model_parallel_size {tp}; "
+            f"valid tensor parallel sizes for this world are {divisors(world)}"
+        )
+    _TP_RANKS = [list(range(start, start + tp)) for start in range(0, world, tp)]
+    _DP_RANKS = [list(range(offset, world, tp)) for offset in range(tp)]
+    rank = dist.get_rank()
+    # new_group is collective over the whole world: every rank creates every group.
+    for ranks in _TP_RANKS:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            _TP_GROUP = group
+    for ranks in _DP_RANKS:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            _DP_GROUP = group
+    _TP_SIZE = tp
+    _INITIALIZED = True
+
+
+def model_parallel_is_initialized() -> bool:
+    return _INITIALIZED
+
+
+def destroy_model_parallel() -> None:
+    """Forget the TP/DP groups (the default process group stays)."""
+    global _TP_GROUP, _DP_GROUP, _TP_RANKS, _DP_RANKS, _TP_SIZE, _INITIALIZED
+    for group in (_TP_GROUP, _DP_GROUP):
+        if group is not None and dist.is_initialized():
+            dist.destroy_process_group(group)
+    _TP_GROUP = _DP_GROUP = _TP_RANKS = _DP_RANKS = None
+    _TP_SIZE = 1
+    _INITIALIZED = False
+
+
+def _world_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_tensor_model_parallel_size() -> int:
+    return _TP_SIZE
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return _world_rank() % _TP_SIZE if _INITIALIZED else 0
+
+
+def get_tensor_model_parallel_group(as_list: bool = False):
+    """The TP group of this rank (None when tp=1 without a process group), or all TP groups as lists of ranks."""
+    if as_list:
+        return [list(r) for r in (_TP_RANKS or [[0]])]
+    return _TP_GROUP
+
+
+def get_data_parallel_size() -> int:
+    if not _INITIALIZED or not dist.is_initialized():
+        return 1
+    return dist.get_world_size() // _TP_SIZE
+
+
+def get_data_parallel_rank() -> int:
+    return _world_rank() // _TP_SIZE if _INITIALIZED else 0
+
+
+def get_data_parallel_group(as_list: bool = False):
+    """The DP group of this rank (None without a process group), or all DP groups as lists of ranks."""
+    if as_list:
+        return [list(r) for r in (_DP_RANKS or [[0]])]
+    return _DP_GROUP
+
+
+# The names NxD's own examples use.
+get_tensor_parallel_size = get_tensor_model_parallel_size
+get_tensor_model_parallel_world_size = get_tensor_model_parallel_size
+get_tensor_parallel_rank = get_tensor_model_parallel_rank
+get_data_parallel_world_size = get_data_parallel_size
