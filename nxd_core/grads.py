@@ -62,3 +62,21 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: 
     for p in params:
         p.grad.detach().mul_(clip_coef.to(p.grad.dtype))
     return total
+
+
+def average_data_parallel_gradients(parameters: Iterable[torch.Tensor]) -> None:
+    """Average gradients over the data parallel group, as DDP or the guide's
+    `xm.optimizer_step(optimizer, groups=get_data_parallel_group(as_list=True))` do."""
+    dp = ps.get_data_parallel_size()
+    if dp == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=ps.get_data_parallel_group())
+    flat /= dp
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

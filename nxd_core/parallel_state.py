@@ -41,26 +41,25 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
     tp = int(tensor_model_parallel_size)
     if tp < 1:
         raise ValueError(f"tensor_model_parallel_size must be >= 1, got {tp}")
-    if _INITIALIZED:
-        destroy_model_parallel()
-
-    if not dist.is_initialized():
-        if tp != 1:
-            raise RuntimeError(
-                f"tensor_model_parallel_size={tp} needs a torch.distributed process group: "
-                "run under torchrun, call torch.distributed.init_process_group first, "
-                "or use nxd_core.workers.WorkerGroup"
-            )
-        _TP_SIZE, _TP_RANKS, _DP_RANKS = 1, [[0]], [[0]]
-        _INITIALIZED = True
-        return
-
-    world = dist.get_world_size()
+    if not dist.is_initialized() and tp != 1:
+        raise RuntimeError(
+            f"tensor_model_parallel_size={tp} needs a torch.distributed process group: "
+            "run under torchrun, call torch.distributed.init_process_group first, "
+            "or use nxd_core.workers.WorkerGroup"
+        )
+    world = dist.get_world_size() if dist.is_initialized() else 1
     if world % tp != 0:
         raise ValueError(
             f"world size {world} is not divisible by tensor_model_parallel_size {tp}; "
             f"valid tensor parallel sizes for this world are {divisors(world)}"
         )
+    if _INITIALIZED:
+        destroy_model_parallel()
+    if not dist.is_initialized():
+        _TP_SIZE, _TP_RANKS, _DP_RANKS = 1, [[0]], [[0]]
+        _INITIALIZED = True
+        return
+
     _TP_RANKS = [list(range(start, start + tp)) for start in range(0, world, tp)]
     _DP_RANKS = [list(range(offset, world, tp)) for offset in range(tp)]
     rank = dist.get_rank()

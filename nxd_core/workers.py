@@ -216,6 +216,10 @@ class WorkerGroup:
         return [results[r] for r in sorted(results)]
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
@@ -251,7 +255,7 @@ class WorkerGroup:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "running"
+        state = "closed" if self.closed else "running"
         return f"WorkerGroup(world_size={self.world_size}, tp={self.tp}, backend={self.backend}, {state}, pids={self.pids})"
 
 
@@ -284,15 +288,20 @@ def _rebuild_exception(rank: int, payload: dict) -> BaseException:
 # -- inside a worker ------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this worker if the front end dies, so no orphan is left."""
-    try:
-        import ctypes
-        import signal
+def _exit_when_orphaned(parent: int) -> None:
+    """End this worker when the front end dies, so no orphan is left behind.
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    A thread polls the parent pid (PR_SET_PDEATHSIG would fire when the thread
+    that started us exits, which is wrong for front ends started from a thread).
+    """
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="nxd-orphan-watch").start()
 
 
 def _reply(conn: Connection, status: str, payload) -> None:
@@ -319,11 +328,8 @@ def _error_payload(exc: BaseException) -> dict:
 
 
 def _worker_main() -> None:
-    parent = os.getppid()
-    _die_with_parent()
+    _exit_when_orphaned(os.getppid())
     authkey, config = pickle.loads(sys.stdin.buffer.read())
-    if os.getppid() != parent:
-        os._exit(1)
     for entry in config["sys_path"]:
         if entry not in sys.path:
             sys.path.append(entry)

@@ -1,0 +1,46 @@
+"""Shared fixtures: one worker group per world size for the whole session (spawning is the cost)."""
+
+import pytest
+
+from nxd_core import parallel_state as ps
+from nxd_core.workers import WorkerGroup
+
+
+def _set_tp(tp: int) -> None:
+    ps.initialize_model_parallel(tp)
+
+
+class TPRunner:
+    """Runs a function on tp x dp ranks: in-process for a single rank, else on a reused WorkerGroup."""
+
+    def __init__(self):
+        self._groups: dict[int, WorkerGroup] = {}
+        self._tp: dict[int, int] = {}
+
+    def group(self, world_size: int) -> WorkerGroup:
+        group = self._groups.get(world_size)
+        if group is None or group.closed:
+            group = self._groups[world_size] = WorkerGroup(world_size)
+            self._tp[world_size] = world_size
+        return group
+
+    def run(self, tp: int, fn, *args, dp: int = 1, **kwargs) -> list:
+        world = tp * dp
+        if world == 1:
+            return [fn(*args, **kwargs)]
+        group = self.group(world)
+        if self._tp[world] != tp:
+            group.run(_set_tp, tp)
+            self._tp[world] = tp
+        return group.run(fn, *args, **kwargs)
+
+    def close(self) -> None:
+        for group in self._groups.values():
+            group.close()
+
+
+@pytest.fixture(scope="session")
+def tp_runner():
+    runner = TPRunner()
+    yield runner
+    runner.close()
