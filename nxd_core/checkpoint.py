@@ -1,21 +1,55 @@
-"""Loading checkpoints into tensor parallel models.
+"""Sharded checkpoints: save, load, consolidate, reshard, and conversion from full checkpoints.
 
-`load(path, model, sharded=False)` reads one unsharded checkpoint and copies
-into each parameter only this rank's slice (via `sharding.shard_tensor`).
-Safetensors files are opened lazily, so a rank reads just its slices.
+A sharded checkpoint is a directory:
+
+    save_dir/
+      manifest.json                              format, version, tp, every tensor's layout, each file's checksum
+      tp_rank_00/checkpoint.<save_id>.safetensors  rank 0's tensors; the rest of its dict as JSON metadata
+      tp_rank_01/...
+
+The manifest is the commit point. A save writes files under a new save_id
+(earlier files untouched), then atomically replaces manifest.json, then
+deletes the files of earlier saves. A save killed at any point leaves either
+the previous checkpoint, intact and loadable, or no manifest at all; the
+`.saving.<id>` marker it leaves makes the interrupted save visible.
+
+Every slice goes through `sharding.shard_tensor`: loading an unsharded
+checkpoint, converting one to a sharded checkpoint, and resharding (where the
+source is a `ShardedView` over the old ranks' files). Files are opened per
+tensor, so a process holds one tensor, not a checkpoint, in memory.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from typing import Mapping
+import secrets
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
 from . import parallel_state as ps
-from .sharding import copy_sharding_attributes, get_sharding, shard_tensor
+from .safetensors_stream import DTYPE_NAMES, SafetensorsWriter, file_checksum, nbytes
+from .sharding import ShardedView, ShardSpec, copy_sharding_attributes, get_sharding, local_shape, shard_tensor
+
+FORMAT = "nxd-zoo/sharded-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded as asked: the message names the file and the fix."""
+
+
+# -- names and errors --------------------------------------------------------------
 
 
 def _describe_names(names: list[str], limit: int = 10) -> str:
@@ -36,6 +70,9 @@ def check_keys(expected, found, source: str, strict: bool = True) -> list[str]:
             "The checkpoint's names must equal the model's state_dict names (or pass strict=False)."
         )
     return [k for k in expected if k in found]
+
+
+# -- putting tensors into a model -----------------------------------------------------
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -76,43 +113,521 @@ def _read_whole(full) -> torch.Tensor:
     return full if isinstance(full, torch.Tensor) else full[:]
 
 
-class _SafetensorsSlices(Mapping):
-    """A read-only mapping name -> lazy slice over one safetensors file."""
-
-    def __init__(self, handle):
-        self._handle = handle
-        self._keys = list(handle.keys())
-
-    def __getitem__(self, name):
-        return self._handle.get_slice(name)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
+# -- unsharded checkpoints, read lazily -------------------------------------------------
 
 
-def load(load_dir, model: nn.Module | None = None, model_key: str = "model", sharded: bool = True, strict: bool = True):
-    """Load a checkpoint into `model` (in place).
+class _LazySlice:
+    """One tensor of a safetensors file; the file is opened only while a slice is read."""
 
-    sharded=False reads one unsharded checkpoint: a torch file holding
-    {model_key: state_dict} (read with weights_only=True) or a .safetensors file.
-    """
-    path = os.fspath(load_dir)
-    if sharded:
-        raise NotImplementedError("sharded checkpoints (tp_rank_XX folders) are not supported yet")
-    if model is None:
-        raise ValueError("load(..., sharded=False) needs the model to load into: load(path, model, sharded=False)")
+    def __init__(self, path: str, name: str, shape, dtype: torch.dtype):
+        self.path, self.name, self.shape, self.dtype = path, name, tuple(shape), dtype
+
+    def __getitem__(self, index) -> torch.Tensor:
+        with safe_open(self.path, framework="pt") as handle:
+            return handle.get_slice(self.name)[index]
+
+
+def open_full_checkpoint(path) -> dict:
+    """name -> lazy tensor for an unsharded checkpoint: a .safetensors file, or a directory of
+    Hugging Face safetensors shards (with model.safetensors.index.json) or one model.safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
+            if missing:
+                raise FileNotFoundError(f"{index} lists files that are missing: {missing}; download them again")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(
+                    f"no safetensors weights in {path}: expected model.safetensors or model.safetensors.index.json"
+                )
+        paths = [str(path / f) for f in files]
+    elif path.suffix == ".safetensors":
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        paths = [str(path)]
+    else:
+        raise ValueError(f"{path} is neither a .safetensors file nor a directory of them")
+    tensors = {}
+    for file in paths:
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                tensors[name] = _LazySlice(file, name, view.get_shape(), _DTYPES[view.get_dtype()])
+    return tensors
+
+
+def _load_unsharded(path: str, model: nn.Module, model_key: str, strict: bool) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as handle:
-            load_state_dict_from_full(model, _SafetensorsSlices(handle), strict, source=path)
-        return model
+    if os.path.isdir(path) or path.endswith(".safetensors"):
+        load_state_dict_from_full(model, open_full_checkpoint(path), strict, source=path)
+        return
     data = torch.load(path, map_location="cpu", weights_only=True)
     state = data.get(model_key, data) if isinstance(data, dict) else None
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} does not hold a state dict under '{model_key}'")
     load_state_dict_from_full(model, state, strict, source=path)
-    return model
+
+
+# -- the non-tensor part of a checkpoint, as JSON ------------------------------------------
+
+
+def _encode(obj, path: str, tensors: dict):
+    """A JSON tree for obj; tensors are replaced by references and collected in `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        name = path
+        while name in tensors:
+            name += "#"
+        tensors[name] = obj
+        return {"tensor": name}
+    if isinstance(obj, Mapping):
+        return {"dict": [[_encode(k, path, {}), _encode(v, f"{path}/{k}" if path else str(k), tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_encode(v, f"{path}/{i}" if path else str(i), tensors) for i, v in enumerate(obj)]
+        return {"list" if isinstance(obj, list) else "tuple": items}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"float": repr(obj)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(
+        f"cannot save {type(obj).__name__} at '{path}': checkpoints hold tensors, numbers, strings, "
+        "None, lists, tuples and dicts (no pickled objects)"
+    )
+
+
+def _decode(node, read_tensor: Callable[[str], object]):
+    if isinstance(node, dict):
+        (kind, value), = node.items()
+        if kind == "tensor":
+            return read_tensor(value)
+        if kind == "dict":
+            return {_decode(k, read_tensor): _decode(v, read_tensor) for k, v in value}
+        if kind == "list":
+            return [_decode(v, read_tensor) for v in value]
+        if kind == "tuple":
+            return tuple(_decode(v, read_tensor) for v in value)
+        if kind == "float":
+            return float(value)
+    return node
+
+
+# -- the manifest and the commit ---------------------------------------------------------
+
+
+def _new_save_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def _rank_file(rank: int, save_id: str) -> str:
+    return f"tp_rank_{rank:02d}/checkpoint.{save_id}.safetensors"
+
+
+def _marker(save_dir: Path, save_id: str) -> Path:
+    return save_dir / f".saving.{save_id}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _begin(save_dir: Path, save_id: str) -> None:
+    save_dir.mkdir(parents=True, exist_ok=True)
+    _marker(save_dir, save_id).write_text(f"an nxd-zoo save started at {time.ctime()} and has not completed\n")
+
+
+def _commit(save_dir: Path, manifest: dict) -> None:
+    """Make the new checkpoint the one that loads, atomically; then remove what earlier saves left."""
+    tmp = save_dir / f"{MANIFEST}.{manifest['save_id']}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, save_dir / MANIFEST)
+    _fsync_dir(save_dir)
+    keep = {r["file"] for r in manifest["ranks"]}
+    for rank_dir in save_dir.glob("tp_rank_*"):
+        for file in rank_dir.glob("checkpoint.*.safetensors"):
+            if f"{rank_dir.name}/{file.name}" not in keep:
+                file.unlink()
+        if not any(rank_dir.iterdir()):
+            rank_dir.rmdir()
+    for marker in save_dir.glob(".saving.*"):
+        marker.unlink()
+
+
+def read_manifest(load_dir) -> dict:
+    """The manifest of a complete sharded checkpoint, or a clear error saying what is wrong."""
+    load_dir = Path(load_dir)
+    path = load_dir / MANIFEST
+    if not path.exists():
+        if not load_dir.exists():
+            raise FileNotFoundError(f"checkpoint directory not found: {load_dir}")
+        if list(load_dir.glob(".saving.*")) or list(load_dir.glob("tp_rank_*")):
+            raise CheckpointError(
+                f"{load_dir} holds an incomplete checkpoint: a save was interrupted before it wrote {MANIFEST}. "
+                "Save again; nothing in this directory is loadable."
+            )
+        raise CheckpointError(f"{load_dir} is not a sharded checkpoint (no {MANIFEST}); for a single file use sharded=False")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+            f"this nxd-zoo reads {FORMAT!r} version {VERSION}. Re-save it with this version."
+        )
+    interrupted = [m.name.split(".", 2)[2] for m in load_dir.glob(".saving.*")]
+    if interrupted:
+        warnings.warn(
+            f"{load_dir}: an interrupted save ({', '.join(interrupted)}) left partial files; "
+            f"loading the last complete checkpoint ({manifest['save_id']})",
+            stacklevel=3,
+        )
+    return manifest
+
+
+def verify_rank_file(load_dir, manifest: dict, rank: int) -> str:
+    """The path of rank's file after checking that it exists, is whole, and matches its checksum."""
+    entry = manifest["ranks"][rank]
+    path = Path(load_dir) / entry["file"]
+    if not path.exists():
+        raise CheckpointError(f"missing shard file {path} (tp rank {rank} of {manifest['tp']}); restore it or save again")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise CheckpointError(
+            f"truncated or damaged shard file {path}: {size} bytes, the manifest records {entry['bytes']}; "
+            "restore it or save again"
+        )
+    if file_checksum(path) != entry["checksum"]:
+        raise CheckpointError(f"checksum mismatch in {path}: the file is damaged; restore it or save again")
+    return str(path)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def _write_rank_file(save_dir: Path, rank: int, save_id: str, tensors: list[tuple[str, torch.dtype, tuple, Callable]], tree) -> dict:
+    """Write one rank's safetensors file; tensors are (name, dtype, shape, produce) written one at a time."""
+    relative = _rank_file(rank, save_id)
+    (save_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+    writer = SafetensorsWriter(save_dir / relative, [(n, d, s) for n, d, s, _ in tensors], {"nxd_tree": json.dumps(tree)})
+    try:
+        for name, dtype, _, produce in tensors:
+            writer.write(name, produce().to(dtype))
+        checksum = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"file": relative, "bytes": (save_dir / relative).stat().st_size, "checksum": checksum}
+
+
+def _manifest(save_id: str, tp: int, model_prefix: str, tensors: dict, ranks: list[dict]) -> dict:
+    return {
+        "format": FORMAT, "version": VERSION, "save_id": save_id, "tp": tp,
+        "model_prefix": model_prefix, "checksum": "crc32", "tensors": tensors, "ranks": ranks,
+    }
+
+
+def _tensor_entry(value, spec: ShardSpec | None, layout: str) -> dict:
+    full_shape = list(value.shape) if spec is None else list(value.shape[: spec.dim]) + [spec.full_size] + list(value.shape[spec.dim + 1 :])
+    return {
+        "layout": layout, "dtype": DTYPE_NAMES[value.dtype],
+        "shape": full_shape if layout != "rank_local" else None,
+        "sharding": spec.to_json() if spec else None,
+    }
+
+
+def _model_prefix(state_dict: Mapping, model_key: str) -> str:
+    # {"model": model.state_dict(), "epoch": ...} or a bare model.state_dict()
+    return f"{model_key}/" if isinstance(state_dict.get(model_key), Mapping) else ""
+
+
+def save(state_dict: Mapping, save_dir, model_key: str = "model") -> None:
+    """Save each TP rank's shard under save_dir/tp_rank_XX/ (only data-parallel rank 0 writes).
+
+    Every rank calls it. Tensors go to safetensors, the rest of the dict
+    (epoch, loss, optimizer hyper-parameters) to JSON metadata; nothing is
+    pickled. Model tensors (under `model_key`, or all of a bare state dict)
+    carry their sharding; other tensors (optimizer state) are kept per rank.
+    """
+    save_dir = Path(save_dir)
+    tp, tp_rank = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
+    if ps.get_data_parallel_rank() == 0:
+        save_id = _broadcast_from_tp_rank0(_new_save_id() if tp_rank == 0 else None)
+        if tp_rank == 0:
+            _begin(save_dir, save_id)
+        _tp_barrier()
+        tensors: dict = {}
+        tree = _encode(state_dict, "", tensors)
+        prefix = _model_prefix(state_dict, model_key)
+        entries = {}
+        for name, value in tensors.items():
+            in_model = name.startswith(prefix)
+            spec = get_sharding(value) if in_model else None
+            entries[name] = _tensor_entry(value, spec, "sharded" if spec else "replicated" if in_model else "rank_local")
+        info = _write_rank_file(
+            save_dir, tp_rank, save_id, [(n, v.dtype, tuple(v.shape), (lambda v=v: v)) for n, v in tensors.items()], tree
+        )
+        ranks = _gather_to_tp_rank0(info)
+        if tp_rank == 0:
+            _commit(save_dir, _manifest(save_id, tp, prefix, entries, ranks))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_from_tp_rank0(value):
+    if ps.get_tensor_model_parallel_size() == 1:
+        return value
+    group = ps.get_tensor_model_parallel_group()
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def _gather_to_tp_rank0(value) -> list:
+    if ps.get_tensor_model_parallel_size() == 1:
+        return [value]
+    group = ps.get_tensor_model_parallel_group()
+    gathered = [None] * ps.get_tensor_model_parallel_size()
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
+def _tp_barrier() -> None:
+    if ps.get_tensor_model_parallel_size() > 1:
+        dist.barrier(group=ps.get_tensor_model_parallel_group())
+
+
+def write_sharded(
+    out_dir,
+    tp: int,
+    sources: Mapping[str, object],
+    specs: Mapping[str, ShardSpec | None],
+    tree=None,
+    model_prefix: str = "",
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Write a sharded checkpoint for `tp` ranks from full tensors (or lazy views of them), in one process.
+
+    `sources[name]` is a full tensor or anything `shard_tensor` slices (safetensors
+    slices, ShardedView); `specs[name]` its ShardSpec at this tp, or None to replicate.
+    Ranks are written one after another, one tensor in memory at a time.
+    `progress(nbytes)` is called after each tensor is written.
+    """
+    out_dir = Path(out_dir)
+    save_id = _new_save_id()
+    _begin(out_dir, save_id)
+    if tree is None:  # a bare state dict
+        model_prefix = ""
+        tree = {"dict": [[name, {"tensor": name}] for name in sources]}
+    entries, ranks = {}, []
+    for name, source in sources.items():
+        spec = specs.get(name)
+        target_dtype = dtype or source.dtype
+        entries[model_prefix + name] = {
+            "layout": "sharded" if spec else "replicated", "dtype": DTYPE_NAMES[target_dtype],
+            "shape": list(source.shape), "sharding": spec.to_json() if spec else None,
+        }
+    for rank in range(tp):
+        plan = []
+        for name, source in sources.items():
+            spec = specs.get(name)
+            shape = local_shape(source.shape, spec) if spec else tuple(source.shape)
+            target_dtype = dtype or source.dtype
+
+            def produce(name=name, source=source, spec=spec, shape=shape, target_dtype=target_dtype):
+                piece = shard_tensor(source, spec, rank, name) if spec else _read_whole(source)
+                if progress:
+                    progress(nbytes(target_dtype, shape))
+                return piece
+
+            plan.append((model_prefix + name, target_dtype, shape, produce))
+        ranks.append(_write_rank_file(out_dir, rank, save_id, plan, tree))
+    manifest = _manifest(save_id, tp, model_prefix, entries, ranks)
+    _commit(out_dir, manifest)
+    return manifest
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load(load_dir, model: nn.Module | None = None, model_key: str = "model", sharded: bool = True, strict: bool = True):
+    """Load a checkpoint; with a model, into the model in place.
+
+    sharded=True: each rank reads only its own tp_rank_XX file (checked against
+    the manifest's size and checksum), one tensor at a time. Returns the saved
+    dict; when a model was given, without its model entry.
+    sharded=False: one unsharded checkpoint, of which each rank reads only its
+    slices: a torch file holding {model_key: state_dict} (weights_only=True),
+    a .safetensors file, or a Hugging Face directory of safetensors shards.
+    """
+    path = os.fspath(load_dir)
+    if not sharded:
+        if model is None:
+            raise ValueError("load(..., sharded=False) needs the model to load into: load(path, model, sharded=False)")
+        _load_unsharded(path, model, model_key, strict)
+        return model
+
+    manifest = read_manifest(path)
+    tp, rank = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
+    if manifest["tp"] != tp:
+        raise CheckpointError(
+            f"{path} was saved at tp={manifest['tp']} but this process runs at tp={tp}. "
+            f"Reshard it: `nxd reshard {path} OUT --tp {tp}` or nxd_core.checkpoint.reshard({path!r}, OUT, tp={tp})"
+        )
+    file = verify_rank_file(path, manifest, rank)
+    with safe_open(file, framework="pt") as handle:
+        tree = json.loads(handle.metadata()["nxd_tree"])
+    prefix = manifest["model_prefix"]
+    if model is not None:
+        _load_into_model(model, file, manifest, strict)
+        if prefix:
+            tree["dict"] = [[k, v] for k, v in tree["dict"] if k != prefix[:-1]]
+        else:
+            return {}
+
+    def read_tensor(name):
+        with safe_open(file, framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    return _decode(tree, read_tensor)
+
+
+def _load_into_model(model: nn.Module, file: str, manifest: dict, strict: bool) -> None:
+    prefix = manifest["model_prefix"]
+    saved = {name[len(prefix):]: meta for name, meta in manifest["tensors"].items() if name.startswith(prefix)}
+    targets = model.state_dict(keep_vars=True)
+    for name in check_keys(targets, saved, file, strict):
+        meta, target = saved[name], targets[name]
+        if _DTYPES[meta["dtype"]] != target.dtype:
+            raise CheckpointError(
+                f"{name} is {_DTYPES[meta['dtype']]} in {file} but the model holds {target.dtype}: "
+                f"build the model with dtype={_DTYPES[meta['dtype']]} or convert the checkpoint"
+            )
+        spec = get_sharding(target)
+        if (spec.to_json() if spec else None) != meta["sharding"]:
+            raise CheckpointError(f"{name}: the checkpoint was sharded as {meta['sharding']}, the model as {spec}")
+        with safe_open(file, framework="pt") as handle:
+            _assign(model, name, handle.get_tensor(prefix + name))
+
+
+# -- consolidate and reshard ---------------------------------------------------------------
+
+
+def _model_views(load_dir, manifest: dict) -> tuple[dict, dict]:
+    """name -> lazy full tensor over the ranks' files, and name -> spec, for every model tensor."""
+    load_dir = Path(load_dir)
+    files = [verify_rank_file(load_dir, manifest, r) for r in range(manifest["tp"])]
+    prefix = manifest["model_prefix"]
+    views, specs = {}, {}
+    for name, meta in manifest["tensors"].items():
+        if meta["layout"] == "rank_local":
+            continue
+        dtype = _DTYPES[meta["dtype"]]
+        spec = ShardSpec.from_json(meta["sharding"]) if meta["sharding"] else None
+        short = name[len(prefix):]
+        if spec is None:
+            views[short] = _LazySlice(files[0], name, meta["shape"], dtype)
+        else:
+            def read_piece(rank, start, stop, name=name, dim=spec.dim):
+                index = (slice(None),) * dim + (slice(start, stop),)
+                with safe_open(files[rank], framework="pt") as handle:
+                    return handle.get_slice(name)[index]
+
+            views[short] = ShardedView(spec, meta["shape"], dtype, read_piece)
+        specs[short] = spec
+    return views, specs
+
+
+def consolidate(load_dir, out_dir, max_shard_size: int = 5 << 30) -> list[str]:
+    """Merge the tp_rank_XX shards' model tensors into one full safetensors checkpoint.
+
+    Big models are split Hugging Face style (model-0000k-of-0000n.safetensors
+    plus model.safetensors.index.json). One tensor is in memory at a time.
+    Returns the files written.
+    """
+    manifest = read_manifest(load_dir)
+    views, _ = _model_views(load_dir, manifest)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, view in views.items():
+        tensor_bytes = nbytes(view.dtype, view.shape)
+        if groups[-1] and size + tensor_bytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += tensor_bytes
+    names = (
+        ["model.safetensors"] if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
+    for file, group in zip(names, groups):
+        tmp = out_dir / f"{file}.partial"
+        writer = SafetensorsWriter(tmp, [(n, views[n].dtype, tuple(views[n].shape)) for n in group], {"format": "pt"})
+        for name in group:
+            writer.write(name, _read_whole(views[name]))
+        writer.close()
+        os.replace(tmp, out_dir / file)
+    if len(groups) > 1:
+        index = {
+            "metadata": {"total_size": sum(nbytes(v.dtype, v.shape) for v in views.values())},
+            "weight_map": {name: file for file, group in zip(names, groups) for name in group},
+        }
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return [str(out_dir / f) for f in names]
+
+
+def reshard(load_dir, out_dir, tp: int) -> dict:
+    """Rewrite a sharded checkpoint for another tp, never holding more than one tensor piece.
+
+    Model weights and the non-tensor entries (epoch, ...) carry over; per-rank
+    tensors such as optimizer state cannot be resharded and are left out (a
+    warning lists them).
+    """
+    manifest = read_manifest(load_dir)
+    views, specs = _model_views(load_dir, manifest)
+    new_specs = {name: spec.with_tp(tp) if spec else None for name, spec in specs.items()}
+    dropped = [n for n, m in manifest["tensors"].items() if m["layout"] == "rank_local"]
+    if dropped:
+        warnings.warn(f"reshard leaves out per-rank tensors (optimizer state): {_describe_names(dropped)}", stacklevel=2)
+    with safe_open(verify_rank_file(load_dir, manifest, 0), framework="pt") as handle:
+        tree = json.loads(handle.metadata()["nxd_tree"])
+    tree = _drop_tensors(tree, set(dropped))
+    return write_sharded(out_dir, tp, views, new_specs, tree=tree, model_prefix=manifest["model_prefix"])
+
+
+def _drop_tensors(node, names: set):
+    """The tree with references to `names` replaced by None."""
+    if isinstance(node, dict):
+        (kind, value), = node.items()
+        if kind == "tensor":
+            return None if value in names else node
+        if kind == "dict":
+            return {"dict": [[k, _drop_tensors(v, names)] for k, v in value]}
+        if kind in ("list", "tuple"):
+            return {kind: [_drop_tensors(v, names) for v in value]}
+    return node
+
+
+def convert_to_sharded(source, out_dir, tp: int, specs: Mapping[str, ShardSpec | None], dtype: torch.dtype | None = None,
+                       progress: Callable[[int], None] | None = None) -> dict:
+    """Convert an unsharded checkpoint (HF directory or .safetensors file) to a sharded one for `tp`.
+
+    `specs` maps every tensor name to its ShardSpec (any tp: it is retargeted)
+    or None; build it from a model with `sharding.sharding_specs`.
+    """
+    sources = open_full_checkpoint(source)
+    check_keys(specs, sources, str(source))
+    ordered = {name: sources[name] for name in specs}
+    new_specs = {name: spec.with_tp(tp) if spec else None for name, spec in specs.items()}
+    return write_sharded(out_dir, tp, ordered, new_specs, dtype=dtype, progress=progress)

@@ -27,7 +27,15 @@ from .mappings import (
     reduce_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from .sharding import ShardSpec, copy_sharding_attributes, get_sharding, set_sharding, shard_tensor, valid_mask
+from .sharding import (
+    ShardSpec,
+    copy_sharding_attributes,
+    get_sharding,
+    set_sharding,
+    shard_tensor,
+    tag_sharded_state,
+    valid_mask,
+)
 
 
 def _check_divisible(spec: ShardSpec, layer: str, what: str, pad: bool) -> None:
@@ -106,6 +114,7 @@ class ColumnParallelLinear(nn.Module):
         unit: int = 1,
     ):
         super().__init__()
+        self.register_state_dict_post_hook(tag_sharded_state)
         self.input_size, self.output_size = input_size, output_size
         self.gather_output = gather_output
         tp = ps.get_tensor_model_parallel_size()
@@ -155,6 +164,7 @@ class RowParallelLinear(nn.Module):
         unit: int = 1,
     ):
         super().__init__()
+        self.register_state_dict_post_hook(tag_sharded_state)
         self.input_size, self.output_size = input_size, output_size
         self.input_is_parallel = input_is_parallel
         tp = ps.get_tensor_model_parallel_size()
@@ -199,6 +209,7 @@ class ParallelEmbedding(nn.Module):
         pad: bool = False,
     ):
         super().__init__()
+        self.register_state_dict_post_hook(tag_sharded_state)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
         self.shard_across_embedding = shard_across_embedding

@@ -2,7 +2,8 @@
 
 A parallel parameter carries a `ShardSpec` (DESIGN principle 1). The one
 function `shard_tensor` turns a full tensor, or a lazy safetensors slice,
-into rank r's piece; `unshard_tensors` is its inverse. Loading unsharded
+into rank r's piece; a `ShardedView` presents the pieces of all ranks as one
+lazy full tensor that `shard_tensor` can slice again. Loading unsharded
 checkpoints, HF conversion, consolidation and resharding all go through them.
 
 Layout of a sharded dim of `full_size` elements at tensor parallel size tp:
@@ -112,13 +113,40 @@ def shard_tensor(full, spec: ShardSpec, rank: int, name: str = "tensor") -> torc
     return piece.contiguous()
 
 
-def unshard_tensors(pieces: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
-    """The full tensor from all tp ranks' pieces (replicas taken once, padding dropped)."""
-    if len(pieces) != spec.tp:
-        raise ValueError(f"expected {spec.tp} pieces, got {len(pieces)}")
-    stride = spec.tp // spec.parts
-    full = torch.cat([pieces[part * stride] for part in range(spec.parts)], dim=spec.dim)
-    return full.narrow(spec.dim, 0, spec.full_size)
+class ShardedView:
+    """A full tensor seen through the pieces that tp ranks hold, read lazily.
+
+    `read_piece(rank, start, stop)` returns rows [start, stop) along spec.dim of
+    rank's piece. Indexing the view with slices, as `shard_tensor` does, reads
+    only the pieces that overlap, and each replicated piece once; so a full
+    tensor (consolidation) or another tp's piece (resharding) comes out of the
+    same code path as loading.
+    """
+
+    def __init__(self, spec: ShardSpec, full_shape, dtype: torch.dtype, read_piece):
+        self.spec, self.shape, self.dtype = spec, tuple(full_shape), dtype
+        self._read_piece = read_piece
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        dim = self.spec.dim
+        wanted = index[dim] if len(index) > dim else slice(None)
+        if any(i != slice(None) for k, i in enumerate(index) if k != dim) or wanted.step not in (None, 1):
+            raise IndexError("ShardedView supports a contiguous slice along the sharded dim only")
+        start, stop, _ = wanted.indices(self.spec.full_size)
+        stride = self.spec.tp // self.spec.parts
+        pieces = []
+        for part in range(self.spec.parts):
+            lo, hi = self.spec.bounds(part * stride)
+            lo, hi = max(lo, start), min(hi, stop)
+            if lo < hi:
+                offset = part * self.spec.shard_size
+                pieces.append(self._read_piece(part * stride, lo - offset, hi - offset))
+        if not pieces:
+            shape = list(self.shape)
+            shape[dim] = 0
+            return torch.empty(shape, dtype=self.dtype)
+        return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0]
 
 
 def valid_mask(spec: ShardSpec, rank: int, shape, device=None) -> torch.Tensor:
@@ -159,6 +187,15 @@ def copy_sharding_attributes(source: torch.Tensor, target: torch.Tensor) -> None
             setattr(target, attr, getattr(source, attr))
 
 
-def sharding_specs(module: torch.nn.Module) -> dict[str, ShardSpec]:
-    """Every sharded parameter's spec, by state-dict name."""
-    return {name: spec for name, p in module.named_parameters() if (spec := get_sharding(p)) is not None}
+def tag_sharded_state(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the detached tensors of a state dict carry their parameter's ShardSpec too."""
+    for name, param in module.named_parameters(recurse=False):
+        spec = get_sharding(param)
+        key = prefix + name
+        if spec is not None and key in state_dict and state_dict[key] is not param:
+            state_dict[key].sharding = spec
+
+
+def sharding_specs(module: torch.nn.Module) -> dict[str, ShardSpec | None]:
+    """Every state-dict entry's ShardSpec, or None for replicated ones, by name."""
+    return {name: get_sharding(t) for name, t in module.state_dict(keep_vars=True).items()}
