@@ -76,31 +76,52 @@ def check_keys(expected, found, source: str, strict: bool = True) -> list[str]:
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Copy value into the tensor called `name`, or replace it when it lives on the meta device."""
+    """Copy value into the tensor called `name`; on the meta device, replace it (in every module
+    that shares it, so tied weights stay tied)."""
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name)
     current = getattr(owner, attr)
     if current.shape != value.shape:
         raise ValueError(f"{name}: checkpoint slice has shape {list(value.shape)}, model expects {list(current.shape)}")
-    if current.is_meta:
-        value = value.to(current.dtype)
-        if attr in owner._parameters:
-            param = nn.Parameter(value, requires_grad=current.requires_grad)
-            copy_sharding_attributes(current, param)
-            owner._parameters[attr] = param
-        else:
-            owner._buffers[attr] = value
+    if not current.is_meta:
+        with torch.no_grad():
+            current.copy_(value)
         return
-    with torch.no_grad():
-        current.copy_(value)
+    value = value.to(current.dtype)
+    if attr in owner._parameters:
+        replacement = nn.Parameter(value, requires_grad=current.requires_grad)
+        copy_sharding_attributes(current, replacement)
+        for module in model.modules():
+            for key, param in module._parameters.items():
+                if param is current:
+                    module._parameters[key] = replacement
+    else:
+        owner._buffers[attr] = value
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Tied names (a second name for a tensor already listed) -> the first name, e.g. lm_head.weight."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
 
 
 def load_state_dict_from_full(model: nn.Module, full_state: Mapping, strict: bool = True, source: str = "state dict") -> None:
-    """Load an unsharded state dict (tensors or lazy safetensors slices) into a parallel model, in place."""
+    """Load an unsharded state dict (tensors or lazy safetensors slices) into a parallel model, in place.
+
+    A tied name (lm_head.weight tied to the embedding) may be absent: it is filled through its twin.
+    """
     rank = ps.get_tensor_model_parallel_rank()
     tp = ps.get_tensor_model_parallel_size()
-    targets = model.state_dict(keep_vars=True)
-    for name in check_keys(targets, full_state.keys(), source, strict):
+    aliases = _aliases(model)
+    targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in aliases}
+    found = [k for k in full_state.keys() if k not in aliases]
+    for name in check_keys(targets, found, source, strict):
         spec = get_sharding(targets[name])
         if spec is not None and spec.tp != tp:
             raise ValueError(f"{name} was built for tp={spec.tp} but the current tensor parallel size is {tp}")

@@ -49,7 +49,7 @@ def _check_divisible(spec: ShardSpec, layer: str, what: str, pad: bool) -> None:
 
 def _sharded_parameter(full_shape, spec: ShardSpec | None, fill: Callable[[torch.Tensor], object], dtype, device):
     """A parameter holding this rank's piece of a full tensor drawn by `fill` (replicated when spec is None)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else torch.get_default_device()
     rank = ps.get_tensor_model_parallel_rank()
     shape = list(full_shape)
     if spec is not None:
@@ -225,9 +225,12 @@ class ParallelEmbedding(nn.Module):
 
         self.weight = _sharded_parameter((num_embeddings, embedding_dim), self.spec, fill, dtype, device)
         start, _ = self.spec.bounds(ps.get_tensor_model_parallel_rank())
-        vocab_range = torch.tensor([start, start + self.spec.shard_size]) if dim == 0 else torch.tensor([0, num_embeddings])
-        buffer_device = device if device is not None and torch.device(device).type != "meta" else None
-        self.register_buffer("vocab_range", vocab_range.to(buffer_device), persistent=False)
+        # The range is real even when the weights are built on the meta device: it is not in checkpoints.
+        buffer_device = torch.device(device) if device is not None else torch.get_default_device()
+        if buffer_device.type == "meta":
+            buffer_device = torch.device("cpu")
+        bounds = [start, start + self.spec.shard_size] if dim == 0 else [0, num_embeddings]
+        self.register_buffer("vocab_range", torch.tensor(bounds, device=buffer_device), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.spec.tp == 1:

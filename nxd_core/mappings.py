@@ -11,6 +11,9 @@ import torch.distributed._functional_collectives as funcol
 
 from . import parallel_state as ps
 
+# all_gather_tensor was renamed all_gather_single in recent torch; keep working on both.
+_all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     if ps.get_tensor_model_parallel_size() == 1:
@@ -21,7 +24,7 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
 def _all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     if ps.get_tensor_model_parallel_size() == 1:
         return x
-    gathered = funcol.all_gather_tensor(x.contiguous(), 0, ps.get_tensor_model_parallel_group())
+    gathered = _all_gather_dim0(x.contiguous(), 0, ps.get_tensor_model_parallel_group())
     gathered = funcol.wait_tensor(gathered)
     # all_gather stacks the shards along dim 0; move them onto the last dim.
     return torch.cat(gathered.chunk(ps.get_tensor_model_parallel_size(), dim=0), dim=-1)

@@ -1,0 +1,204 @@
+"""Parallel Llama: Llama-2 (7B/13B/70B), Llama-3-style GQA, TinyLlama, MQA.
+
+Module paths and parameter names are Hugging Face's `LlamaForCausalLM`, so
+an HF checkpoint loads by name. The plan:
+
+    q_proj, k_proj, v_proj   ColumnParallelLinear (heads split; KV heads replicated when tp > KV heads)
+    o_proj                   RowParallelLinear
+    gate_proj, up_proj       ColumnParallelLinear;  down_proj  RowParallelLinear
+    embed_tokens             ParallelEmbedding over the vocabulary (padded when tp does not divide it)
+    lm_head                  ColumnParallelLinear over the vocabulary, gathered: full-vocab logits
+    norms, rotary embedding  replicated (Hugging Face's own modules)
+
+The KV cache is a preallocated buffer per attention layer, written in place
+at `cache_position` (slot indices shared by the batch). Left padding is
+expressed by `attention_mask` over the slots, Hugging Face style.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from nxd_core import parallel_state as ps
+from nxd_core.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+
+MODEL_TYPES = ("llama",)
+# Old HF checkpoints saved the rotary buffers; they are recomputed, never loaded.
+IGNORED_CHECKPOINT_NAMES = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def valid_tp_values(config) -> list[int]:
+    """tp must split the query heads; KV heads are split (tp divides them) or replicated (they divide tp)."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    return [tp for tp in ps.divisors(heads) if kv_heads % tp == 0 or tp % kv_heads == 0]
+
+
+def check_tp(config, tp: int) -> None:
+    valid = valid_tp_values(config)
+    if tp not in valid:
+        raise ValueError(
+            f"tp={tp} cannot shard this Llama config ({config.num_attention_heads} attention heads, "
+            f"{config.num_key_value_heads} KV heads): valid tp values are {valid}"
+        )
+
+
+class ParallelLlamaAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, dtype, device):
+        super().__init__()
+        tp = ps.get_tensor_model_parallel_size()
+        check_tp(config, tp)
+        hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.layer_idx = layer_idx
+        self.head_dim = _head_dim(config)
+        self.scaling = self.head_dim**-0.5
+        bias = getattr(config, "attention_bias", False)
+        common = dict(gather_output=False, dtype=dtype, device=device, unit=self.head_dim)
+        self.q_proj = ColumnParallelLinear(hidden, heads * self.head_dim, bias=bias, **common)
+        self.k_proj = ColumnParallelLinear(hidden, kv_heads * self.head_dim, bias=bias, max_parts=kv_heads, **common)
+        self.v_proj = ColumnParallelLinear(hidden, kv_heads * self.head_dim, bias=bias, max_parts=kv_heads, **common)
+        self.o_proj = RowParallelLinear(
+            heads * self.head_dim, hidden, bias=bias, input_is_parallel=True, dtype=dtype, device=device, unit=self.head_dim
+        )
+        self.local_kv_heads = self.k_proj.spec.shard_size // self.head_dim
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
+
+    def allocate_kv_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        shape = (max_batch_size, self.local_kv_heads, max_seq_len, self.head_dim)
+        weight = self.k_proj.weight
+        self.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+
+    def forward(self, x, cos, sin, mask, cache_position=None):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache_position is not None:
+            k_cache, v_cache = self.k_cache[:batch], self.v_cache[:batch]
+            k_cache.index_copy_(2, cache_position, k)
+            v_cache.index_copy_(2, cache_position, v)
+            k, v = k_cache, v_cache
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class ParallelLlamaMLP(nn.Module):
+    def __init__(self, config, dtype, device):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        bias = getattr(config, "mlp_bias", False)
+        column = dict(bias=bias, gather_output=False, dtype=dtype, device=device, pad=True)
+        self.gate_proj = ColumnParallelLinear(hidden, inner, **column)
+        self.up_proj = ColumnParallelLinear(hidden, inner, **column)
+        self.down_proj = RowParallelLinear(inner, hidden, bias=bias, input_is_parallel=True, dtype=dtype, device=device, pad=True)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ParallelLlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, dtype, device):
+        super().__init__()
+        self.self_attn = ParallelLlamaAttention(config, layer_idx, dtype, device)
+        self.mlp = ParallelLlamaMLP(config, dtype, device)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
+
+    def forward(self, x, cos, sin, mask, cache_position=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_position)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ParallelLlamaModel(nn.Module):
+    def __init__(self, config, dtype, device):
+        super().__init__()
+        self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device, pad=True)
+        self.layers = nn.ModuleList(
+            ParallelLlamaDecoderLayer(config, i, dtype, device) for i in range(config.num_hidden_layers)
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+
+
+def attention_mask_for(attention_mask, query_slots, num_slots: int, batch: int) -> torch.Tensor:
+    """Boolean [batch, 1, queries, slots]: causal over slots, padding masked, and each query sees itself
+    (so a left-padding query never has an empty row, which would turn into NaN)."""
+    key_slots = torch.arange(num_slots, device=query_slots.device)
+    mask = key_slots[None, :] <= query_slots[:, None]
+    if attention_mask is not None:
+        valid = attention_mask.to(torch.bool)
+        if valid.shape[1] < num_slots:
+            valid = F.pad(valid, (0, num_slots - valid.shape[1]), value=False)
+        mask = mask[None] & valid[:, None, :num_slots]
+    else:
+        mask = mask[None].expand(batch, -1, -1)
+    mask = mask | (key_slots[None, :] == query_slots[:, None])[None]
+    return mask[:, None]
+
+
+class ParallelLlamaForCausalLM(nn.Module):
+    def __init__(self, config, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.config = config
+        self.model = ParallelLlamaModel(config, dtype, device)
+        self.lm_head = ColumnParallelLinear(
+            config.hidden_size, config.vocab_size, bias=False, gather_output=True, dtype=dtype, device=device, pad=True
+        )
+        if getattr(config, "tie_word_embeddings", False):
+            # Same vocabulary split and padding: the two share one parameter, as in HF.
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.max_batch_size = self.max_seq_len = 0
+
+    def allocate_kv_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.allocate_kv_cache(max_batch_size, max_seq_len)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_position=None) -> torch.Tensor:
+        """Full-vocabulary logits [batch, seq, vocab].
+
+        cache_position (slot indices, [seq]) writes these tokens into the KV cache
+        and attends over every slot; without it, a plain forward over input_ids.
+        attention_mask [batch, slots so far] marks real tokens (0 = left padding).
+        """
+        batch, seq = input_ids.shape
+        if cache_position is None:
+            query_slots, num_slots = torch.arange(seq, device=input_ids.device), seq
+        else:
+            if self.max_seq_len == 0:
+                raise RuntimeError("no KV cache: call allocate_kv_cache(max_batch_size, max_seq_len) first")
+            if batch > self.max_batch_size or int(cache_position[-1]) >= self.max_seq_len:
+                raise ValueError(
+                    f"batch {batch} at slot {int(cache_position[-1])} exceeds the KV cache "
+                    f"(max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len})"
+                )
+            query_slots, num_slots = cache_position, self.max_seq_len
+        if position_ids is None:
+            if attention_mask is not None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = positions[:, query_slots]
+            else:
+                position_ids = query_slots[None].expand(batch, -1)
+        mask = attention_mask_for(attention_mask, query_slots, num_slots, batch)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(x, position_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache_position)
+        return self.lm_head(self.model.norm(x))
+
+
+def build(config, dtype: torch.dtype = torch.float32, device=None) -> ParallelLlamaForCausalLM:
+    return ParallelLlamaForCausalLM(config, dtype=dtype, device=device)

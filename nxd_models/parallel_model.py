@@ -1,0 +1,200 @@
+"""from_pretrained_parallel and the handle it returns.
+
+Driver mode (a script or a notebook): a WorkerGroup of tp processes holds the
+shards; each builds its shard on the meta device and streams only its own
+slices from the checkpoint. SPMD mode (torchrun): the same loading runs in
+every rank's own process. Either way the handle's call returns rank 0's
+gathered full-vocabulary logits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from nxd_core import parallel_state as ps
+from nxd_core.checkpoint import MANIFEST, load, load_state_dict_from_full, open_full_checkpoint, read_manifest
+from nxd_core.workers import LocalGroup, WorkerGroup, start_workers, worker_state
+
+from . import hub
+from .registry import family_module
+
+_KEYS = itertools.count()
+
+
+def _check_weights(path: Path) -> None:
+    """Fail in the front end, before any process starts, when the weights are not all there."""
+    if (path / MANIFEST).exists():
+        return
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(f for f in files if not (path / f).exists())
+        if missing:
+            raise FileNotFoundError(f"{index} lists weights files that are missing: {missing}; download them again")
+        return
+    if not list(path.glob("*.safetensors")):
+        legacy = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pth")]
+        hint = f" (found {legacy}: nxd-zoo reads safetensors only; convert them)" if legacy else ""
+        raise FileNotFoundError(f"no weights file in {path}: expected model.safetensors or model.safetensors.index.json{hint}")
+
+
+def _load_shard(key: int, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool):
+    """In each rank: build the shard on the meta device, stream in its slices, allocate the KV cache."""
+    config = AutoConfig.from_pretrained(path)
+    family = family_module(config.model_type, path)
+    model = family.build(config, dtype=dtype, device="meta")
+    if (Path(path) / MANIFEST).exists():
+        load(path, model, sharded=True)
+    else:
+        tensors = open_full_checkpoint(path)
+        tensors = {k: v for k, v in tensors.items() if not family.IGNORED_CHECKPOINT_NAMES.search(k)}
+        if progress and ps.get_tensor_model_parallel_rank() == 0:
+            tensors = _with_progress(tensors, f"loading {Path(path).name} at tp={ps.get_tensor_model_parallel_size()}")
+        load_state_dict_from_full(model, tensors, source=path)
+    model.to(device)
+    model.allocate_kv_cache(max_batch_size, max_seq_len)
+    model.eval()
+    worker_state()[key] = model
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+class _ProgressMapping(dict):
+    """A name -> tensor mapping that advances a progress bar as tensors are read."""
+
+    def __init__(self, tensors, bar):
+        super().__init__(tensors)
+        self._bar = bar
+
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        self._bar.update(1)
+        if self._bar.n == self._bar.total:
+            self._bar.close()
+        return value
+
+
+def _with_progress(tensors: dict, description: str):
+    from tqdm.auto import tqdm
+
+    return _ProgressMapping(tensors, tqdm(total=len(tensors), desc=description, unit="tensor", file=sys.stderr))
+
+
+def _forward(key: int, input_ids, attention_mask, position_ids, cache_position):
+    model = worker_state()[key]
+    with torch.inference_mode():
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache_position=cache_position)
+    # Every rank holds the same gathered logits; one copy crosses back.
+    return logits if ps.get_tensor_model_parallel_rank() == 0 else None
+
+
+def _release(key: int) -> None:
+    worker_state().pop(key, None)
+
+
+class ParallelModel:
+    """A tensor parallel model whose shards live in worker processes (or in this torchrun rank)."""
+
+    def __init__(self, group, key: int, config, path: Path, tp: int, dtype, max_batch_size: int, max_seq_len: int, owns_group: bool):
+        self.group, self.config, self.path, self.tp, self.dtype = group, config, path, tp, dtype
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self._key, self._owns_group, self._closed = key, owns_group, False
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache_position=None) -> torch.Tensor:
+        """Full-vocabulary logits [batch, seq, vocab] (see the family's forward for the arguments)."""
+        if self._closed:
+            raise RuntimeError("this model is closed")
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        results = self.group.run(_forward, self._key, input_ids, attention_mask, position_ids, cache_position)
+        return results[0]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_group:
+            self.group.close()
+        elif not getattr(self.group, "closed", False):
+            self.group.run(_release, self._key)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        if isinstance(self.group, LocalGroup):
+            where = f"this process (torchrun rank {torch.distributed.get_rank()})"
+        else:
+            where = f"{self.group.world_size} worker processes (pids {self.group.pids})"
+        state = ", closed" if self._closed else ""
+        return (
+            f"ParallelModel({self.config.model_type}, {self.path}, tp={self.tp}, dtype={self.dtype}, "
+            f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, shards in {where}{state})"
+        )
+
+
+def _default_dtype(config, path: Path) -> torch.dtype:
+    if (path / MANIFEST).exists():
+        first = next(iter(read_manifest(path)["tensors"].values()))
+        from nxd_core.checkpoint import _DTYPES
+
+        return _DTYPES[first["dtype"]]
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype or torch.float32
+
+
+def from_pretrained_parallel(
+    name_or_path,
+    tp: int = 1,
+    dtype: torch.dtype | None = None,
+    max_batch_size: int = 1,
+    max_seq_len: int | None = None,
+    device: str = "cpu",
+    workers: WorkerGroup | None = None,
+    progress: bool = True,
+) -> ParallelModel:
+    """Load a zoo model, Hugging Face repo id, local HF directory or `nxd convert` output, sharded over tp.
+
+    In a plain process this starts tp worker processes (or uses `workers`, a
+    WorkerGroup of size tp, shared with other models); under torchrun it uses
+    the existing process group. Everything that can be checked is checked here
+    first, so bad input fails before a process starts.
+    """
+    path = hub.resolve(name_or_path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {path}: not a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(path)
+    family = family_module(config.model_type, str(path))
+    family.check_tp(config, tp)
+    _check_weights(path)
+    if (path / MANIFEST).exists():
+        saved_tp = read_manifest(path)["tp"]
+        if saved_tp != tp:
+            raise ValueError(f"{path} was converted for tp={saved_tp}, not tp={tp}: run `nxd reshard {path} OUT --tp {tp}`")
+    dtype = dtype or _default_dtype(config, path)
+    max_seq_len = max_seq_len or config.max_position_embeddings
+    if workers is not None and workers.tp != tp:
+        raise ValueError(f"the worker group runs tp={workers.tp}, but tp={tp} was asked for")
+
+    owns_group = workers is None
+    group = workers if workers is not None else start_workers(tp, device=device)
+    key = next(_KEYS)
+    try:
+        group.run(_load_shard, key, str(path), dtype, max_batch_size, max_seq_len, device, progress)
+    except BaseException:
+        if owns_group:
+            group.close()
+        raise
+    return ParallelModel(group, key, config, path, tp, dtype, max_batch_size, max_seq_len, owns_group)
