@@ -86,12 +86,12 @@ def _with_progress(tensors: dict, description: str):
     return _ProgressMapping(tensors, tqdm(total=len(tensors), desc=description, unit="tensor", file=sys.stderr))
 
 
-def _forward(key: int, input_ids, attention_mask, position_ids, cache_position):
+def _forward(key: int, input_ids, attention_mask, position_ids, cache_position, every_rank: bool):
     model = worker_state()[key]
     with torch.inference_mode():
         logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache_position=cache_position)
-    # Every rank holds the same gathered logits; one copy crosses back.
-    return logits if ps.get_tensor_model_parallel_rank() == 0 else None
+    # Every rank holds the same gathered logits; in driver mode one copy crosses back.
+    return logits if every_rank or ps.get_tensor_model_parallel_rank() == 0 else None
 
 
 def _release(key: int) -> None:
@@ -113,7 +113,8 @@ class ParallelModel:
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        results = self.group.run(_forward, self._key, input_ids, attention_mask, position_ids, cache_position)
+        every_rank = isinstance(self.group, LocalGroup)  # torchrun: each rank's script gets its logits
+        results = self.group.run(_forward, self._key, input_ids, attention_mask, position_ids, cache_position, every_rank)
         return results[0]
 
     def close(self) -> None:

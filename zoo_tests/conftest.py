@@ -34,6 +34,14 @@ class TPRunner:
             self._tp[world] = tp
         return group.run(fn, *args, **kwargs)
 
+    def workers(self, tp: int) -> WorkerGroup:
+        """The reused group of tp processes, laid out as one TP group (for from_pretrained_parallel)."""
+        group = self.group(tp)
+        if self._tp[tp] != tp:
+            group.run(_set_tp, tp)
+            self._tp[tp] = tp
+        return group
+
     def close(self) -> None:
         for group in self._groups.values():
             group.close()

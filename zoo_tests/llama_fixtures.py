@@ -1,0 +1,39 @@
+"""Tiny Llama checkpoints written with save_pretrained (the real on-disk layout)."""
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+BASE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+    num_key_value_heads=8, max_position_embeddings=128, initializer_range=0.1, rms_norm_eps=1e-5,
+)
+
+CONFIGS = {
+    "mha": {},
+    "gqa": {"num_key_value_heads": 4},  # tp 2 splits KV heads, tp 8 replicates them
+    "gqa-replicated": {"num_key_value_heads": 2},
+    "mqa": {"num_key_value_heads": 1},
+    "odd-vocab": {"vocab_size": 101, "intermediate_size": 100},  # padded at every tp > 1
+    "tied": {"tie_word_embeddings": True},
+    "rope-linear": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+    "rope-llama3": {
+        "rope_parameters": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32, "rope_theta": 500000.0,
+        }
+    },
+}
+
+
+def tiny_llama_config(kind: str = "gqa", **overrides) -> LlamaConfig:
+    return LlamaConfig(**{**BASE, **CONFIGS[kind], **overrides})
+
+
+def save_tiny_llama(directory: Path, kind: str = "gqa", seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """Save a random tiny Llama (split into several safetensors files with an index); return the HF model."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(kind, **overrides)).eval()
+    model.save_pretrained(directory, max_shard_size="60KB")
+    return model

@@ -1,0 +1,22 @@
+"""Under torchrun: from_pretrained_parallel in SPMD mode, compared with Hugging Face on every rank.
+
+Usage: torchrun ... torchrun_llama.py CHECKPOINT_DIR TP. Prints one JSON line per rank.
+"""
+
+import json
+import sys
+
+import torch
+from transformers import LlamaForCausalLM
+
+from nxd_models import from_pretrained_parallel
+
+path, tp = sys.argv[1], int(sys.argv[2])
+model = from_pretrained_parallel(path, tp=tp, progress=False)
+reference = LlamaForCausalLM.from_pretrained(path).eval()
+ids = torch.arange(3, 19).reshape(2, 8)
+with torch.no_grad():
+    error = (model(ids) - reference(ids).logits).abs().max().item()
+print(json.dumps({"rank": torch.distributed.get_rank(), "world": torch.distributed.get_world_size(), "error": error, "repr": repr(model)}), flush=True)
+model.close()
+torch.distributed.destroy_process_group()
