@@ -440,8 +440,8 @@ def write_sharded(
 
     `sources[name]` is a full tensor or anything `shard_tensor` slices (safetensors
     slices, ShardedView); `specs[name]` its ShardSpec at this tp, or None to replicate.
-    Ranks are written one after another, one tensor in memory at a time.
-    `progress(nbytes)` is called after each tensor is written.
+    All tp files are written side by side, tensor by tensor: each source tensor is
+    read once, in order, and only it is in memory. `progress(nbytes)` follows the reading.
     """
     out_dir = Path(out_dir)
     save_id = _new_save_id()
@@ -449,29 +449,40 @@ def write_sharded(
     if tree is None:  # a bare state dict
         model_prefix = ""
         tree = {"dict": [[name, {"tensor": name}] for name in sources]}
-    entries, ranks = {}, []
+    entries, plans = {}, [[] for _ in range(tp)]
     for name, source in sources.items():
         spec = specs.get(name)
-        target_dtype = dtype or source.dtype
+        target = dtype or source.dtype
         entries[model_prefix + name] = {
-            "layout": "sharded" if spec else "replicated", "dtype": DTYPE_NAMES[target_dtype],
+            "layout": "sharded" if spec else "replicated", "dtype": DTYPE_NAMES[target],
             "shape": list(source.shape), "sharding": spec.to_json() if spec else None,
         }
-    for rank in range(tp):
-        plan = []
+        shape = local_shape(source.shape, spec) if spec else tuple(source.shape)
+        for plan in plans:
+            plan.append((model_prefix + name, target, shape))
+    files = [_rank_file(rank, save_id) for rank in range(tp)]
+    writers = []
+    try:
+        for rank, plan in enumerate(plans):
+            (out_dir / files[rank]).parent.mkdir(parents=True, exist_ok=True)
+            writers.append(SafetensorsWriter(out_dir / files[rank], plan, {"nxd_tree": json.dumps(tree)}))
         for name, source in sources.items():
             spec = specs.get(name)
-            shape = local_shape(source.shape, spec) if spec else tuple(source.shape)
-            target_dtype = dtype or source.dtype
-
-            def produce(name=name, source=source, spec=spec, shape=shape, target_dtype=target_dtype):
-                piece = shard_tensor(source, spec, rank, name) if spec else _read_whole(source)
-                if progress:
-                    progress(nbytes(target_dtype, shape))
-                return piece
-
-            plan.append((model_prefix + name, target_dtype, shape, produce))
-        ranks.append(_write_rank_file(out_dir, rank, save_id, plan, tree))
+            full = _read_whole(source).to(dtype or source.dtype)
+            for rank, writer in enumerate(writers):
+                writer.write(model_prefix + name, shard_tensor(full, spec, rank, name) if spec else full)
+            if progress:
+                progress(full.numel() * full.element_size())
+            del full
+        checksums = [writer.close() for writer in writers]
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    ranks = [
+        {"file": file, "bytes": (out_dir / file).stat().st_size, "checksum": checksum}
+        for file, checksum in zip(files, checksums)
+    ]
     manifest = _manifest(save_id, tp, model_prefix, entries, ranks)
     _commit(out_dir, manifest)
     return manifest
@@ -608,6 +619,17 @@ def consolidate(load_dir, out_dir, max_shard_size: int = 5 << 30) -> list[str]:
     return [str(out_dir / f) for f in names]
 
 
+def retarget_specs(specs: Mapping[str, ShardSpec | None], tp: int) -> dict:
+    """The same layout at another tp, or an error naming the first tensor that cannot be split that way."""
+    retargeted = {}
+    for name, spec in specs.items():
+        try:
+            retargeted[name] = spec.with_tp(tp) if spec else None
+        except ValueError as exc:
+            raise ValueError(f"cannot shard {name} for tp={tp}: {exc}") from None
+    return retargeted
+
+
 def reshard(load_dir, out_dir, tp: int) -> dict:
     """Rewrite a sharded checkpoint for another tp, never holding more than one tensor piece.
 
@@ -617,7 +639,7 @@ def reshard(load_dir, out_dir, tp: int) -> dict:
     """
     manifest = read_manifest(load_dir)
     views, specs = _model_views(load_dir, manifest)
-    new_specs = {name: spec.with_tp(tp) if spec else None for name, spec in specs.items()}
+    new_specs = retarget_specs(specs, tp)
     dropped = [n for n, m in manifest["tensors"].items() if m["layout"] == "rank_local"]
     if dropped:
         warnings.warn(f"reshard leaves out per-rank tensors (optimizer state): {_describe_names(dropped)}", stacklevel=2)
@@ -641,14 +663,14 @@ def _drop_tensors(node, names: set):
 
 
 def convert_to_sharded(source, out_dir, tp: int, specs: Mapping[str, ShardSpec | None], dtype: torch.dtype | None = None,
-                       progress: Callable[[int], None] | None = None) -> dict:
+                       progress: Callable[[int], None] | None = None, ignore: Callable[[str], bool] | None = None) -> dict:
     """Convert an unsharded checkpoint (HF directory or .safetensors file) to a sharded one for `tp`.
 
     `specs` maps every tensor name to its ShardSpec (any tp: it is retargeted)
-    or None; build it from a model with `sharding.sharding_specs`.
+    or None; build it from a model with `sharding.sharding_specs`. `ignore(name)`
+    skips checkpoint entries the model does not hold (recomputed buffers).
     """
-    sources = open_full_checkpoint(source)
+    sources = {k: v for k, v in open_full_checkpoint(source).items() if not (ignore and ignore(k))}
     check_keys(specs, sources, str(source))
     ordered = {name: sources[name] for name in specs}
-    new_specs = {name: spec.with_tp(tp) if spec else None for name, spec in specs.items()}
-    return write_sharded(out_dir, tp, ordered, new_specs, dtype=dtype, progress=progress)
+    return write_sharded(out_dir, tp, ordered, retarget_specs(specs, tp), dtype=dtype, progress=progress)

@@ -38,13 +38,12 @@ from .sharding import (
 )
 
 
-def _check_divisible(spec: ShardSpec, layer: str, what: str, pad: bool) -> None:
-    if spec.is_padded and not pad:
-        valid = [d for d in ps.divisors(spec.full_size // spec.unit)]
-        raise ValueError(
-            f"{layer}: {what} {spec.full_size} is not divisible by tensor parallel size {spec.tp}. "
-            f"Use a tp in {valid}, or pass pad=True to zero-pad it to {spec.padded_size}."
-        )
+def _spec(layer: str, what: str, **fields) -> ShardSpec:
+    """The layer's ShardSpec; a size that tp does not divide (without pad) is an error naming the layer."""
+    try:
+        return ShardSpec(**fields)
+    except ValueError as exc:
+        raise ValueError(f"{layer}: {what} {exc}") from None
 
 
 def _sharded_parameter(full_shape, spec: ShardSpec | None, fill: Callable[[torch.Tensor], object], dtype, device):
@@ -118,8 +117,9 @@ class ColumnParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.gather_output = gather_output
         tp = ps.get_tensor_model_parallel_size()
-        self.spec = ShardSpec(dim=0, full_size=output_size, tp=tp, max_parts=max_parts, unit=unit)
-        _check_divisible(self.spec, "ColumnParallelLinear", "output_size", pad)
+        self.spec = _spec(
+            "ColumnParallelLinear", "output_size", dim=0, full_size=output_size, tp=tp, max_parts=max_parts, unit=unit, pad=pad
+        )
         if gather_output and self.spec.parts != tp:
             raise ValueError("ColumnParallelLinear: gather_output=True needs tp <= max_parts (pieces would repeat)")
         weight_init, bias_init = _linear_inits(init_method, input_size)
@@ -168,8 +168,9 @@ class RowParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.input_is_parallel = input_is_parallel
         tp = ps.get_tensor_model_parallel_size()
-        self.spec = ShardSpec(dim=1, full_size=input_size, tp=tp, max_parts=max_parts, unit=unit)
-        _check_divisible(self.spec, "RowParallelLinear", "input_size", pad)
+        self.spec = _spec(
+            "RowParallelLinear", "input_size", dim=1, full_size=input_size, tp=tp, max_parts=max_parts, unit=unit, pad=pad
+        )
         weight_init, bias_init = _linear_inits(init_method, input_size)
         self.weight = _sharded_parameter((output_size, input_size), self.spec, weight_init, dtype, device)
         self.bias = _sharded_parameter((output_size,), None, bias_init, dtype, device) if bias else None
@@ -215,8 +216,7 @@ class ParallelEmbedding(nn.Module):
         self.shard_across_embedding = shard_across_embedding
         tp = ps.get_tensor_model_parallel_size()
         dim, size, what = (1, embedding_dim, "embedding_dim") if shard_across_embedding else (0, num_embeddings, "num_embeddings")
-        self.spec = ShardSpec(dim=dim, full_size=size, tp=tp)
-        _check_divisible(self.spec, "ParallelEmbedding", what, pad)
+        self.spec = _spec("ParallelEmbedding", what, dim=dim, full_size=size, tp=tp, pad=pad)
 
         def fill(w):
             init_method(w)

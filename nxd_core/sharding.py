@@ -32,8 +32,10 @@ class ShardSpec:
     full_size: int
     tp: int
     max_parts: int | None = None
-    # Size of the unit a piece must hold whole (head_dim for attention), so padding never cuts a head.
+    # Size of the unit a piece must hold whole (head_dim for attention), so a split never cuts a head.
     unit: int = 1
+    # May the dim be zero-padded to a multiple of parts? (Vocabularies, MLP widths: yes. Heads: no.)
+    pad: bool = False
 
     def __post_init__(self):
         if self.max_parts is not None and self.tp % self.max_parts and self.max_parts % self.tp:
@@ -41,6 +43,11 @@ class ShardSpec:
             raise ValueError(
                 f"tensor parallel size {self.tp} can neither split {self.max_parts} pieces evenly "
                 f"nor replicate them evenly; valid tp values are {valid}"
+            )
+        if self.is_padded and not self.pad:
+            raise ValueError(
+                f"{self.full_size} is not divisible by tensor parallel size {self.tp}. "
+                f"Use a tp in {divisors(self.full_size // self.unit)}, or pad=True to zero-pad it to {self.padded_size}."
             )
 
     @property

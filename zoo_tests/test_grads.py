@@ -16,7 +16,7 @@ def clip_case(norm_type, max_norm):
     torch.manual_seed(0)
     layouts = [
         ((12, 6), ShardSpec(dim=0, full_size=12, tp=tp)),  # column-style
-        ((5, 10), ShardSpec(dim=1, full_size=10, tp=tp)),  # row-style, padded at tp=4
+        ((5, 10), ShardSpec(dim=1, full_size=10, tp=tp, pad=True)),  # row-style, padded at tp=4
         ((8, 4), ShardSpec(dim=0, full_size=8, tp=tp, max_parts=2, unit=4)),  # 2 KV heads, replicated at tp=4
         ((7,), None),  # replicated (a LayerNorm bias)
     ]

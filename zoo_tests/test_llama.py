@@ -49,7 +49,7 @@ def test_replicated_kv_heads_and_padding_are_really_exercised(checkpoints):
     config = checkpoints["gqa-replicated"][1].config
     kv = ShardSpec(dim=0, full_size=config.num_key_value_heads * 8, tp=8, max_parts=config.num_key_value_heads, unit=8)
     assert kv.parts == 2 and kv.part_of(7) == 1  # 4 ranks share each KV head
-    assert ShardSpec(dim=0, full_size=101, tp=4).is_padded
+    assert ShardSpec(dim=0, full_size=101, tp=4, pad=True).is_padded
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -88,23 +88,22 @@ def test_prefill_then_decode_with_kv_cache_equals_full_forward(tp_runner, checkp
 # -- torchrun (SPMD) ------------------------------------------------------------------------
 
 
-def _torchrun(*args, timeout=300):
+def _torchrun(*args):
     torchrun = Path(sys.executable).parent / "torchrun"
     return subprocess.Popen([str(torchrun), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _reports(procs, timeout=300):
-    lines = []
+def _reports(procs, out_dir: Path, timeout=300):
     for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
+        _, err = proc.communicate(timeout=timeout)
         assert proc.returncode == 0, err[-3000:]
-        lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return sorted(lines, key=lambda r: r["rank"])
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
 
 
-def test_torchrun_nproc_per_node_2(checkpoints):
+def test_torchrun_nproc_per_node_2(checkpoints, tmp_path):
     path, _ = checkpoints["gqa"]
-    reports = _reports([_torchrun("--standalone", "--nproc_per_node=2", str(SCRIPTS / "torchrun_llama.py"), str(path), "2")])
+    script = [str(SCRIPTS / "torchrun_llama.py"), str(path), "2", str(tmp_path)]
+    reports = _reports([_torchrun("--standalone", "--nproc_per_node=2", *script)], tmp_path)
     assert [r["rank"] for r in reports] == [0, 1]
     for report in reports:
         assert report["error"] < TOL and "torchrun rank" in report["repr"]
@@ -116,18 +115,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_nodes_joined_by_c10d_rendezvous(checkpoints):
+def test_torchrun_two_nodes_joined_by_c10d_rendezvous(checkpoints, tmp_path):
     """Two single-process 'nodes' on localhost: how the same script runs across machines."""
     path, _ = checkpoints["mqa"]
     endpoint = f"127.0.0.1:{_free_port()}"
     nodes = [
         _torchrun(
             "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=nxd-test",
-            str(SCRIPTS / "torchrun_llama.py"), str(path), "2",
+            str(SCRIPTS / "torchrun_llama.py"), str(path), "2", str(tmp_path),
         )
         for _ in range(2)
     ]
-    reports = _reports(nodes)
+    reports = _reports(nodes, tmp_path)
     assert [r["rank"] for r in reports] == [0, 1] and all(r["world"] == 2 for r in reports)
     assert all(r["error"] < TOL for r in reports)
 

@@ -141,14 +141,14 @@ def test_front_end_that_dies_leaves_no_orphans_and_needs_no_main_guard():
     assert _wait_gone(pids) == []
 
 
-def test_same_code_runs_under_torchrun():
+def test_same_code_runs_under_torchrun(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     out = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(SCRIPTS / "spmd_check.py")],
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(SCRIPTS / "spmd_check.py"), str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    reports = sorted((json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert [r["rank"] for r in reports] == [0, 1]
     for report in reports:
         assert report["local_group"] and report["tp"] == 2 and report["tp_rank"] == report["rank"]

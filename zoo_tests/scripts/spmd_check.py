@@ -1,10 +1,12 @@
 """Run under torchrun: the same nxd_core code paths as driver mode, in SPMD.
 
-Each rank prints one JSON line: its rank, the TP layout, and the error of a
-Column -> Row MLP against the unsharded torch.nn MLP.
+Each rank writes OUT_DIR/rank<r>.json: its rank, the TP layout, and the error
+of a Column -> Row MLP against the unsharded torch.nn MLP. Usage: spmd_check.py OUT_DIR
 """
 
 import json
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,12 +30,13 @@ def mlp_error():
 
 group = start_workers(tp=2)
 (error,) = group.run(mlp_error)
-print(json.dumps({
-    "rank": torch.distributed.get_rank(),
+rank = torch.distributed.get_rank()
+Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps({
+    "rank": rank,
     "local_group": isinstance(group, LocalGroup),
     "tp": ps.get_tensor_model_parallel_size(),
     "tp_rank": ps.get_tensor_model_parallel_rank(),
     "error": error,
-}), flush=True)
+}))
 group.close()
 torch.distributed.destroy_process_group()

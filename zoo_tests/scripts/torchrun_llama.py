@@ -1,10 +1,11 @@
 """Under torchrun: from_pretrained_parallel in SPMD mode, compared with Hugging Face on every rank.
 
-Usage: torchrun ... torchrun_llama.py CHECKPOINT_DIR TP. Prints one JSON line per rank.
+Usage: torchrun ... torchrun_llama.py CHECKPOINT_DIR TP OUT_DIR. Each rank writes OUT_DIR/rank<r>.json.
 """
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from transformers import LlamaForCausalLM
@@ -17,6 +18,8 @@ reference = LlamaForCausalLM.from_pretrained(path).eval()
 ids = torch.arange(3, 19).reshape(2, 8)
 with torch.no_grad():
     error = (model(ids) - reference(ids).logits).abs().max().item()
-print(json.dumps({"rank": torch.distributed.get_rank(), "world": torch.distributed.get_world_size(), "error": error, "repr": repr(model)}), flush=True)
+rank = torch.distributed.get_rank()
+report = {"rank": rank, "world": torch.distributed.get_world_size(), "error": error, "repr": repr(model)}
+Path(sys.argv[3], f"rank{rank}.json").write_text(json.dumps(report))
 model.close()
 torch.distributed.destroy_process_group()

@@ -1,0 +1,85 @@
+"""The `nxd` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _convert(args) -> None:
+    from .convert import convert
+
+    manifest = convert(args.model, args.out, tp=args.tp, dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {args.out}: tp={manifest['tp']}, {len(manifest['tensors'])} tensors, save {manifest['save_id']}")
+
+
+def _consolidate(args) -> None:
+    from nxd_core.checkpoint import consolidate
+
+    files = consolidate(args.checkpoint, args.out, max_shard_size=int(args.max_shard_gb * (1 << 30)))
+    print(f"wrote {len(files)} file(s) to {args.out}")
+
+
+def _reshard(args) -> None:
+    from nxd_core.checkpoint import reshard
+
+    from .convert import copy_side_files
+
+    manifest = reshard(args.checkpoint, args.out, tp=args.tp)
+    copy_side_files(args.checkpoint, args.out)
+    print(f"wrote {args.out}: tp={manifest['tp']}")
+
+
+def _list(args) -> None:
+    from .registry import MODELS
+
+    for name in sorted(MODELS):
+        entry = MODELS[name]
+        print(f"{name:20s} {entry.family:6s} {entry.repo_id:40s} {entry.description}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nxd", description="nxd-zoo: tensor parallel models on plain PyTorch")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("convert", help="a Hugging Face checkpoint (directory, repo id or zoo name) -> sharded for tp=N")
+    p.add_argument("model")
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep the checkpoint's)")
+    p.set_defaults(run=_convert)
+
+    p = commands.add_parser("consolidate", help="a sharded checkpoint -> one full safetensors checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="split the output above this size (HF style)")
+    p.set_defaults(run=_consolidate)
+
+    p = commands.add_parser("reshard", help="a sharded checkpoint at tp=a -> tp=b")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--tp", type=int, required=True)
+    p.set_defaults(run=_reshard)
+
+    p = commands.add_parser("list", help="the zoo's model names")
+    p.set_defaults(run=_list)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        print(f"nxd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

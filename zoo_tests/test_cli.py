@@ -1,0 +1,58 @@
+"""`nxd convert / reshard / consolidate`: HF directory -> sharded -> resharded -> full, end to end."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_fixtures import save_tiny_llama
+from nxd_models import from_pretrained_parallel
+from nxd_models.cli import main
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf-llama")
+    return path, save_tiny_llama(path, "gqa-replicated")
+
+
+def test_convert_then_load_directly_reshard_and_consolidate(tp_runner, hf_llama, tmp_path, capsys):
+    path, reference = hf_llama
+    ids = torch.arange(5, 25).reshape(2, 10)
+    with torch.no_grad():
+        expected = reference(ids).logits
+
+    assert main(["convert", str(path), "--tp", "2", "--out", str(tmp_path / "tp2")]) == 0
+    assert (tmp_path / "tp2" / "config.json").exists() and (tmp_path / "tp2" / "manifest.json").exists()
+    with from_pretrained_parallel(tmp_path / "tp2", tp=2, workers=tp_runner.workers(2), progress=False) as model:
+        assert (model(ids) - expected).abs().max().item() < 1e-4
+
+    assert main(["reshard", str(tmp_path / "tp2"), str(tmp_path / "tp4"), "--tp", "4"]) == 0
+    with from_pretrained_parallel(tmp_path / "tp4", tp=4, workers=tp_runner.workers(4), progress=False) as model:
+        assert (model(ids) - expected).abs().max().item() < 1e-4
+
+    assert main(["consolidate", str(tmp_path / "tp4"), str(tmp_path / "full")]) == 0
+    merged = load_file(tmp_path / "full" / "model.safetensors")
+    state = reference.state_dict()
+    assert merged.keys() == state.keys() and all(torch.equal(merged[k], state[k]) for k in state)
+
+    with pytest.raises(ValueError, match=r"converted for tp=2, not tp=4: run `nxd reshard"):
+        from_pretrained_parallel(tmp_path / "tp2", tp=4)
+
+
+def test_convert_casts_dtype(hf_llama, tmp_path):
+    path, _ = hf_llama
+    assert main(["convert", str(path), "--tp", "2", "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    manifest = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
+    assert {t["dtype"] for t in manifest["tensors"].values()} == {"BF16"}
+
+
+def test_tp_that_cannot_shard_is_refused_naming_the_tensor(hf_llama, tmp_path, capsys):
+    path, _ = hf_llama
+    assert main(["convert", str(path), "--tp", "2", "--out", str(tmp_path / "tp2")]) == 0
+    assert main(["reshard", str(tmp_path / "tp2"), str(tmp_path / "tp3"), "--tp", "3"]) == 2
+    assert "cannot shard model.layers.0.self_attn.q_proj.weight for tp=3" in capsys.readouterr().err
+    assert not (tmp_path / "tp3" / "manifest.json").exists()
+    assert main(["convert", str(path), "--tp", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "valid tp values are [1, 2, 4, 8]" in capsys.readouterr().err
