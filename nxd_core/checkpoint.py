@@ -27,6 +27,7 @@ import os
 import secrets
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -36,7 +37,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import parallel_state as ps
-from .safetensors_stream import DTYPE_NAMES, SafetensorsWriter, file_checksum, nbytes
+from .safetensors_stream import DTYPE_NAMES, SafetensorsWriter, file_checksum, nbytes, read_header, read_tensor
 from .sharding import ShardedView, ShardSpec, copy_sharding_attributes, get_sharding, local_shape, shard_tensor
 
 FORMAT = "nxd-zoo/sharded-checkpoint"
@@ -131,21 +132,33 @@ def load_state_dict_from_full(model: nn.Module, full_state: Mapping, strict: boo
 
 
 def _read_whole(full) -> torch.Tensor:
-    return full if isinstance(full, torch.Tensor) else full[:]
+    if isinstance(full, torch.Tensor):
+        return full
+    return full.read() if hasattr(full, "read") else full[:]
 
 
 # -- unsharded checkpoints, read lazily -------------------------------------------------
 
 
 class _LazySlice:
-    """One tensor of a safetensors file; the file is opened only while a slice is read."""
+    """One tensor of a safetensors file, read only when asked: a slice through safetensors'
+    lazy view, or the whole tensor with plain sequential reads."""
 
-    def __init__(self, path: str, name: str, shape, dtype: torch.dtype):
-        self.path, self.name, self.shape, self.dtype = path, name, tuple(shape), dtype
+    def __init__(self, path: str, name: str, data_start: int, entry: dict):
+        self.path, self.name, self._data_start, self._entry = path, name, data_start, entry
+        self.shape, self.dtype = tuple(entry["shape"]), _DTYPES[entry["dtype"]]
 
     def __getitem__(self, index) -> torch.Tensor:
         with safe_open(self.path, framework="pt") as handle:
             return handle.get_slice(self.name)[index]
+
+    @property
+    def nbytes(self) -> int:
+        begin, end = self._entry["data_offsets"]
+        return end - begin
+
+    def read(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        return read_tensor(self.path, self._data_start, self._entry, buffer)
 
 
 def open_full_checkpoint(path) -> dict:
@@ -175,10 +188,9 @@ def open_full_checkpoint(path) -> dict:
         raise ValueError(f"{path} is neither a .safetensors file nor a directory of them")
     tensors = {}
     for file in paths:
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
-                view = handle.get_slice(name)
-                tensors[name] = _LazySlice(file, name, view.get_shape(), _DTYPES[view.get_dtype()])
+        data_start, header = read_header(file)
+        for name, entry in header.items():
+            tensors[name] = _LazySlice(file, name, data_start, entry)
     return tensors
 
 
@@ -426,6 +438,45 @@ def _tp_barrier() -> None:
         dist.barrier(group=ps.get_tensor_model_parallel_group())
 
 
+def _write_piece(writer: SafetensorsWriter, name: str, full: torch.Tensor, spec: ShardSpec | None, rank: int) -> None:
+    writer.write(name, shard_tensor(full, spec, rank, name) if spec else full)
+
+
+def _read_ahead(sources: Mapping[str, object], depth: int = 2):
+    """(name, full tensor, release) in order, with the next `depth` tensors being read on threads.
+
+    Reading releases the GIL, so the disk stays busy (and its queue full) while
+    tensors are sliced and written. Whole-file tensors are read into reused
+    buffers (fresh memory for every tensor costs more in page faults than the
+    disk costs in time); call `release()` once the tensor is no longer used.
+    """
+    import queue
+    from collections import deque
+    from itertools import islice
+
+    free: queue.Queue = queue.Queue()
+    largest = max((getattr(s, "nbytes", 0) for s in sources.values()), default=0)
+    for _ in range(depth + 2 if largest else 0):  # being read, in use, and being written
+        free.put(torch.empty(largest, dtype=torch.uint8))
+
+    def read(source):
+        if isinstance(source, _LazySlice):
+            buffer = free.get()
+            return source.read(buffer), (lambda: free.put(buffer))
+        return _read_whole(source), (lambda: None)
+
+    names = iter(sources)
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="nxd-read-ahead") as pool:
+        pending = deque((name, pool.submit(read, sources[name])) for name in islice(names, depth))
+        while pending:
+            name, future = pending.popleft()
+            full, release = future.result()
+            following = next(names, None)
+            if following is not None:
+                pending.append((following, pool.submit(read, sources[following])))
+            yield name, full, release
+
+
 def write_sharded(
     out_dir,
     tp: int,
@@ -461,24 +512,39 @@ def write_sharded(
         for plan in plans:
             plan.append((model_prefix + name, target, shape))
     files = [_rank_file(rank, save_id) for rank in range(tp)]
-    writers = []
+    writers, threads = [], []
     try:
         for rank, plan in enumerate(plans):
             (out_dir / files[rank]).parent.mkdir(parents=True, exist_ok=True)
             writers.append(SafetensorsWriter(out_dir / files[rank], plan, {"nxd_tree": json.dumps(tree)}))
-        for name, source in sources.items():
+        # One thread per rank file (order within a file is kept): slicing, checksums and
+        # writes of different files overlap each other and the read-ahead.
+        threads = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nxd-write-{r}") for r in range(tp)]
+        previous, release_previous = [], lambda: None
+        for name, full, release in _read_ahead(sources):
             spec = specs.get(name)
-            full = _read_whole(source).to(dtype or source.dtype)
-            for rank, writer in enumerate(writers):
-                writer.write(model_prefix + name, shard_tensor(full, spec, rank, name) if spec else full)
+            full = full.to(dtype or full.dtype)
+            current = [
+                thread.submit(_write_piece, writer, model_prefix + name, full, spec, rank)
+                for rank, (thread, writer) in enumerate(zip(threads, writers))
+            ]
+            for future in previous:  # at most two tensors being written
+                future.result()
+            release_previous()
+            previous, release_previous = current, release
             if progress:
                 progress(full.numel() * full.element_size())
             del full
+        for future in previous:
+            future.result()
         checksums = [writer.close() for writer in writers]
     except BaseException:
         for writer in writers:
             writer.abort()
         raise
+    finally:
+        for thread in threads:
+            thread.shutdown(wait=True, cancel_futures=True)
     ranks = [
         {"file": file, "bytes": (out_dir / file).stat().st_size, "checksum": checksum}
         for file, checksum in zip(files, checksums)
@@ -567,7 +633,8 @@ def _model_views(load_dir, manifest: dict) -> tuple[dict, dict]:
         spec = ShardSpec.from_json(meta["sharding"]) if meta["sharding"] else None
         short = name[len(prefix):]
         if spec is None:
-            views[short] = _LazySlice(files[0], name, meta["shape"], dtype)
+            data_start, header = read_header(files[0])
+            views[short] = _LazySlice(files[0], name, data_start, header[name])
         else:
             def read_piece(rank, start, stop, name=name, dim=spec.dim):
                 index = (slice(None),) * dim + (slice(start, stop),)

@@ -8,6 +8,7 @@ one tensor, however big the file. The result is a standard safetensors file.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import zlib
@@ -38,7 +39,15 @@ def nbytes(dtype: torch.dtype, shape) -> int:
 
 
 class SafetensorsWriter:
-    """Declare every tensor up front, then `write` them in declaration order; `close` returns the checksum."""
+    """Declare every tensor up front, then `write` them in declaration order; `close` returns the checksum.
+
+    Data goes through an aligned staging buffer straight to the disk (O_DIRECT)
+    where the file system allows it: writing gigabytes through the page cache
+    makes the kernel throttle the writer and starve concurrent reads.
+    """
+
+    _BLOCK = 4096
+    _STAGING = 16 << 20
 
     def __init__(self, path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
         self.path = os.fspath(path)
@@ -52,14 +61,34 @@ class SafetensorsWriter:
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        self._file = open(self.path, "wb")
+        self._fd = _open_for_writing(self.path)
+        self._staging = mmap.mmap(-1, self._STAGING)  # page-aligned, as O_DIRECT needs
+        self._fill = self._offset = 0
         self._checksum = 0
         self._emit(struct.pack("<Q", len(encoded)) + encoded)
         self._next = 0
 
     def _emit(self, data) -> None:
-        self._file.write(data)
         self._checksum = zlib.crc32(data, self._checksum)
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = min(len(view), self._STAGING - self._fill)
+            self._staging[self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == self._STAGING:
+                self._flush(self._STAGING)
+
+    def _flush(self, size: int) -> None:
+        written = os.pwrite(self._fd, memoryview(self._staging)[:size], self._offset)
+        if written != size:
+            raise OSError(f"{self.path}: short write ({written} of {size} bytes)")
+        self._offset += size
+        self._staging.seek(0)
+        remainder = self._fill - size
+        if remainder:
+            self._staging[:remainder] = self._staging[size : self._fill]
+        self._fill = remainder
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, dtype, shape = self._order[self._next]
@@ -72,18 +101,41 @@ class SafetensorsWriter:
         self._next += 1
 
     def close(self) -> str:
-        """Flush to disk and return the file's checksum as '<algorithm>:<hex>'."""
+        """Write the rest, flush to disk and return the file's checksum as '<algorithm>:<hex>'."""
         if self._next != len(self._order):
             missing = [name for name, _, _ in self._order[self._next :]]
-            self._file.close()
+            self.abort()
             raise ValueError(f"{self.path}: {len(missing)} declared tensors were never written: {missing[:5]}")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        aligned = self._fill - self._fill % self._BLOCK
+        if aligned:
+            self._flush(aligned)
+        if self._fill:  # the unaligned tail goes through an ordinary descriptor
+            tail = os.open(self.path, os.O_WRONLY)
+            try:
+                os.pwrite(tail, self._staging[: self._fill], self._offset)
+                os.fsync(tail)
+            finally:
+                os.close(tail)
+        os.fsync(self._fd)
+        self.abort()
         return f"{CHECKSUM}:{self._checksum:08x}"
 
     def abort(self) -> None:
-        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._staging.close()
+
+
+def _open_for_writing(path: str) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct, 0o644)
+        except OSError:
+            pass  # tmpfs and some file systems refuse O_DIRECT: use the page cache
+    return os.open(path, flags, 0o644)
 
 
 def file_checksum(path, chunk: int = 16 << 20) -> str:
@@ -92,3 +144,36 @@ def file_checksum(path, chunk: int = 16 << 20) -> str:
         while block := f.read(chunk):
             value = zlib.crc32(block, value)
     return f"{CHECKSUM}:{value:08x}"
+
+
+def read_header(path) -> tuple[int, dict]:
+    """(offset where the data starts, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+_TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def read_tensor(path, data_start: int, entry: dict, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """One whole tensor with plain sequential reads (no mmap page faults; the GIL is released while reading).
+
+    Reading into a reused `buffer` (uint8, large enough) avoids faulting in fresh memory for every
+    tensor, which costs more than the disk on big checkpoints; the result then views the buffer.
+    """
+    begin, end = entry["data_offsets"]
+    size = end - begin
+    data = torch.empty(size, dtype=torch.uint8) if buffer is None else buffer[:size]
+    view = memoryview(data.numpy())
+    with open(path, "rb", buffering=0) as f:
+        f.seek(data_start + begin)
+        done = 0
+        while done < size:
+            n = f.readinto(view[done : done + (64 << 20)])
+            if not n:
+                raise EOFError(f"{path} ended early: it is truncated")
+            done += n
+    return data.view(_TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])

@@ -197,3 +197,21 @@ def test_offline_missing_model_says_how_to_get_it(tmp_path):
     assert out.returncode != 0
     assert "FileNotFoundError: model 'llama-2-7b' (meta-llama/Llama-2-7b-hf) is not in the local Hugging Face cache" in out.stderr
     assert "HF_HUB_OFFLINE is set" in out.stderr and "hf download meta-llama/Llama-2-7b-hf" in out.stderr
+
+
+def test_driver_mode_from_code_without_a_file_or_main_guard(checkpoints):
+    """As in a notebook cell: the code has no __file__ and no `if __name__ == "__main__"` guard."""
+    path, reference = checkpoints["gqa"]
+    code = f"""
+import torch
+from nxd_models import from_pretrained_parallel
+model = from_pretrained_parallel({str(path)!r}, tp=2)
+print(repr(model))
+print("logits", tuple(model(torch.arange(4, 12)).shape))
+model.close()
+"""
+    out = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tp=2, dtype=torch.float32" in out.stdout and "shards in 2 worker processes (pids [" in out.stdout
+    assert f"logits (1, 8, {reference.config.vocab_size})" in out.stdout
+    assert "loading gqa at tp=2" in out.stderr  # the progress bar

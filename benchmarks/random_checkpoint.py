@@ -1,0 +1,89 @@
+"""Random weights in a Llama layout, written as a Hugging Face safetensors directory, streamed.
+
+Names and shapes come from Hugging Face's own LlamaForCausalLM built on the
+meta device; tensors are drawn and written one at a time, so a 13.5 GB
+checkpoint never sits in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from nxd_core.safetensors_stream import SafetensorsWriter, nbytes
+
+LAYOUTS = {
+    # Llama-2-7B: hidden 4096, 32 layers, 32 heads, vocab 32000 (~13.5 GB in bf16)
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    # TinyLlama-1.1B (GQA, 4 KV heads)
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048),
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=1000, max_position_embeddings=256),
+}
+
+
+def write_random_llama(directory, layout: str, dtype=torch.bfloat16, max_file_bytes: int = 5 << 30, seed: int = 0) -> int:
+    """Write config.json and HF-style shards (with an index); return the bytes of weights written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**LAYOUTS[layout], dtype=str(dtype).removeprefix("torch."))
+    config.save_pretrained(directory)
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    files, current, size = [], [], 0
+    for name, shape in shapes.items():
+        tensor_bytes = nbytes(dtype, shape)
+        if current and size + tensor_bytes > max_file_bytes:
+            files.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += tensor_bytes
+    files.append(current)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for index, names in enumerate(files):
+        file = f"model-{index + 1:05d}-of-{len(files):05d}.safetensors"
+        writer = SafetensorsWriter(directory / file, [(n, dtype, shapes[n]) for n in names], {"format": "pt"})
+        for name in names:
+            writer.write(name, (torch.randn(shapes[name], generator=generator) * 0.02).to(dtype))
+            weight_map[name] = file
+            total += nbytes(dtype, shapes[name])
+        writer.close()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+def evict_from_page_cache(directory) -> None:
+    """Ask the kernel to drop these files' cached pages, so the next read comes from the disk."""
+    for path in Path(directory).rglob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def peak_rss_bytes() -> int:
+    return _status_kb("VmHWM") * 1024
+
+
+def rss_bytes() -> int:
+    return _status_kb("VmRSS") * 1024
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
