@@ -37,7 +37,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import parallel_state as ps
-from .safetensors_stream import DTYPE_NAMES, SafetensorsWriter, file_checksum, nbytes, read_header, read_tensor
+from .safetensors_stream import DTYPE_NAMES, SafetensorsWriter, file_checksum, nbytes, read_file, read_header, read_tensor
 from .sharding import ShardedView, ShardSpec, copy_sharding_attributes, get_sharding, local_shape, shard_tensor
 
 FORMAT = "nxd-zoo/sharded-checkpoint"
@@ -149,8 +149,14 @@ class _LazySlice:
         self.shape, self.dtype = tuple(entry["shape"]), _DTYPES[entry["dtype"]]
 
     def __getitem__(self, index) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        first = index[0] if index else slice(None)
+        if isinstance(first, slice) and first.step in (None, 1) and all(i == slice(None) for i in index[1:]):
+            start, stop, _ = first.indices(self.shape[0])  # a row range: one exact read
+            return read_tensor(self.path, self._data_start, self._entry, rows=(start, max(start, stop)))
+        # Other slices through safetensors' lazy view, copied so no mapping of the file outlives the read.
         with safe_open(self.path, framework="pt") as handle:
-            return handle.get_slice(self.name)[index]
+            return handle.get_slice(self.name)[index].clone()
 
     @property
     def nbytes(self) -> int:
@@ -328,6 +334,13 @@ def read_manifest(load_dir) -> dict:
 
 def verify_rank_file(load_dir, manifest: dict, rank: int) -> str:
     """The path of rank's file after checking that it exists, is whole, and matches its checksum."""
+    path = _check_rank_file(load_dir, manifest, rank)
+    if file_checksum(path) != manifest["ranks"][rank]["checksum"]:
+        raise CheckpointError(f"checksum mismatch in {path}: the file is damaged; restore it or save again")
+    return str(path)
+
+
+def _check_rank_file(load_dir, manifest: dict, rank: int) -> Path:
     entry = manifest["ranks"][rank]
     path = Path(load_dir) / entry["file"]
     if not path.exists():
@@ -338,9 +351,16 @@ def verify_rank_file(load_dir, manifest: dict, rank: int) -> str:
             f"truncated or damaged shard file {path}: {size} bytes, the manifest records {entry['bytes']}; "
             "restore it or save again"
         )
-    if file_checksum(path) != entry["checksum"]:
+    return path
+
+
+def read_rank_file(load_dir, manifest: dict, rank: int) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """Rank's (metadata, tensors, path), read in one pass and checked against the manifest's size and checksum."""
+    path = _check_rank_file(load_dir, manifest, rank)
+    metadata, tensors, checksum = read_file(path)
+    if checksum != manifest["ranks"][rank]["checksum"]:
         raise CheckpointError(f"checksum mismatch in {path}: the file is damaged; restore it or save again")
-    return str(path)
+    return metadata, tensors, str(path)
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -581,25 +601,18 @@ def load(load_dir, model: nn.Module | None = None, model_key: str = "model", sha
             f"{path} was saved at tp={manifest['tp']} but this process runs at tp={tp}. "
             f"Reshard it: `nxd reshard {path} OUT --tp {tp}` or nxd_core.checkpoint.reshard({path!r}, OUT, tp={tp})"
         )
-    file = verify_rank_file(path, manifest, rank)
-    with safe_open(file, framework="pt") as handle:
-        tree = json.loads(handle.metadata()["nxd_tree"])
+    metadata, tensors, file = read_rank_file(path, manifest, rank)
+    tree = json.loads(metadata["nxd_tree"])
     prefix = manifest["model_prefix"]
     if model is not None:
-        _load_into_model(model, file, manifest, strict)
-        if prefix:
-            tree["dict"] = [[k, v] for k, v in tree["dict"] if k != prefix[:-1]]
-        else:
+        _load_into_model(model, tensors, file, manifest, strict)
+        if not prefix:
             return {}
-
-    def read_tensor(name):
-        with safe_open(file, framework="pt") as handle:
-            return handle.get_tensor(name)
-
-    return _decode(tree, read_tensor)
+        tree["dict"] = [[k, v] for k, v in tree["dict"] if k != prefix[:-1]]
+    return _decode(tree, lambda name: tensors[name].clone())
 
 
-def _load_into_model(model: nn.Module, file: str, manifest: dict, strict: bool) -> None:
+def _load_into_model(model: nn.Module, tensors: dict, file: str, manifest: dict, strict: bool) -> None:
     prefix = manifest["model_prefix"]
     saved = {name[len(prefix):]: meta for name, meta in manifest["tensors"].items() if name.startswith(prefix)}
     targets = model.state_dict(keep_vars=True)
@@ -613,8 +626,7 @@ def _load_into_model(model: nn.Module, file: str, manifest: dict, strict: bool) 
         spec = get_sharding(target)
         if (spec.to_json() if spec else None) != meta["sharding"]:
             raise CheckpointError(f"{name}: the checkpoint was sharded as {meta['sharding']}, the model as {spec}")
-        with safe_open(file, framework="pt") as handle:
-            _assign(model, name, handle.get_tensor(prefix + name))
+        _assign(model, name, tensors[prefix + name])
 
 
 # -- consolidate and reshard ---------------------------------------------------------------

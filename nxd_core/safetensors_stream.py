@@ -158,13 +158,20 @@ def read_header(path) -> tuple[int, dict]:
 _TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
-def read_tensor(path, data_start: int, entry: dict, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """One whole tensor with plain sequential reads (no mmap page faults; the GIL is released while reading).
+def read_tensor(path, data_start: int, entry: dict, buffer: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A whole tensor, or rows [start, stop) of its first dim, with plain sequential reads.
 
-    Reading into a reused `buffer` (uint8, large enough) avoids faulting in fresh memory for every
-    tensor, which costs more than the disk on big checkpoints; the result then views the buffer.
+    No mmap: the data is really in memory when this returns, and the GIL is
+    released while reading. Reading into a reused `buffer` (uint8, large
+    enough) avoids faulting in fresh memory for every tensor, which costs more
+    than the disk on big checkpoints; the result then views the buffer.
     """
     begin, end = entry["data_offsets"]
+    shape = list(entry["shape"])
+    if rows is not None:
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+        shape[0] = rows[1] - rows[0]
     size = end - begin
     data = torch.empty(size, dtype=torch.uint8) if buffer is None else buffer[:size]
     view = memoryview(data.numpy())
@@ -176,4 +183,45 @@ def read_tensor(path, data_start: int, entry: dict, buffer: torch.Tensor | None 
             if not n:
                 raise EOFError(f"{path} ended early: it is truncated")
             done += n
-    return data.view(_TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return data.view(_TORCH_DTYPES[entry["dtype"]]).reshape(shape)
+
+
+def read_file(path, chunk: int = 64 << 20) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """A whole safetensors file in one sequential pass: (metadata, name -> tensor, checksum).
+
+    The tensors are views into one buffer of the file's size, so loading a shard
+    costs one read and one shard of memory; the checksum is computed on the way.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = os.path.getsize(path)
+    buffer = torch.empty(size, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    checksum = 0
+    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(max_workers=1) as reader:
+
+        def read_chunk(start: int) -> memoryview:
+            done = start
+            while done < min(start + chunk, size):
+                n = f.readinto(view[done : min(start + chunk, size)])
+                if not n:
+                    raise EOFError(f"{path} ended early: it is truncated")
+                done += n
+            return view[start:done]
+
+        # The checksum of one chunk is computed while the next one is read (both release the GIL).
+        pending = reader.submit(read_chunk, 0)
+        for start in range(0, size, chunk):
+            block = pending.result()
+            if start + chunk < size:
+                pending = reader.submit(read_chunk, start + chunk)
+            checksum = zlib.crc32(block, checksum)
+    (length,) = struct.unpack("<Q", bytes(view[:8]))
+    header = json.loads(bytes(view[8 : 8 + length]))
+    metadata = header.pop("__metadata__", {})
+    data = buffer[8 + length :]
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        tensors[name] = data[begin:end].view(_TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return metadata, tensors, f"{CHECKSUM}:{checksum:08x}"

@@ -61,6 +61,22 @@ def worker_state() -> dict:
     return _STATE
 
 
+def return_freed_memory() -> None:
+    """Give memory freed by Python back to the OS (glibc keeps freed heap memory otherwise).
+
+    Call after dropping a model in a long-lived worker: without it, the next model
+    loaded there would count on top of the last one's leftovers.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))

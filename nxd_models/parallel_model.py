@@ -20,7 +20,7 @@ from transformers import AutoConfig
 
 from nxd_core import parallel_state as ps
 from nxd_core.checkpoint import MANIFEST, load, load_state_dict_from_full, open_full_checkpoint, read_manifest
-from nxd_core.workers import LocalGroup, WorkerGroup, start_workers, worker_state
+from nxd_core.workers import LocalGroup, WorkerGroup, return_freed_memory, start_workers, worker_state
 
 from . import hub
 from .registry import family_module
@@ -96,6 +96,7 @@ def _forward(key: int, input_ids, attention_mask, position_ids, cache_position, 
 
 def _release(key: int) -> None:
     worker_state().pop(key, None)
+    return_freed_memory()
 
 
 class ParallelModel:
