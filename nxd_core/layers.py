@@ -248,12 +248,27 @@ class ParallelEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, tp={self.spec.tp}, sharded over {sharded}"
 
 
+def resolve_device(device) -> torch.device:
+    """A torch.device; "xla" means this process's XLA device (TPU, AWS Neuron), imported only then."""
+    if isinstance(device, str) and device == "xla":
+        try:
+            import torch_xla.core.xla_model as xm
+        except ImportError as exc:
+            raise ImportError(
+                'device="xla" needs torch-xla (or torch-neuronx on AWS Neuron): pip install "nxd-zoo[xla]"'
+            ) from exc
+        return xm.xla_device()
+    return torch.device(device)
+
+
 def move_model_to_device(model: nn.Module, device) -> nn.Module:
     """model.to(device), keeping every parameter's tensor parallel attributes.
 
     Some backends (XLA) replace parameter objects on .to(); the attributes are
-    copied across by name so the sharding metadata survives.
+    copied across by name so the sharding metadata survives. device may be
+    "xla" (torch-xla is imported only then).
     """
+    device = resolve_device(device)
     before = {name: p for name, p in model.named_parameters() if get_sharding(p) is not None}
     model.to(device)
     for name, param in model.named_parameters():

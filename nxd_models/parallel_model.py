@@ -88,8 +88,13 @@ def _with_progress(tensors: dict, description: str):
 
 def _forward(key: int, input_ids, attention_mask, position_ids, cache_position, every_rank: bool):
     model = worker_state()[key]
+    device = model.lm_head.weight.device
+    to_device = lambda t: t.to(device) if t is not None else None  # noqa: E731
     with torch.inference_mode():
-        logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache_position=cache_position)
+        logits = model(
+            to_device(input_ids), attention_mask=to_device(attention_mask),
+            position_ids=to_device(position_ids), cache_position=to_device(cache_position),
+        ).cpu()
     # Every rank holds the same gathered logits; in driver mode one copy crosses back.
     return logits if every_rank or ps.get_tensor_model_parallel_rank() == 0 else None
 

@@ -20,6 +20,17 @@ def test_move_model_to_device_keeps_sharding_metadata():
             assert p.tensor_model_parallel and p.partition_dim == specs[name].dim
 
 
+def test_xla_device_is_optional_and_says_how_to_get_it():
+    import importlib.util
+
+    if importlib.util.find_spec("torch_xla") is None:
+        with pytest.raises(ImportError, match=r'pip install "nxd-zoo\[xla\]"'):
+            move_model_to_device(nn.Linear(2, 2), "xla")
+    else:
+        model = move_model_to_device(ColumnParallelLinear(4, 8), "xla")
+        assert model.weight.device.type == "xla" and get_sharding(model.weight) is not None
+
+
 def cuda_mlp_error():
     torch.manual_seed(0)
     from nxd_core.checkpoint import load_state_dict_from_full

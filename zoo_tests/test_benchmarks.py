@@ -1,0 +1,25 @@
+"""The benchmark scripts keep working (tiny layouts). They print numbers; nothing here asserts a timing."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_convert_memory_prints_rss_and_bandwidth(tmp_path):
+    out = _run("convert_memory.py", "--layout", "tiny", "--tp", "2", "--workdir", str(tmp_path))
+    assert "disk sequential read" in out and "of the disk's read bandwidth" in out and "growth" in out
+    assert list(tmp_path.iterdir()) == []  # the generated checkpoints are removed
+
+
+def test_load_prints_hf_and_parallel_rows(tmp_path):
+    out = _run("load.py", "--layout", "tiny", "--tp", "2", "--workdir", str(tmp_path))
+    for row in ("HF from_pretrained", "from_pretrained_parallel, HF directory", "from_pretrained_parallel, nxd convert output", "warm page cache"):
+        assert row in out
