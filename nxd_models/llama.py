@@ -167,8 +167,8 @@ class ParallelLlamaForCausalLM(nn.Module):
             layer.self_attn.allocate_kv_cache(max_batch_size, max_seq_len)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_position=None) -> torch.Tensor:
-        """Full-vocabulary logits [batch, seq, vocab].
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_position=None, last_only: bool = False) -> torch.Tensor:
+        """Full-vocabulary logits [batch, seq, vocab] ([batch, 1, vocab] with last_only).
 
         cache_position (slot indices, [seq]) writes these tokens into the KV cache
         and attends over every slot; without it, a plain forward over input_ids.
@@ -197,6 +197,8 @@ class ParallelLlamaForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(x, position_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_position)
+        if last_only:
+            x = x[:, -1:]  # generation needs the next token only: skip the vocabulary projection elsewhere
         return self.lm_head(self.model.norm(x))
 
 

@@ -111,6 +111,7 @@ class ParallelModel:
         self.group, self.config, self.path, self.tp, self.dtype = group, config, path, tp, dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._key, self._owns_group, self._closed = key, owns_group, False
+        self._tokenizer = self._generation_config = None
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache_position=None) -> torch.Tensor:
         """Full-vocabulary logits [batch, seq, vocab] (see the family's forward for the arguments)."""
@@ -122,6 +123,56 @@ class ParallelModel:
         every_rank = isinstance(self.group, LocalGroup)  # torchrun: each rank's script gets its logits
         results = self.group.run(_forward, self._key, input_ids, attention_mask, position_ids, cache_position, every_rank)
         return results[0]
+
+    # -- generation (nxd_models.generation) --------------------------------------------------
+
+    @property
+    def key(self) -> int:
+        return self._key
+
+    def run(self, fn, *args):
+        """fn(*args) on every rank that holds a shard; this process's (or rank 0's) result."""
+        if self._closed:
+            raise RuntimeError("this model is closed")
+        return self.group.run(fn, *args)[0]
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any((self.path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (transformers AutoTokenizer), padding on the left for batched prompts."""
+        if self._tokenizer is None:
+            if not self.has_tokenizer:
+                raise FileNotFoundError(f"no tokenizer in {self.path}: pass input_ids instead of text, or add the tokenizer files")
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.path, padding_side="left")
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    @property
+    def generation_config(self):
+        if self._generation_config is None and (self.path / "generation_config.json").exists():
+            from transformers import GenerationConfig
+
+            self._generation_config = GenerationConfig.from_pretrained(self.path)
+        return self._generation_config
+
+    def generate(self, prompts=None, **kwargs):
+        """Text or token generation; see nxd_models.generation.generate.generate for the arguments."""
+        from .generation.generate import generate
+
+        return generate(self, prompts, **kwargs)
+
+    def stream(self, prompt, **kwargs):
+        """Text pieces for one prompt as they are generated."""
+        from .generation.generate import stream
+
+        return stream(self, prompt, **kwargs)
 
     def close(self) -> None:
         if self._closed:

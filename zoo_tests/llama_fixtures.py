@@ -37,3 +37,22 @@ def save_tiny_llama(directory: Path, kind: str = "gqa", seed: int = 0, **overrid
     model = LlamaForCausalLM(tiny_llama_config(kind, **overrides)).eval()
     model.save_pretrained(directory, max_shard_size="60KB")
     return model
+
+
+def save_tiny_tokenizer(directory: Path, vocab_size: int = 128) -> None:
+    """A sentencepiece BPE tokenizer trained on the Python standard library's own source (offline),
+    saved as a Llama checkpoint ships it: tokenizer.model + tokenizer_config.json."""
+    import inspect
+    import json
+    import os
+
+    import sentencepiece as spm
+
+    lines = [line for line in inspect.getsource(os).splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )
+    (directory / "tokenizer.vocab").unlink()
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))

@@ -1,0 +1,192 @@
+"""The front end of generation: prompts in, text or token ids out, streamed if asked.
+
+The loop runs in the workers (runner.py). The front end sends the prompt once
+and then, only when it must look at tokens as they come (streaming, stop
+strings), asks for them a chunk at a time; otherwise one round trip does it all.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from . import runner
+from .sampling import SamplingParams
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per row, up to and including an end-of-sequence token
+    texts: list[str] | None  # decoded new text per row, when a tokenizer is available
+    stats: dict = field(default_factory=dict)  # prompt/new token counts, seconds, tokens per second
+
+
+def _eos_ids(model, eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        generation_config = model.generation_config
+        eos_token_id = getattr(generation_config, "eos_token_id", None) if generation_config else None
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def _pad_id(model, eos: list[int]) -> int:
+    generation_config = model.generation_config
+    for candidate in (getattr(generation_config, "pad_token_id", None), getattr(model.config, "pad_token_id", None)):
+        if candidate is not None:
+            return candidate
+    return eos[0] if eos else 0
+
+
+def _encode(model, prompts, input_ids, attention_mask):
+    if prompts is not None:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        encoded = model.tokenizer(list(prompts), return_tensors="pt", padding=True)
+        return encoded["input_ids"], encoded["attention_mask"]
+    if input_ids is None:
+        raise ValueError("generate needs prompts (text) or input_ids")
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return input_ids, torch.as_tensor(attention_mask)
+
+
+def steps(
+    model,
+    prompts=None,
+    *,
+    input_ids=None,
+    attention_mask=None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id=None,
+    chunk: int | None = None,
+    stats: dict | None = None,
+) -> Iterator[torch.Tensor]:
+    """New tokens as they are made: [batch, k] tensors, k <= chunk (default: all at once)."""
+    params = SamplingParams(do_sample, temperature, top_k, top_p)
+    input_ids, attention_mask = _encode(model, prompts, input_ids, attention_mask)
+    batch, prompt_len = input_ids.shape
+    if batch > model.max_batch_size:
+        raise ValueError(f"batch of {batch} prompts exceeds max_batch_size={model.max_batch_size}; load the model with a larger max_batch_size")
+    if prompt_len + max_new_tokens > model.max_seq_len:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={model.max_seq_len}; "
+            "shorten the prompt, ask for fewer tokens, or load the model with a larger max_seq_len"
+        )
+    if max_new_tokens < 1:
+        return
+    eos = _eos_ids(model, eos_token_id)
+    chunk = chunk or max_new_tokens
+    stats = stats if stats is not None else {}
+    start = time.perf_counter()
+    first = model.run(runner.start, model.key, input_ids, attention_mask, params, seed, eos, _pad_id(model, eos), max_new_tokens, chunk)
+    stats.update(prompt_tokens=int(attention_mask.sum()), first_chunk_seconds=time.perf_counter() - start)
+    try:
+        yield first
+        done = first.shape[1] >= max_new_tokens or _all_finished(first, eos)
+        while not done:
+            tokens, done = model.run(runner.resume, model.key, chunk)
+            if tokens.shape[1]:
+                yield tokens
+    finally:
+        stats["seconds"] = time.perf_counter() - start
+        model.run(runner.end, model.key)
+
+
+def _all_finished(tokens: torch.Tensor, eos: list[int]) -> bool:
+    return bool(eos) and bool(torch.isin(tokens, torch.tensor(eos)).any(dim=1).all())
+
+
+def generate(
+    model,
+    prompts=None,
+    *,
+    max_new_tokens: int = 32,
+    stop: list[str] | None = None,
+    callback: Callable[[list[list[int]]], None] | None = None,
+    **kwargs,
+) -> GenerationResult:
+    """Generate for a batch; returns new tokens, texts (with a tokenizer) and stats.
+
+    `stop` strings end a row when its text contains one (the text is cut
+    there); `callback(new_tokens_per_row)` is called as tokens arrive.
+    """
+    streaming = callback is not None or bool(stop)
+    stats: dict = {}
+    eos = _eos_ids(model, kwargs.get("eos_token_id"))
+    rows: list[list[int]] | None = None
+    stopped: list[bool] = []
+    produced = steps(model, prompts, max_new_tokens=max_new_tokens, chunk=1 if streaming else None, stats=stats, **kwargs)
+    with closing(produced):  # stopping early still ends the session in the workers
+        for tokens in produced:
+            rows, stopped = _take(model, tokens, rows, stopped, eos, stop, callback)
+            if stop and all(stopped):
+                break
+    rows = rows or []
+    texts = None
+    if model.has_tokenizer:
+        texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        if stop:
+            texts = [_cut_at_stop(t, stop) for t in texts]
+    new = sum(len(r) for r in rows)
+    stats.update(new_tokens=new, tokens_per_second=new / stats["seconds"] if stats.get("seconds") else 0.0)
+    return GenerationResult(tokens=rows, texts=texts, stats=stats)
+
+
+def _take(model, tokens, rows, stopped, eos, stop, callback):
+    """Add a chunk of new tokens to the rows (nothing after a row's end); mark rows whose text hit a stop string."""
+    if rows is None:
+        rows, stopped = [[] for _ in range(tokens.shape[0])], [False] * tokens.shape[0]
+    fresh = []
+    for i, row in enumerate(tokens.tolist()):
+        kept = [] if stopped[i] else _until_eos(row, eos, already=rows[i])
+        rows[i] += kept
+        fresh.append(kept)
+        if stop and not stopped[i] and any(s in model.tokenizer.decode(rows[i], skip_special_tokens=True) for s in stop):
+            stopped[i] = True
+    if callback:
+        callback(fresh)
+    return rows, stopped
+
+
+def _until_eos(row: list[int], eos: list[int], already: list[int]) -> list[int]:
+    """The tokens of a chunk up to and including the row's first end-of-sequence token."""
+    if already and already[-1] in eos:
+        return []
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[: i + 1]
+    return row
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> str:
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def stream(model, prompt, **kwargs) -> Iterator[str]:
+    """Text pieces for one prompt as they are generated."""
+    shown = ""
+    tokens: list[int] = []
+    eos = _eos_ids(model, kwargs.get("eos_token_id"))
+    with closing(steps(model, prompt, chunk=1, **kwargs)) as produced:
+        for chunk in produced:
+            tokens += _until_eos(chunk[0].tolist(), eos, already=tokens)
+            text = model.tokenizer.decode(tokens, skip_special_tokens=True)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole characters
+                yield text[len(shown):]
+                shown = text
