@@ -35,6 +35,22 @@ def _reshard(args) -> None:
     print(f"wrote {args.out}: tp={manifest['tp']}")
 
 
+def _generate(args) -> None:
+    from . import from_pretrained_parallel
+
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    with from_pretrained_parallel(args.model, tp=args.tp, dtype=dtype, max_seq_len=args.max_seq_len) as model:
+        sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        print(args.prompt, end="", flush=True)
+        stats: dict = {}
+        pieces = model.stream(args.prompt, max_new_tokens=args.max_new_tokens, stats=stats, **sampling)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+        new = stats.get("new_tokens", 0)
+        print(f"[{new} tokens in {stats['seconds']:.2f}s: {new / stats['seconds']:.1f} tokens/s, tp={args.tp}]", file=sys.stderr)
+
+
 def _list(args) -> None:
     from .registry import MODELS
 
@@ -65,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--tp", type=int, required=True)
     p.set_defaults(run=_reshard)
+
+    p = commands.add_parser("generate", help="stream a completion of a prompt, then print tokens/s")
+    p.add_argument("model", help="zoo name, HF repo id, or local directory")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: the model's maximum)")
+    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(run=_generate)
 
     p = commands.add_parser("list", help="the zoo's model names")
     p.set_defaults(run=_list)

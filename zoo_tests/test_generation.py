@@ -101,3 +101,13 @@ def test_limits_are_clear_errors(tp_runner, checkpoint):
         with pytest.raises(ValueError, match="batch of 3 prompts exceeds max_batch_size=2"):
             model.generate(input_ids=torch.ones(3, 4, dtype=torch.long), max_new_tokens=2)
         assert len(model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4, eos_token_id=[]).tokens[0]) == 4
+
+
+def test_nxd_generate_streams_and_reports_speed(checkpoint, capsys):
+    from nxd_models.cli import main
+
+    path, _ = checkpoint
+    assert main(["generate", str(path), "--tp", "2", "--prompt", "def main(", "--max-new-tokens", "8", "--max-seq-len", "32"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("def main(") and len(out.out.strip()) > len("def main(")
+    assert "tokens/s, tp=2]" in out.err

@@ -178,15 +178,17 @@ def _cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut] if cut >= 0 else text
 
 
-def stream(model, prompt, **kwargs) -> Iterator[str]:
-    """Text pieces for one prompt as they are generated."""
+def stream(model, prompt, stats: dict | None = None, **kwargs) -> Iterator[str]:
+    """Text pieces for one prompt as they are generated; `stats` (a dict) gets counts and timings."""
     shown = ""
     tokens: list[int] = []
+    stats = stats if stats is not None else {}
     eos = _eos_ids(model, kwargs.get("eos_token_id"))
-    with closing(steps(model, prompt, chunk=1, **kwargs)) as produced:
+    with closing(steps(model, prompt, chunk=1, stats=stats, **kwargs)) as produced:
         for chunk in produced:
             tokens += _until_eos(chunk[0].tolist(), eos, already=tokens)
             text = model.tokenizer.decode(tokens, skip_special_tokens=True)
             if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole characters
                 yield text[len(shown):]
                 shown = text
+    stats["new_tokens"] = len(tokens)
