@@ -87,8 +87,13 @@ class ParallelLlamaAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache_position is not None:
             k_cache, v_cache = self.k_cache[:batch], self.v_cache[:batch]
-            k_cache.index_copy_(2, cache_position, k)
-            v_cache.index_copy_(2, cache_position, v)
+            if cache_position.dim() == 1:  # the same slots for every row
+                k_cache.index_copy_(2, cache_position, k)
+                v_cache.index_copy_(2, cache_position, v)
+            else:  # [batch, seq]: each row at its own slots (speculative decoding rolls rows back separately)
+                index = cache_position[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+                k_cache.scatter_(2, index, k)
+                v_cache.scatter_(2, index, v)
             k, v = k_cache, v_cache
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -135,17 +140,20 @@ class ParallelLlamaModel(nn.Module):
 
 def attention_mask_for(attention_mask, query_slots, num_slots: int, batch: int) -> torch.Tensor:
     """Boolean [batch, 1, queries, slots]: causal over slots, padding masked, and each query sees itself
-    (so a left-padding query never has an empty row, which would turn into NaN)."""
+    (so a left-padding query never has an empty row, which would turn into NaN).
+
+    query_slots is [queries] (shared by the batch) or [batch, queries] (a slot per row and query).
+    """
+    if query_slots.dim() == 1:
+        query_slots = query_slots[None].expand(batch, -1)
     key_slots = torch.arange(num_slots, device=query_slots.device)
-    mask = key_slots[None, :] <= query_slots[:, None]
+    mask = key_slots[None, None, :] <= query_slots[:, :, None]
     if attention_mask is not None:
         valid = attention_mask.to(torch.bool)
         if valid.shape[1] < num_slots:
             valid = F.pad(valid, (0, num_slots - valid.shape[1]), value=False)
-        mask = mask[None] & valid[:, None, :num_slots]
-    else:
-        mask = mask[None].expand(batch, -1, -1)
-    mask = mask | (key_slots[None, :] == query_slots[:, None])[None]
+        mask = mask & valid[:, None, :num_slots]
+    mask = mask | (key_slots[None, None, :] == query_slots[:, :, None])
     return mask[:, None]
 
 
@@ -180,18 +188,19 @@ class ParallelLlamaForCausalLM(nn.Module):
         else:
             if self.max_seq_len == 0:
                 raise RuntimeError("no KV cache: call allocate_kv_cache(max_batch_size, max_seq_len) first")
-            if batch > self.max_batch_size or int(cache_position[-1]) >= self.max_seq_len:
+            if batch > self.max_batch_size or int(cache_position.max()) >= self.max_seq_len:
                 raise ValueError(
-                    f"batch {batch} at slot {int(cache_position[-1])} exceeds the KV cache "
+                    f"batch {batch} at slot {int(cache_position.max())} exceeds the KV cache "
                     f"(max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len})"
                 )
             query_slots, num_slots = cache_position, self.max_seq_len
         if position_ids is None:
+            rows_slots = query_slots if query_slots.dim() == 2 else query_slots[None].expand(batch, -1)
             if attention_mask is not None:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-                position_ids = positions[:, query_slots]
+                position_ids = positions.gather(1, rows_slots.clamp(max=positions.shape[1] - 1))
             else:
-                position_ids = query_slots[None].expand(batch, -1)
+                position_ids = rows_slots
         mask = attention_mask_for(attention_mask, query_slots, num_slots, batch)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(x, position_ids)

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import runner
+from . import runner, speculative
 from .sampling import SamplingParams
 
 
@@ -73,42 +73,84 @@ def steps(
     top_p: float | None = None,
     seed: int | None = None,
     eos_token_id=None,
+    draft_model=None,
+    num_speculative_tokens: int = 4,
     chunk: int | None = None,
     stats: dict | None = None,
-) -> Iterator[torch.Tensor]:
-    """New tokens as they are made: [batch, k] tensors, k <= chunk (default: all at once)."""
+) -> Iterator[list[list[int]]]:
+    """New tokens as they are made, per row (rows may gain different numbers of tokens).
+
+    chunk: how many decode steps (speculative rounds) per round trip; default all at once.
+    """
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     input_ids, attention_mask = _encode(model, prompts, input_ids, attention_mask)
     batch, prompt_len = input_ids.shape
+    extra = num_speculative_tokens if draft_model is not None else 0
     if batch > model.max_batch_size:
         raise ValueError(f"batch of {batch} prompts exceeds max_batch_size={model.max_batch_size}; load the model with a larger max_batch_size")
-    if prompt_len + max_new_tokens > model.max_seq_len:
+    if prompt_len + max_new_tokens + extra > model.max_seq_len:
+        speculation = f" + {extra} speculative slots" if extra else ""
         raise ValueError(
-            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={model.max_seq_len}; "
+            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens}{speculation} exceeds max_seq_len={model.max_seq_len}; "
             "shorten the prompt, ask for fewer tokens, or load the model with a larger max_seq_len"
         )
+    if draft_model is not None:
+        _check_draft(model, draft_model, batch, prompt_len + max_new_tokens + extra, num_speculative_tokens)
     if max_new_tokens < 1:
         return
     eos = _eos_ids(model, eos_token_id)
     chunk = chunk or max_new_tokens
     stats = stats if stats is not None else {}
     start = time.perf_counter()
-    first = model.run(runner.start, model.key, input_ids, attention_mask, params, seed, eos, _pad_id(model, eos), max_new_tokens, chunk)
+    if draft_model is None:
+        session = runner
+        first = model.run(runner.start, model.key, input_ids, attention_mask, params, seed, eos, _pad_id(model, eos), max_new_tokens, chunk)
+        first = first.tolist()
+    else:
+        session = speculative
+        first = model.run(speculative.start, model.key, draft_model.key, input_ids, attention_mask, params, seed, eos, num_speculative_tokens, max_new_tokens)
+        first = [[t] for t in first.tolist()]
     stats.update(prompt_tokens=int(attention_mask.sum()), first_chunk_seconds=time.perf_counter() - start)
     try:
         yield first
-        done = first.shape[1] >= max_new_tokens or _all_finished(first, eos)
+        done = max(len(r) for r in first) >= max_new_tokens or _all_finished(first, eos)
         while not done:
-            tokens, done = model.run(runner.resume, model.key, chunk)
-            if tokens.shape[1]:
+            if draft_model is None:
+                tokens, done = model.run(runner.resume, model.key, chunk)
+                tokens = tokens.tolist()
+            else:
+                tokens, done, histogram = model.run(speculative.resume, model.key, draft_model.key, chunk)
+                _acceptance_stats(stats, histogram, num_speculative_tokens)
+            if any(tokens):
                 yield tokens
     finally:
         stats["seconds"] = time.perf_counter() - start
-        model.run(runner.end, model.key)
+        model.run(session.end, model.key)
 
 
-def _all_finished(tokens: torch.Tensor, eos: list[int]) -> bool:
-    return bool(eos) and bool(torch.isin(tokens, torch.tensor(eos)).any(dim=1).all())
+def _check_draft(model, draft, batch: int, slots: int, k: int) -> None:
+    if draft.group is not model.group:
+        raise ValueError("the draft model must live in the target's worker group: load it with workers=target.group")
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's ({model.config.vocab_size}): "
+            "a draft must share the target's tokenizer"
+        )
+    if batch > draft.max_batch_size or slots > draft.max_seq_len:
+        raise ValueError(f"the draft's KV cache (max_batch_size={draft.max_batch_size}, max_seq_len={draft.max_seq_len}) is too small for this request")
+    if k < 1:
+        raise ValueError(f"num_speculative_tokens must be >= 1, got {k}")
+
+
+def _acceptance_stats(stats: dict, histogram: list[int], k: int) -> None:
+    rounds = sum(histogram)
+    stats["accepted_histogram"] = histogram  # [rounds that accepted 0, 1, ..., k draft tokens]
+    stats["acceptance_rate"] = sum(i * n for i, n in enumerate(histogram)) / (k * rounds) if rounds else 0.0
+    stats["tokens_per_round"] = sum((i + 1) * n for i, n in enumerate(histogram)) / rounds if rounds else 0.0
+
+
+def _all_finished(rows: list[list[int]], eos: list[int]) -> bool:
+    return bool(eos) and all(any(t in eos for t in row) for row in rows)
 
 
 def generate(
@@ -150,9 +192,9 @@ def generate(
 def _take(model, tokens, rows, stopped, eos, stop, callback):
     """Add a chunk of new tokens to the rows (nothing after a row's end); mark rows whose text hit a stop string."""
     if rows is None:
-        rows, stopped = [[] for _ in range(tokens.shape[0])], [False] * tokens.shape[0]
+        rows, stopped = [[] for _ in tokens], [False] * len(tokens)
     fresh = []
-    for i, row in enumerate(tokens.tolist()):
+    for i, row in enumerate(tokens):
         kept = [] if stopped[i] else _until_eos(row, eos, already=rows[i])
         rows[i] += kept
         fresh.append(kept)
@@ -186,7 +228,7 @@ def stream(model, prompt, stats: dict | None = None, **kwargs) -> Iterator[str]:
     eos = _eos_ids(model, kwargs.get("eos_token_id"))
     with closing(steps(model, prompt, chunk=1, stats=stats, **kwargs)) as produced:
         for chunk in produced:
-            tokens += _until_eos(chunk[0].tolist(), eos, already=tokens)
+            tokens += _until_eos(chunk[0], eos, already=tokens)
             text = model.tokenizer.decode(tokens, skip_special_tokens=True)
             if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole characters
                 yield text[len(shown):]

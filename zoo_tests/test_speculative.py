@@ -1,0 +1,101 @@
+"""Speculative decoding: greedy equals target-only greedy; the sampler draws from the target's distribution."""
+
+import pytest
+import torch
+
+from llama_fixtures import save_tiny_llama
+from nxd_models import from_pretrained_parallel
+from nxd_models.generation.sampling import SamplingParams
+from nxd_models.generation.speculative import SpeculativeSession, _accept
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A target and a smaller random draft with the same vocabulary."""
+    root = tmp_path_factory.mktemp("spec")
+    save_tiny_llama(root / "target", "gqa", initializer_range=0.2)
+    save_tiny_llama(root / "draft", "gqa", seed=1, initializer_range=0.2, num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    return root / "target", root / "draft"
+
+
+def _batch():
+    ids = torch.randint(3, 128, (3, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("draft_kind", ["random draft", "draft = target"])
+def test_speculative_greedy_equals_greedy(tp_runner, pair, tp, draft_kind):
+    target_path, draft_path = pair
+    workers = tp_runner.workers(tp)
+    ids, mask = _batch()
+    load = dict(tp=tp, max_batch_size=3, max_seq_len=48, workers=workers, progress=False)
+    with from_pretrained_parallel(target_path, **load) as target, \
+            from_pretrained_parallel(target_path if draft_kind == "draft = target" else draft_path, **load) as draft:
+        for rows in (slice(0, 1), slice(0, 3)):
+            plain = target.generate(input_ids=ids[rows], attention_mask=mask[rows], max_new_tokens=24, eos_token_id=[])
+            for k in (1, 4):
+                spec = target.generate(
+                    input_ids=ids[rows], attention_mask=mask[rows], max_new_tokens=24, eos_token_id=[],
+                    draft_model=draft, num_speculative_tokens=k,
+                )
+                assert spec.tokens == plain.tokens, (k, rows)
+                histogram = spec.stats["accepted_histogram"]
+                assert len(histogram) == k + 1 and sum(histogram) > 0
+                if draft_kind == "draft = target":
+                    assert spec.stats["acceptance_rate"] == 1.0
+                else:
+                    assert spec.stats["acceptance_rate"] < 1.0
+
+
+def test_speculative_sampling_is_seeded_and_respects_eos(tp_runner, pair):
+    target_path, draft_path = pair
+    load = dict(tp=2, max_batch_size=3, max_seq_len=48, workers=tp_runner.workers(2), progress=False)
+    ids, mask = _batch()
+    with from_pretrained_parallel(target_path, **load) as target, from_pretrained_parallel(draft_path, **load) as draft:
+        draw = lambda seed, **kw: target.generate(  # noqa: E731
+            input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=True, seed=seed,
+            draft_model=draft, num_speculative_tokens=3, **kw,
+        ).tokens
+        first = draw(5, eos_token_id=[])
+        assert first == draw(5, eos_token_id=[]) and first != draw(6, eos_token_id=[])
+        assert all(len(row) == 20 for row in first)
+        eos = first[0][6]
+        stopped = draw(5, eos_token_id=eos)
+        assert stopped[0][-1] == eos and len(stopped[0]) <= 7 and all(eos not in row[:-1] for row in stopped)
+
+
+def test_draft_must_share_the_worker_group(tp_runner, pair):
+    target_path, draft_path = pair
+    with from_pretrained_parallel(target_path, tp=1, progress=False, workers=tp_runner.workers(1), max_seq_len=48) as target, \
+            from_pretrained_parallel(draft_path, tp=1, progress=False, max_seq_len=48) as draft:
+        with pytest.raises(ValueError, match="load it with workers=target.group"):
+            target.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4, draft_model=draft)
+
+
+def test_rejection_sampler_draws_from_the_target_distribution():
+    """Chi-square over a 5-token vocabulary: the first token out of a round is distributed as p."""
+    draws, k = 200_000, 2
+    p0 = torch.tensor([0.05, 0.40, 0.10, 0.30, 0.15])
+    q0 = torch.tensor([0.30, 0.10, 0.30, 0.10, 0.20])  # a poor draft: many rejections
+    generator = torch.Generator().manual_seed(0)
+    q = torch.stack([q0, q0])[None].expand(draws, k, 5)
+    drafted = torch.multinomial(q0, draws * k, replacement=True, generator=generator).view(draws, k)
+    target_logits = torch.stack([p0.log(), p0.log(), p0.log()])[None].expand(draws, k + 1, 5)
+    session = SpeculativeSession(
+        valid=None, pos=None, last=None, finished=None, emitted=None, params=SamplingParams(do_sample=True),
+        generator=generator, eos=torch.tensor([]), k=k, max_new_tokens=8,
+    )
+    accepted, following = _accept(session, drafted, q, target_logits)
+    first = torch.where(accepted > 0, drafted[:, 0], following)
+    observed = torch.bincount(first, minlength=5).double()
+    expected = p0.double() * draws
+    chi_square = float(((observed - expected) ** 2 / expected).sum())
+    assert chi_square < 18.47, (observed / draws, chi_square)  # df=4, p=0.001
+    assert 0 < float(accepted.float().mean()) < k  # both paths (accept and resample) were exercised
+    # a sampler that ignored rejections (always the draft's token) would fail the same test
+    naive = torch.bincount(drafted[:, 0], minlength=5).double()
+    assert float(((naive - expected) ** 2 / expected).sum()) > 1000
