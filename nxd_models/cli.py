@@ -40,15 +40,22 @@ def _generate(args) -> None:
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     with from_pretrained_parallel(args.model, tp=args.tp, dtype=dtype, max_seq_len=args.max_seq_len) as model:
+        draft = None
+        if args.draft:  # the draft is sharded over the same workers
+            draft = from_pretrained_parallel(args.draft, tp=args.tp, dtype=dtype, max_seq_len=model.max_seq_len, workers=model.group)
         sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        if draft is not None:
+            sampling.update(draft_model=draft, num_speculative_tokens=args.num_speculative_tokens)
         print(args.prompt, end="", flush=True)
         stats: dict = {}
-        pieces = model.stream(args.prompt, max_new_tokens=args.max_new_tokens, stats=stats, **sampling)
-        for piece in pieces:
+        for piece in model.stream(args.prompt, max_new_tokens=args.max_new_tokens, stats=stats, **sampling):
             print(piece, end="", flush=True)
         print()
         new = stats.get("new_tokens", 0)
-        print(f"[{new} tokens in {stats['seconds']:.2f}s: {new / stats['seconds']:.1f} tokens/s, tp={args.tp}]", file=sys.stderr)
+        line = f"[{new} tokens in {stats['seconds']:.2f}s: {new / stats['seconds']:.1f} tokens/s, tp={args.tp}"
+        if draft is not None:
+            line += f", acceptance rate {stats.get('acceptance_rate', 0.0):.0%}, accepted per round {stats.get('accepted_histogram')}"
+        print(line + "]", file=sys.stderr)
 
 
 def _list(args) -> None:
@@ -94,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--draft", help="a smaller model with the same tokenizer, for speculative decoding")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.set_defaults(run=_generate)
 
     p = commands.add_parser("list", help="the zoo's model names")

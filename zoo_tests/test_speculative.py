@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llama_fixtures import save_tiny_llama
+from llama_fixtures import save_tiny_llama, save_tiny_tokenizer
 from nxd_models import from_pretrained_parallel
 from nxd_models.generation.sampling import SamplingParams
 from nxd_models.generation.speculative import SpeculativeSession, _accept
@@ -15,6 +15,8 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec")
     save_tiny_llama(root / "target", "gqa", initializer_range=0.2)
     save_tiny_llama(root / "draft", "gqa", seed=1, initializer_range=0.2, num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    for model in ("target", "draft"):
+        save_tiny_tokenizer(root / model)
     return root / "target", root / "draft"
 
 
@@ -99,3 +101,24 @@ def test_rejection_sampler_draws_from_the_target_distribution():
     # a sampler that ignored rejections (always the draft's token) would fail the same test
     naive = torch.bincount(drafted[:, 0], minlength=5).double()
     assert float(((naive - expected) ** 2 / expected).sum()) > 1000
+
+
+def test_nxd_generate_with_a_draft_reports_acceptance(pair, capsys):
+    from nxd_models.cli import main
+
+    target_path, draft_path = pair
+    args = ["generate", str(target_path), "--tp", "2", "--prompt", "def main(", "--max-new-tokens", "12", "--max-seq-len", "48"]
+    assert main([*args, "--draft", str(draft_path), "--num-speculative-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("def main(") and "acceptance rate" in out.err and "accepted per round [" in out.err
+
+
+def test_generate_on_neuron_alias(tp_runner, pair):
+    from nxd_models.generation.runner import generate_on_neuron
+
+    target_path, draft_path = pair
+    load = dict(tp=2, max_seq_len=48, workers=tp_runner.workers(2), progress=False)
+    with from_pretrained_parallel(target_path, **load) as target, from_pretrained_parallel(draft_path, **load) as draft:
+        ids = torch.arange(5, 12)
+        plain = target.generate(input_ids=ids, max_new_tokens=10, eos_token_id=[])
+        assert generate_on_neuron(None, target, draft_model=draft, input_ids=ids, max_new_tokens=10, eos_token_id=[]).tokens == plain.tokens

@@ -105,3 +105,10 @@ def resume(key: int, n: int):
 
 def end(key: int) -> None:
     worker_state().pop(_session_key(key), None)
+
+
+def generate_on_neuron(prompt, target_model, draft_model=None, **kwargs):
+    """NxD's runner entry point, kept as a thin alias of target_model.generate."""
+    if draft_model is not None:
+        kwargs["draft_model"] = draft_model
+    return target_model.generate(prompt, **kwargs)
