@@ -56,3 +56,12 @@ def save_tiny_tokenizer(directory: Path, vocab_size: int = 128) -> None:
     (directory / "tokenizer.vocab").unlink()
     config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def left_padded_batch():
+    """(input_ids, attention_mask): three prompts of lengths 8, 5 and 3, left padded with 0."""
+    ids = torch.randint(3, 128, (3, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    return ids.masked_fill(mask == 0, 0), mask

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llama_fixtures import save_tiny_llama, save_tiny_tokenizer
+from llama_fixtures import left_padded_batch, save_tiny_llama, save_tiny_tokenizer
 from nxd_models import from_pretrained_parallel
 
 
@@ -13,15 +13,6 @@ def checkpoint(tmp_path_factory):
     reference = save_tiny_llama(path, "gqa", initializer_range=0.2)  # 0.1 locks rows into one repeated token
     save_tiny_tokenizer(path)
     return path, reference
-
-
-def _batch():
-    """Three prompts of lengths 8, 5 and 3, left padded."""
-    ids = torch.randint(3, 128, (3, 8), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def _hf_new_tokens(reference, ids, mask, **kwargs):
@@ -38,7 +29,7 @@ def _padded(rows, width, pad=0):
 @pytest.mark.parametrize("batch", ["one", "three left-padded"])
 def test_greedy_is_token_identical_to_hf_generate(tp_runner, checkpoint, tp, batch):
     path, reference = checkpoint
-    ids, mask = _batch()
+    ids, mask = left_padded_batch()
     if batch == "one":
         ids, mask = ids[:1], mask[:1]
     expected = _hf_new_tokens(reference, ids, mask, max_new_tokens=20, do_sample=False)
@@ -51,7 +42,7 @@ def test_greedy_is_token_identical_to_hf_generate(tp_runner, checkpoint, tp, bat
 
 def test_stops_at_eos_like_hf(tp_runner, checkpoint):
     path, reference = checkpoint
-    ids, mask = _batch()
+    ids, mask = left_padded_batch()
     free = _hf_new_tokens(reference, ids, mask, max_new_tokens=12, do_sample=False)
     eos = int(free[0, 4])  # make a token that row 0 produces at step 5 the end-of-sequence token
     expected = _hf_new_tokens(reference, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=eos)
@@ -63,7 +54,7 @@ def test_stops_at_eos_like_hf(tp_runner, checkpoint):
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tp_runner, checkpoint):
     path, _ = checkpoint
-    ids, mask = _batch()
+    ids, mask = left_padded_batch()
     with from_pretrained_parallel(path, tp=2, max_batch_size=3, max_seq_len=40, workers=tp_runner.workers(2), progress=False) as model:
         draw = lambda seed, **kw: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=True, seed=seed, eos_token_id=[], **kw).tokens  # noqa: E731
         first, again, other = draw(7, temperature=1.5), draw(7, temperature=1.5), draw(8, temperature=1.5)

@@ -31,24 +31,31 @@ def _param_grad_errors(parallel: nn.Module, reference: nn.Module) -> dict:
     return errors
 
 
+def _compare(parallel: nn.Module, reference: nn.Module, x: torch.Tensor, output_is_local: bool = False) -> dict:
+    """Load the reference's weights into the parallel module, run both forward and backward, return max errors.
+
+    output_is_local: the parallel module returns this rank's slice of the last dim (gather_output=False).
+    """
+    load_state_dict_from_full(parallel, reference.state_dict())
+    floating = x.is_floating_point()
+    x_par, x_ref = x.clone().requires_grad_(floating), x.clone().requires_grad_(floating)
+    y, y_ref = parallel(x_par), reference(x_ref)
+    grad_out = torch.randn_like(y_ref)
+    y_ref.backward(grad_out)
+    if output_is_local:
+        y_ref, grad_out = _local(y_ref, -1), _local(grad_out, -1)
+    y.backward(grad_out)
+    errors = {"output": (y - y_ref).abs().max().item(), **_param_grad_errors(parallel, reference)}
+    if floating:
+        errors["grad input"] = (x_par.grad - x_ref.grad).abs().max().item()
+    return errors
+
+
 def column_case(in_f, out_f, gather_output, pad):
     torch.manual_seed(0)
     reference = nn.Linear(in_f, out_f)
     layer = ColumnParallelLinear(in_f, out_f, gather_output=gather_output, pad=pad)
-    load_state_dict_from_full(layer, reference.state_dict())
-    x = torch.randn(2, 3, in_f)
-    x_par, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y, y_ref = layer(x_par), reference(x_ref)
-    grad_out = torch.randn_like(y_ref)
-    y_ref.backward(grad_out)
-    if not gather_output:
-        y_ref, grad_out = _local(y_ref, -1), _local(grad_out, -1)
-    y.backward(grad_out)
-    return {
-        "output": (y - y_ref).abs().max().item(),
-        "grad input": (x_par.grad - x_ref.grad).abs().max().item(),
-        **_param_grad_errors(layer, reference),
-    }
+    return _compare(layer, reference, torch.randn(2, 3, in_f), output_is_local=not gather_output)
 
 
 def column_row_mlp_case(hidden, ffn, pad):
@@ -60,18 +67,7 @@ def column_row_mlp_case(hidden, ffn, pad):
         nn.GELU(),
         RowParallelLinear(ffn, hidden, input_is_parallel=True, pad=pad),
     )
-    load_state_dict_from_full(parallel, reference.state_dict())
-    x = torch.randn(2, 5, hidden)
-    x_par, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y, y_ref = parallel(x_par), reference(x_ref)
-    grad_out = torch.randn_like(y_ref)
-    y.backward(grad_out)
-    y_ref.backward(grad_out)
-    return {
-        "output": (y - y_ref).abs().max().item(),
-        "grad input": (x_par.grad - x_ref.grad).abs().max().item(),
-        **_param_grad_errors(parallel, reference),
-    }
+    return _compare(parallel, reference, torch.randn(2, 5, hidden))
 
 
 def row_case(in_f, out_f, pad):
@@ -79,32 +75,16 @@ def row_case(in_f, out_f, pad):
     torch.manual_seed(0)
     reference = nn.Linear(in_f, out_f)
     layer = RowParallelLinear(in_f, out_f, input_is_parallel=False, pad=pad)
-    load_state_dict_from_full(layer, reference.state_dict())
-    x = torch.randn(2, 3, in_f)
-    x_par, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y, y_ref = layer(x_par), reference(x_ref)
-    grad_out = torch.randn_like(y_ref)
-    y.backward(grad_out)
-    y_ref.backward(grad_out)
-    return {
-        "output": (y - y_ref).abs().max().item(),
-        "grad input": (x_par.grad - x_ref.grad).abs().max().item(),
-        **_param_grad_errors(layer, reference),
-    }
+    return _compare(layer, reference, torch.randn(2, 3, in_f))
 
 
 def embedding_case(vocab, dim, shard_across_embedding, pad):
     torch.manual_seed(0)
     reference = nn.Embedding(vocab, dim)
     layer = ParallelEmbedding(vocab, dim, shard_across_embedding=shard_across_embedding, pad=pad)
-    load_state_dict_from_full(layer, reference.state_dict())
     ids = torch.randint(0, vocab, (3, 7))
     ids[0, :vocab] = torch.arange(min(vocab, 7))  # every rank's range is hit
-    y, y_ref = layer(ids), reference(ids)
-    grad_out = torch.randn_like(y_ref)
-    y.backward(grad_out)
-    y_ref.backward(grad_out)
-    return {"output": (y - y_ref).abs().max().item(), **_param_grad_errors(layer, reference)}
+    return _compare(layer, reference, ids)
 
 
 CASES = {

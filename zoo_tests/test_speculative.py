@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llama_fixtures import save_tiny_llama, save_tiny_tokenizer
+from llama_fixtures import left_padded_batch, save_tiny_llama, save_tiny_tokenizer
 from nxd_models import from_pretrained_parallel
 from nxd_models.generation.sampling import SamplingParams
 from nxd_models.generation.speculative import SpeculativeSession, _accept
@@ -20,20 +20,12 @@ def pair(tmp_path_factory):
     return root / "target", root / "draft"
 
 
-def _batch():
-    ids = torch.randint(3, 128, (3, 8), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("draft_kind", ["random draft", "draft = target"])
 def test_speculative_greedy_equals_greedy(tp_runner, pair, tp, draft_kind):
     target_path, draft_path = pair
     workers = tp_runner.workers(tp)
-    ids, mask = _batch()
+    ids, mask = left_padded_batch()
     load = dict(tp=tp, max_batch_size=3, max_seq_len=48, workers=workers, progress=False)
     with from_pretrained_parallel(target_path, **load) as target, \
             from_pretrained_parallel(target_path if draft_kind == "draft = target" else draft_path, **load) as draft:
@@ -56,7 +48,7 @@ def test_speculative_greedy_equals_greedy(tp_runner, pair, tp, draft_kind):
 def test_speculative_sampling_is_seeded_and_respects_eos(tp_runner, pair):
     target_path, draft_path = pair
     load = dict(tp=2, max_batch_size=3, max_seq_len=48, workers=tp_runner.workers(2), progress=False)
-    ids, mask = _batch()
+    ids, mask = left_padded_batch()
     with from_pretrained_parallel(target_path, **load) as target, from_pretrained_parallel(draft_path, **load) as draft:
         draw = lambda seed, **kw: target.generate(  # noqa: E731
             input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=True, seed=seed,
