@@ -44,6 +44,7 @@ def _generate(args) -> None:
         if args.draft:  # the draft is sharded over the same workers
             draft = from_pretrained_parallel(args.draft, tp=args.tp, dtype=dtype, max_seq_len=model.max_seq_len, workers=model.group)
         sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        sampling["compile"] = False if args.no_compile else None
         if draft is not None:
             sampling.update(draft_model=draft, num_speculative_tokens=args.num_speculative_tokens)
         print(args.prompt, end="", flush=True)
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-compile", action="store_true", help="decode eagerly (by default long generations use torch.compile)")
     p.add_argument("--draft", help="a smaller model with the same tokenizer, for speculative decoding")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.set_defaults(run=_generate)

@@ -183,9 +183,7 @@ class ParallelLlamaForCausalLM(nn.Module):
         attention_mask [batch, slots so far] marks real tokens (0 = left padding).
         """
         batch, seq = input_ids.shape
-        if cache_position is None:
-            query_slots, num_slots = torch.arange(seq, device=input_ids.device), seq
-        else:
+        if cache_position is not None:
             if self.max_seq_len == 0:
                 raise RuntimeError("no KV cache: call allocate_kv_cache(max_batch_size, max_seq_len) first")
             if batch > self.max_batch_size or int(cache_position.max()) >= self.max_seq_len:
@@ -193,6 +191,14 @@ class ParallelLlamaForCausalLM(nn.Module):
                     f"batch {batch} at slot {int(cache_position.max())} exceeds the KV cache "
                     f"(max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len})"
                 )
+        return self.compute(input_ids, attention_mask, position_ids, cache_position, last_only)
+
+    def compute(self, input_ids, attention_mask, position_ids, cache_position, last_only: bool) -> torch.Tensor:
+        """forward without the argument checks: only tensor work, so torch.compile sees one graph."""
+        batch, seq = input_ids.shape
+        if cache_position is None:
+            query_slots, num_slots = torch.arange(seq, device=input_ids.device), seq
+        else:
             query_slots, num_slots = cache_position, self.max_seq_len
         if position_ids is None:
             rows_slots = query_slots if query_slots.dim() == 2 else query_slots[None].expand(batch, -1)

@@ -101,6 +101,7 @@ def _forward(key: int, input_ids, attention_mask, position_ids, cache_position, 
 
 def _release(key: int) -> None:
     worker_state().pop(key, None)
+    worker_state().pop(("compiled", key), None)
     return_freed_memory()
 
 

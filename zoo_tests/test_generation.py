@@ -102,3 +102,15 @@ def test_nxd_generate_streams_and_reports_speed(checkpoint, capsys):
     out = capsys.readouterr()
     assert out.out.startswith("def main(") and len(out.out.strip()) > len("def main(")
     assert "tokens/s, tp=2]" in out.err
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_compiled_decoding_equals_hf_generate(tp_runner, checkpoint, tp):
+    path, reference = checkpoint
+    ids, mask = left_padded_batch()
+    expected = _hf_new_tokens(reference, ids, mask, max_new_tokens=20, do_sample=False)
+    with from_pretrained_parallel(path, tp=tp, max_batch_size=3, max_seq_len=40, workers=tp_runner.workers(tp), progress=False) as model:
+        compiled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, compile=True)
+        again = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, compile=True)  # reuses the compiled step
+    assert torch.equal(_padded(compiled.tokens, expected.shape[1]), expected)
+    assert again.tokens == compiled.tokens

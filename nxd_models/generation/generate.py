@@ -18,6 +18,10 @@ from . import runner, speculative
 from .sampling import SamplingParams
 
 
+# Compiling the decode step takes seconds; below this many new tokens eager decoding finishes first.
+COMPILE_FROM_TOKENS = 64
+
+
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]  # new tokens per row, up to and including an end-of-sequence token
@@ -75,13 +79,19 @@ def steps(
     eos_token_id=None,
     draft_model=None,
     num_speculative_tokens: int = 4,
+    compile: bool | None = None,
     chunk: int | None = None,
     stats: dict | None = None,
 ) -> Iterator[list[list[int]]]:
     """New tokens as they are made, per row (rows may gain different numbers of tokens).
 
     chunk: how many decode steps (speculative rounds) per round trip; default all at once.
+    compile: decode with a torch.compile'd step (compiled once per model and batch size, which
+    takes seconds). None compiles where it pays: generations of COMPILE_FROM_TOKENS or more.
+    Speculative rounds run eagerly.
     """
+    if compile is None:
+        compile = max_new_tokens >= COMPILE_FROM_TOKENS
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     input_ids, attention_mask = _encode(model, prompts, input_ids, attention_mask)
     batch, prompt_len = input_ids.shape
@@ -104,7 +114,7 @@ def steps(
     start = time.perf_counter()
     if draft_model is None:
         session = runner
-        first = model.run(runner.start, model.key, input_ids, attention_mask, params, seed, eos, _pad_id(model, eos), max_new_tokens, chunk)
+        first = model.run(runner.start, model.key, input_ids, attention_mask, params, seed, eos, _pad_id(model, eos), max_new_tokens, chunk, compile)
         first = first.tolist()
     else:
         session = speculative

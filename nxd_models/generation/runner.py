@@ -10,9 +10,9 @@ next to the model and its KV cache in `worker_state()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from nxd_core.workers import worker_state
 
@@ -21,7 +21,8 @@ from .sampling import SamplingParams, next_tokens
 
 @dataclass
 class Session:
-    attention_mask: torch.Tensor  # [batch, slots written so far]
+    valid: torch.Tensor  # [batch, max_seq_len]: 0 on the prompt's left padding, 1 elsewhere (static shape)
+    slot: int  # the next KV-cache slot (shared by the rows)
     last_tokens: torch.Tensor  # [batch], the tokens to feed next
     finished: torch.Tensor  # [batch] bool
     params: SamplingParams
@@ -29,6 +30,7 @@ class Session:
     eos: torch.Tensor  # ids that end a row
     pad_token_id: int
     remaining: int  # tokens still allowed
+    step: Callable  # model.compute, or its compiled version
 
 
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -37,10 +39,18 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return model(input_ids, attention_mask=attention_mask, cache_position=slots, last_only=True)[:, -1]
 
 
-def decode_one_token(model, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row at the next slot (attention_mask already covers it); return logits [batch, vocab]."""
-    slot = torch.tensor([attention_mask.shape[1] - 1], device=tokens.device)
-    return model(tokens[:, None], attention_mask=attention_mask, cache_position=slot, last_only=True)[:, -1]
+def decode_one_token(step: Callable, tokens: torch.Tensor, valid: torch.Tensor, slot: int) -> torch.Tensor:
+    """Feed one token per row at `slot`; return logits [batch, vocab]. Shapes never change, so a
+    compiled `step` compiles once."""
+    cache_position = torch.tensor([slot], device=tokens.device)
+    return step(tokens[:, None], valid, None, cache_position, True)[:, -1]
+
+
+def decode_step(model, key: int, compiled: bool) -> Callable:
+    """model.compute, or torch.compile of it, kept per model so it compiles once per worker."""
+    if not compiled:
+        return model.compute
+    return worker_state().setdefault(("compiled", key), torch.compile(model.compute, dynamic=False))
 
 
 def _choose(session: Session, logits: torch.Tensor) -> torch.Tensor:
@@ -58,8 +68,8 @@ def decode_n_tokens(model, session: Session, n: int) -> torch.Tensor:
     for _ in range(min(n, session.remaining)):
         if bool(session.finished.all()):
             break
-        session.attention_mask = F.pad(session.attention_mask, (0, 1), value=1)
-        logits = decode_one_token(model, session.last_tokens, session.attention_mask)
+        logits = decode_one_token(session.step, session.last_tokens, session.valid, session.slot)
+        session.slot += 1
         produced.append(_choose(session, logits))
     if not produced:
         return torch.empty(session.last_tokens.shape[0], 0, dtype=torch.long)
@@ -73,7 +83,7 @@ def _session_key(key: int):
     return ("session", key)
 
 
-def start(key: int, input_ids, attention_mask, params: SamplingParams, seed, eos: list[int], pad_token_id: int, max_new_tokens: int, first_chunk: int):
+def start(key: int, input_ids, attention_mask, params: SamplingParams, seed, eos: list[int], pad_token_id: int, max_new_tokens: int, first_chunk: int, compiled: bool = False):
     """Prefill, choose the first token, then decode up to first_chunk - 1 more; return the tokens [batch, k]."""
     model = worker_state()[key]
     device = model.lm_head.weight.device
@@ -81,14 +91,17 @@ def start(key: int, input_ids, attention_mask, params: SamplingParams, seed, eos
     if params.do_sample:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
-    batch = input_ids.shape[0]
+    batch, prompt_len = input_ids.shape
+    attention_mask = attention_mask.to(device)
+    valid = torch.ones(batch, model.max_seq_len, dtype=torch.long, device=device)
+    valid[:, :prompt_len] = attention_mask
     session = Session(
-        attention_mask=attention_mask.to(device), last_tokens=torch.empty(0), finished=torch.zeros(batch, dtype=torch.bool, device=device),
+        valid=valid, slot=prompt_len, last_tokens=torch.empty(0), finished=torch.zeros(batch, dtype=torch.bool, device=device),
         params=params, generator=generator, eos=torch.tensor(eos, dtype=torch.long, device=device),
-        pad_token_id=pad_token_id, remaining=max_new_tokens,
+        pad_token_id=pad_token_id, remaining=max_new_tokens, step=decode_step(model, key, compiled),
     )
     with torch.inference_mode():
-        first = _choose(session, prefill(model, input_ids.to(device), session.attention_mask))
+        first = _choose(session, prefill(model, input_ids.to(device), attention_mask))
         rest = decode_n_tokens(model, session, first_chunk - 1)
     worker_state()[_session_key(key)] = session
     return torch.cat([first[:, None], rest], dim=1).cpu()
