@@ -23,6 +23,12 @@ LAYOUTS = {
     # TinyLlama-1.1B (GQA, 4 KV heads)
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    # ~20M parameters: per-step overhead dominates decoding
+    "20m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1024),
+    # a smaller draft with the same vocabulary
+    "draft": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024),
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048),
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,

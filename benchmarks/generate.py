@@ -1,0 +1,119 @@
+"""Decode speed: HF generate next to ours (eager and compiled), the roofline, and speculative decoding.
+
+    python benchmarks/generate.py                  # ~20M-parameter Llama layout, bf16, tp=1
+    python benchmarks/generate.py --layout 1b      # ~1.1B parameters, where decoding is memory-bound
+
+Everything runs on the same random weights and the same number of threads, one after another.
+The roofline is the weight bytes read per decoded token over the memory bandwidth measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from random_checkpoint import LAYOUTS, write_random_llama  # noqa: E402
+
+GB = 1e9
+
+
+def memory_bandwidth(size: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second of a large copy (each byte read once and written once)."""
+    source = torch.empty(size, dtype=torch.uint8).fill_(1)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size / best
+
+
+def hf_tokens_per_second(path: Path, prompt: torch.Tensor, new_tokens: int) -> float:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        start = time.perf_counter()
+        model.generate(prompt, **kwargs)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def ours(model, prompt, new_tokens, **kwargs) -> dict:
+    result = model.generate(input_ids=prompt, max_new_tokens=new_tokens, eos_token_id=[], **kwargs)
+    return result.stats
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="20m")
+    parser.add_argument("--draft-layout", choices=sorted(LAYOUTS), default="draft")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--k", type=int, default=4, help="speculative tokens per round")
+    parser.add_argument("--workdir", help="where to put the checkpoints (default: a temporary directory)")
+    args = parser.parse_args(argv)
+
+    from nxd_core.workers import WorkerGroup
+    from nxd_models import from_pretrained_parallel
+
+    work = Path(tempfile.mkdtemp(prefix="nxd-generate-bench-", dir=args.workdir))
+    try:
+        weight_bytes = write_random_llama(work / "target", args.layout)
+        write_random_llama(work / "draft", args.draft_layout, seed=1)
+        prompt = torch.randint(3, 32000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+        threads = torch.get_num_threads()
+        print(f"layout {args.layout}: {weight_bytes / 2 / 1e6:.0f}M parameters ({weight_bytes / GB:.2f} GB bf16), "
+              f"tp={args.tp}, {threads} threads, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens\n")
+
+        bandwidth = memory_bandwidth()
+        roofline = bandwidth / (weight_bytes / args.tp)  # each rank reads its shard once per token
+        hf = hf_tokens_per_second(work / "target", prompt, args.new_tokens)
+
+        slots = args.prompt_tokens + args.new_tokens + args.k + 1
+        load = dict(tp=args.tp, dtype=torch.bfloat16, max_seq_len=slots, progress=False)
+        with WorkerGroup(args.tp) as group:
+            target = from_pretrained_parallel(work / "target", workers=group, **load)
+            draft = from_pretrained_parallel(work / "draft", workers=group, **load)
+            same = from_pretrained_parallel(work / "target", workers=group, **load)
+            ours(target, prompt, 8, compile=False)  # warm-up
+            eager = ours(target, prompt, args.new_tokens, compile=False)
+            start = time.perf_counter()
+            ours(target, prompt, 8, compile=True)
+            compile_seconds = time.perf_counter() - start
+            compiled = ours(target, prompt, args.new_tokens, compile=True)
+            spec_same = ours(target, prompt, args.new_tokens, draft_model=same, num_speculative_tokens=args.k)
+            spec_small = ours(target, prompt, args.new_tokens, draft_model=draft, num_speculative_tokens=args.k)
+
+        print(f"{'':40s} {'tokens/s':>10s} {'vs HF eager':>12s}")
+        rows = [("HF generate (eager)", hf), ("ours, eager", eager["tokens_per_second"]),
+                ("ours, compiled", compiled["tokens_per_second"]),
+                (f"ours, speculative k={args.k}, draft = target", spec_same["tokens_per_second"]),
+                (f"ours, speculative k={args.k}, {args.draft_layout} draft", spec_small["tokens_per_second"])]
+        for label, value in rows:
+            print(f"{label:40s} {value:10.1f} {value / hf:11.2f}x")
+        print(f"\n(compiling the decode step took {compile_seconds:.1f}s, once per model and batch size)")
+        print(f"memory bandwidth {bandwidth / GB:.1f} GB/s; roofline {roofline:.1f} tokens/s "
+              f"({weight_bytes / args.tp / GB:.3f} GB of weights per token per rank)")
+        print(f"ours compiled reaches {compiled['tokens_per_second'] / roofline:.0%} of the roofline, "
+              f"ours eager {eager['tokens_per_second'] / roofline:.0%}")
+        for label, stats in (("draft = target", spec_same), (f"{args.draft_layout} draft", spec_small)):
+            print(f"speculative, {label}: speedup {stats['tokens_per_second'] / eager['tokens_per_second']:.2f}x over eager "
+                  f"decoding, acceptance {stats['acceptance_rate']:.0%}, rounds that accepted 0..{args.k}: {stats['accepted_histogram']}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
