@@ -68,11 +68,14 @@ def main(argv=None) -> None:
     from nxd_core.workers import WorkerGroup
     from nxd_models import from_pretrained_parallel
 
+    vocab = LAYOUTS[args.layout]["vocab_size"]
+    if LAYOUTS[args.draft_layout]["vocab_size"] != vocab:
+        parser.error(f"--draft-layout {args.draft_layout} has another vocabulary than --layout {args.layout}")
     work = Path(tempfile.mkdtemp(prefix="nxd-generate-bench-", dir=args.workdir))
     try:
         weight_bytes = write_random_llama(work / "target", args.layout)
         write_random_llama(work / "draft", args.draft_layout, seed=1)
-        prompt = torch.randint(3, 32000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+        prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
         threads = torch.get_num_threads()
         print(f"layout {args.layout}: {weight_bytes / 2 / 1e6:.0f}M parameters ({weight_bytes / GB:.2f} GB bf16), "
               f"tp={args.tp}, {threads} threads, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens\n")

@@ -23,3 +23,9 @@ def test_load_prints_hf_and_parallel_rows(tmp_path):
     out = _run("load.py", "--layout", "tiny", "--tp", "2", "--workdir", str(tmp_path))
     for row in ("HF from_pretrained", "from_pretrained_parallel, HF directory", "from_pretrained_parallel, nxd convert output", "warm page cache"):
         assert row in out
+
+
+def test_generate_prints_the_comparison_table(tmp_path):
+    out = _run("generate.py", "--layout", "tiny", "--draft-layout", "tiny", "--new-tokens", "8", "--workdir", str(tmp_path))
+    for row in ("HF generate (eager)", "ours, eager", "ours, compiled", "roofline", "acceptance", "rounds that accepted"):
+        assert row in out
