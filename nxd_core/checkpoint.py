@@ -366,14 +366,15 @@ def read_rank_file(load_dir, manifest: dict, rank: int) -> tuple[dict, dict[str,
 # -- writing ---------------------------------------------------------------------------------
 
 
-def _write_rank_file(save_dir: Path, rank: int, save_id: str, tensors: list[tuple[str, torch.dtype, tuple, Callable]], tree) -> dict:
-    """Write one rank's safetensors file; tensors are (name, dtype, shape, produce) written one at a time."""
+def _write_rank_file(save_dir: Path, rank: int, save_id: str, tensors: dict[str, torch.Tensor], tree) -> dict:
+    """Write one rank's safetensors file, one tensor at a time."""
     relative = _rank_file(rank, save_id)
     (save_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-    writer = SafetensorsWriter(save_dir / relative, [(n, d, s) for n, d, s, _ in tensors], {"nxd_tree": json.dumps(tree)})
+    entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    writer = SafetensorsWriter(save_dir / relative, entries, {"nxd_tree": json.dumps(tree)})
     try:
-        for name, dtype, _, produce in tensors:
-            writer.write(name, produce().to(dtype))
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
         checksum = writer.close()
     except BaseException:
         writer.abort()
@@ -425,9 +426,7 @@ def save(state_dict: Mapping, save_dir, model_key: str = "model") -> None:
             in_model = name.startswith(prefix)
             spec = get_sharding(value) if in_model else None
             entries[name] = _tensor_entry(value, spec, "sharded" if spec else "replicated" if in_model else "rank_local")
-        info = _write_rank_file(
-            save_dir, tp_rank, save_id, [(n, v.dtype, tuple(v.shape), (lambda v=v: v)) for n, v in tensors.items()], tree
-        )
+        info = _write_rank_file(save_dir, tp_rank, save_id, tensors, tree)
         ranks = _gather_to_tp_rank0(info)
         if tp_rank == 0:
             _commit(save_dir, _manifest(save_id, tp, prefix, entries, ranks))
@@ -632,10 +631,12 @@ def _load_into_model(model: nn.Module, tensors: dict, file: str, manifest: dict,
 # -- consolidate and reshard ---------------------------------------------------------------
 
 
-def _model_views(load_dir, manifest: dict) -> tuple[dict, dict]:
-    """name -> lazy full tensor over the ranks' files, and name -> spec, for every model tensor."""
+def _model_views(load_dir, manifest: dict) -> tuple[dict, dict, list[str]]:
+    """name -> lazy full tensor over the ranks' files, name -> spec (every model tensor), and the
+    ranks' files, each verified once here."""
     load_dir = Path(load_dir)
     files = [verify_rank_file(load_dir, manifest, r) for r in range(manifest["tp"])]
+    data_start, header = read_header(files[0])  # replicated tensors are read from rank 0's file
     prefix = manifest["model_prefix"]
     views, specs = {}, {}
     for name, meta in manifest["tensors"].items():
@@ -645,7 +646,6 @@ def _model_views(load_dir, manifest: dict) -> tuple[dict, dict]:
         spec = ShardSpec.from_json(meta["sharding"]) if meta["sharding"] else None
         short = name[len(prefix):]
         if spec is None:
-            data_start, header = read_header(files[0])
             views[short] = _LazySlice(files[0], name, data_start, header[name])
         else:
             def read_piece(rank, start, stop, name=name, dim=spec.dim):
@@ -655,7 +655,7 @@ def _model_views(load_dir, manifest: dict) -> tuple[dict, dict]:
 
             views[short] = ShardedView(spec, meta["shape"], dtype, read_piece)
         specs[short] = spec
-    return views, specs
+    return views, specs, files
 
 
 def consolidate(load_dir, out_dir, max_shard_size: int = 5 << 30) -> list[str]:
@@ -666,7 +666,7 @@ def consolidate(load_dir, out_dir, max_shard_size: int = 5 << 30) -> list[str]:
     Returns the files written.
     """
     manifest = read_manifest(load_dir)
-    views, _ = _model_views(load_dir, manifest)
+    views, _, _ = _model_views(load_dir, manifest)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups: list[list[str]] = [[]]
@@ -717,12 +717,12 @@ def reshard(load_dir, out_dir, tp: int) -> dict:
     warning lists them).
     """
     manifest = read_manifest(load_dir)
-    views, specs = _model_views(load_dir, manifest)
+    views, specs, files = _model_views(load_dir, manifest)
     new_specs = retarget_specs(specs, tp)
     dropped = [n for n, m in manifest["tensors"].items() if m["layout"] == "rank_local"]
     if dropped:
         warnings.warn(f"reshard leaves out per-rank tensors (optimizer state): {_describe_names(dropped)}", stacklevel=2)
-    with safe_open(verify_rank_file(load_dir, manifest, 0), framework="pt") as handle:
+    with safe_open(files[0], framework="pt") as handle:
         tree = json.loads(handle.metadata()["nxd_tree"])
     tree = _drop_tensors(tree, set(dropped))
     return write_sharded(out_dir, tp, views, new_specs, tree=tree, model_prefix=manifest["model_prefix"])

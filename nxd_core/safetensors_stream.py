@@ -158,6 +158,17 @@ def read_header(path) -> tuple[int, dict]:
 _TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
+def _read_fully(f, view: memoryview, path, block: int = 64 << 20) -> memoryview:
+    """Fill `view` from the file's current position, in blocks; a file that ends first is truncated."""
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done : done + block])
+        if not n:
+            raise EOFError(f"{path} ended early: it is truncated")
+        done += n
+    return view
+
+
 def read_tensor(path, data_start: int, entry: dict, buffer: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """A whole tensor, or rows [start, stop) of its first dim, with plain sequential reads.
 
@@ -177,12 +188,7 @@ def read_tensor(path, data_start: int, entry: dict, buffer: torch.Tensor | None 
     view = memoryview(data.numpy())
     with open(path, "rb", buffering=0) as f:
         f.seek(data_start + begin)
-        done = 0
-        while done < size:
-            n = f.readinto(view[done : done + (64 << 20)])
-            if not n:
-                raise EOFError(f"{path} ended early: it is truncated")
-            done += n
+        _read_fully(f, view, path)
     return data.view(_TORCH_DTYPES[entry["dtype"]]).reshape(shape)
 
 
@@ -201,13 +207,7 @@ def read_file(path, chunk: int = 64 << 20) -> tuple[dict, dict[str, torch.Tensor
     with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(max_workers=1) as reader:
 
         def read_chunk(start: int) -> memoryview:
-            done = start
-            while done < min(start + chunk, size):
-                n = f.readinto(view[done : min(start + chunk, size)])
-                if not n:
-                    raise EOFError(f"{path} ended early: it is truncated")
-                done += n
-            return view[start:done]
+            return _read_fully(f, view[start : min(start + chunk, size)], path)
 
         # The checksum of one chunk is computed while the next one is read (both release the GIL).
         pending = reader.submit(read_chunk, 0)

@@ -76,6 +76,23 @@ def decode_n_tokens(model, session: Session, n: int) -> torch.Tensor:
     return torch.stack(produced, dim=1)
 
 
+def seeded_generator(params: SamplingParams, seed, device) -> torch.Generator | None:
+    """The same generator state on every rank (so every rank samples the same token); None for greedy."""
+    if not params.do_sample:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    return generator
+
+
+def validity_mask(attention_mask: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+    """[batch, max_seq_len]: the prompt's mask (0 on left padding), then 1 for every slot after it."""
+    batch, prompt_len = attention_mask.shape
+    valid = torch.ones(batch, max_seq_len, dtype=torch.long, device=attention_mask.device)
+    valid[:, :prompt_len] = attention_mask
+    return valid
+
+
 # -- what the front end calls on every rank ---------------------------------------------------
 
 
@@ -87,16 +104,11 @@ def start(key: int, input_ids, attention_mask, params: SamplingParams, seed, eos
     """Prefill, choose the first token, then decode up to first_chunk - 1 more; return the tokens [batch, k]."""
     model = worker_state()[key]
     device = model.lm_head.weight.device
-    generator = None
-    if params.do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+    generator = seeded_generator(params, seed, device)
     batch, prompt_len = input_ids.shape
     attention_mask = attention_mask.to(device)
-    valid = torch.ones(batch, model.max_seq_len, dtype=torch.long, device=device)
-    valid[:, :prompt_len] = attention_mask
     session = Session(
-        valid=valid, slot=prompt_len, last_tokens=torch.empty(0), finished=torch.zeros(batch, dtype=torch.bool, device=device),
+        valid=validity_mask(attention_mask, model.max_seq_len), slot=prompt_len, last_tokens=torch.empty(0), finished=torch.zeros(batch, dtype=torch.bool, device=device),
         params=params, generator=generator, eos=torch.tensor(eos, dtype=torch.long, device=device),
         pad_token_id=pad_token_id, remaining=max_new_tokens, step=decode_step(model, key, compiled),
     )

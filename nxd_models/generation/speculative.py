@@ -24,7 +24,7 @@ import torch
 
 from nxd_core.workers import worker_state
 
-from .runner import prefill
+from .runner import prefill, seeded_generator, validity_mask
 from .sampling import SamplingParams, next_tokens, probabilities
 
 
@@ -129,14 +129,10 @@ def start(target_key: int, draft_key: int, input_ids, attention_mask, params, se
     """Prefill both models; the first token comes from the target. Returns it per row."""
     target, draft = worker_state()[target_key], worker_state()[draft_key]
     device = target.lm_head.weight.device
-    generator = None
-    if params.do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+    generator = seeded_generator(params, seed, device)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch, prompt_len = input_ids.shape
-    valid = torch.ones(batch, target.max_seq_len, dtype=torch.long, device=device)
-    valid[:, :prompt_len] = attention_mask
+    valid = validity_mask(attention_mask, target.max_seq_len)
     with torch.inference_mode():
         first = next_tokens(prefill(target, input_ids, attention_mask), params, generator)
         prefill(draft, input_ids, attention_mask)
