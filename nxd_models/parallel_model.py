@@ -3,8 +3,9 @@
 Driver mode (a script or a notebook): a WorkerGroup of tp processes holds the
 shards; each builds its shard on the meta device and streams only its own
 slices from the checkpoint. SPMD mode (torchrun): the same loading runs in
-every rank's own process. Either way the handle's call returns rank 0's
-gathered full-vocabulary logits.
+every rank's own process. The family module says which handle fits it
+(`HANDLE`: "encoder", "seq2seq"; causal LM by default); for a causal LM the
+handle's call returns rank 0's gathered full-vocabulary logits.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from transformers import AutoConfig
 
 from nxd_core import parallel_state as ps
 from nxd_core.checkpoint import MANIFEST, load, load_state_dict_from_full, open_full_checkpoint, read_manifest
-from nxd_core.workers import LocalGroup, WorkerGroup, return_freed_memory, start_workers, worker_state
+from nxd_core.workers import LocalGroup, WorkerGroup, start_workers, worker_state
 
 from . import hub
+from .handles import ParallelEncoderModel, ParallelHandle, ParallelSeq2SeqModel, model_device
 from .registry import family_module
 
 _KEYS = itertools.count()
@@ -55,11 +57,14 @@ def _load_shard(key: int, path: str, dtype, max_batch_size: int, max_seq_len: in
     else:
         tensors = open_full_checkpoint(path)
         tensors = {k: v for k, v in tensors.items() if not family.IGNORED_CHECKPOINT_NAMES.search(k)}
+        if hasattr(family, "adapt_checkpoint"):  # legacy names, heads the checkpoint has but the model lacks, tying
+            tensors = family.adapt_checkpoint(tensors, model)
         if progress and ps.get_tensor_model_parallel_rank() == 0:
             tensors = _with_progress(tensors, f"loading {Path(path).name} at tp={ps.get_tensor_model_parallel_size()}")
         load_state_dict_from_full(model, tensors, source=path)
     model.to(device)
-    model.allocate_kv_cache(max_batch_size, max_seq_len)
+    if hasattr(model, "allocate_kv_cache"):  # encoders keep no cache
+        model.allocate_kv_cache(max_batch_size, max_seq_len)
     model.eval()
     worker_state()[key] = model
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -88,7 +93,7 @@ def _with_progress(tensors: dict, description: str):
 
 def _forward(key: int, input_ids, attention_mask, position_ids, cache_position, every_rank: bool):
     model = worker_state()[key]
-    device = model.lm_head.weight.device
+    device = model_device(model)
     to_device = lambda t: t.to(device) if t is not None else None  # noqa: E731
     with torch.inference_mode():
         logits = model(
@@ -99,20 +104,10 @@ def _forward(key: int, input_ids, attention_mask, position_ids, cache_position, 
     return logits if every_rank or ps.get_tensor_model_parallel_rank() == 0 else None
 
 
-def _release(key: int) -> None:
-    worker_state().pop(key, None)
-    worker_state().pop(("compiled", key), None)
-    return_freed_memory()
+class ParallelModel(ParallelHandle):
+    """A causal LM (Llama): logits, generate and stream."""
 
-
-class ParallelModel:
-    """A tensor parallel model whose shards live in worker processes (or in this torchrun rank)."""
-
-    def __init__(self, group, key: int, config, path: Path, tp: int, dtype, max_batch_size: int, max_seq_len: int, owns_group: bool):
-        self.group, self.config, self.path, self.tp, self.dtype = group, config, path, tp, dtype
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self._key, self._owns_group, self._closed = key, owns_group, False
-        self._tokenizer = self._generation_config = None
+    padding_side = "left"  # new tokens follow every row of a batch
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache_position=None) -> torch.Tensor:
         """Full-vocabulary logits [batch, seq, vocab] (see the family's forward for the arguments)."""
@@ -121,47 +116,10 @@ class ParallelModel:
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        every_rank = isinstance(self.group, LocalGroup)  # torchrun: each rank's script gets its logits
-        results = self.group.run(_forward, self._key, input_ids, attention_mask, position_ids, cache_position, every_rank)
+        results = self.group.run(_forward, self._key, input_ids, attention_mask, position_ids, cache_position, self.every_rank)
         return results[0]
 
     # -- generation (nxd_models.generation) --------------------------------------------------
-
-    @property
-    def key(self) -> int:
-        return self._key
-
-    def run(self, fn, *args):
-        """fn(*args) on every rank that holds a shard; this process's (or rank 0's) result."""
-        if self._closed:
-            raise RuntimeError("this model is closed")
-        return self.group.run(fn, *args)[0]
-
-    @property
-    def has_tokenizer(self) -> bool:
-        return any((self.path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-
-    @property
-    def tokenizer(self):
-        """The checkpoint's tokenizer (transformers AutoTokenizer), padding on the left for batched prompts."""
-        if self._tokenizer is None:
-            if not self.has_tokenizer:
-                raise FileNotFoundError(f"no tokenizer in {self.path}: pass input_ids instead of text, or add the tokenizer files")
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(self.path, padding_side="left")
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-            self._tokenizer = tokenizer
-        return self._tokenizer
-
-    @property
-    def generation_config(self):
-        if self._generation_config is None and (self.path / "generation_config.json").exists():
-            from transformers import GenerationConfig
-
-            self._generation_config = GenerationConfig.from_pretrained(self.path)
-        return self._generation_config
 
     def generate(self, prompts=None, **kwargs):
         """Text or token generation; see nxd_models.generation.generate.generate for the arguments."""
@@ -175,31 +133,8 @@ class ParallelModel:
 
         return stream(self, prompt, **kwargs)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._owns_group:
-            self.group.close()
-        elif not getattr(self.group, "closed", False):
-            self.group.run(_release, self._key)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self) -> str:
-        if isinstance(self.group, LocalGroup):
-            where = f"this process (torchrun rank {torch.distributed.get_rank()})"
-        else:
-            where = f"{self.group.world_size} worker processes (pids {self.group.pids})"
-        state = ", closed" if self._closed else ""
-        return (
-            f"ParallelModel({self.config.model_type}, {self.path}, tp={self.tp}, dtype={self.dtype}, "
-            f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, shards in {where}{state})"
-        )
+_HANDLES = {"encoder": ParallelEncoderModel, "seq2seq": ParallelSeq2SeqModel}
 
 
 def _default_dtype(config, path: Path) -> torch.dtype:
@@ -214,6 +149,13 @@ def _default_dtype(config, path: Path) -> torch.dtype:
     return dtype or torch.float32
 
 
+def _default_max_seq_len(family, config) -> int:
+    """The family's own default (T5 has relative positions: no maximum), else the config's."""
+    if hasattr(family, "default_max_seq_len"):
+        return family.default_max_seq_len(config)
+    return config.max_position_embeddings
+
+
 def from_pretrained_parallel(
     name_or_path,
     tp: int = 1,
@@ -223,7 +165,7 @@ def from_pretrained_parallel(
     device: str = "cpu",
     workers: WorkerGroup | None = None,
     progress: bool = True,
-) -> ParallelModel:
+) -> ParallelHandle:
     """Load a zoo model, Hugging Face repo id, local HF directory or `nxd convert` output, sharded over tp.
 
     In a plain process this starts tp worker processes (or uses `workers`, a
@@ -243,7 +185,7 @@ def from_pretrained_parallel(
         if saved_tp != tp:
             raise ValueError(f"{path} was converted for tp={saved_tp}, not tp={tp}: run `nxd reshard {path} OUT --tp {tp}`")
     dtype = dtype or _default_dtype(config, path)
-    max_seq_len = max_seq_len or config.max_position_embeddings
+    max_seq_len = max_seq_len or _default_max_seq_len(family, config)
     if workers is not None and workers.tp != tp:
         raise ValueError(f"the worker group runs tp={workers.tp}, but tp={tp} was asked for")
 
@@ -256,4 +198,5 @@ def from_pretrained_parallel(
         if owns_group:
             group.close()
         raise
-    return ParallelModel(group, key, config, path, tp, dtype, max_batch_size, max_seq_len, owns_group)
+    handle = _HANDLES.get(getattr(family, "HANDLE", None), ParallelModel)
+    return handle(group, key, config, path, tp, dtype, max_batch_size, max_seq_len, owns_group)

@@ -1,0 +1,207 @@
+"""What from_pretrained_parallel returns: a handle on shards that live in worker processes.
+
+`ParallelHandle` is what every family shares: the worker group, run(),
+the checkpoint's tokenizer and generation config, close(). Each task adds
+its calls on top: `ParallelModel` (causal LM, in parallel_model.py),
+`ParallelEncoderModel` (BERT: logits or hidden states, classify) and
+`ParallelSeq2SeqModel` (T5: encode, logits, generate).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nxd_core import parallel_state as ps
+from nxd_core.workers import LocalGroup, return_freed_memory, worker_state
+
+
+def _release(key: int) -> None:
+    """Drop a model, its sessions and compiled steps from this worker."""
+    for name in [k for k in worker_state() if k == key or (isinstance(k, tuple) and key in k[1:])]:
+        worker_state().pop(name, None)
+    return_freed_memory()
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def on_device(device, *tensors):
+    return [t.to(device) if t is not None else None for t in tensors]
+
+
+class ParallelHandle:
+    """A tensor parallel model whose shards live in worker processes (or in this torchrun rank)."""
+
+    # Causal LMs pad prompts on the left (new tokens follow every row); encoders on the right (absolute positions).
+    padding_side = "right"
+
+    def __init__(self, group, key: int, config, path: Path, tp: int, dtype, max_batch_size: int, max_seq_len: int, owns_group: bool):
+        self.group, self.config, self.path, self.tp, self.dtype = group, config, path, tp, dtype
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self._key, self._owns_group, self._closed = key, owns_group, False
+        self._tokenizer = self._generation_config = None
+
+    @property
+    def key(self) -> int:
+        return self._key
+
+    @property
+    def every_rank(self) -> bool:
+        """Under torchrun each rank's script wants its own copy of results; in driver mode one crosses back."""
+        return isinstance(self.group, LocalGroup)
+
+    def run(self, fn, *args):
+        """fn(*args) on every rank that holds a shard; this process's (or rank 0's) result."""
+        if self._closed:
+            raise RuntimeError("this model is closed")
+        return self.group.run(fn, *args)[0]
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any((self.path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "spiece.model", "tokenizer_config.json"))
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (transformers AutoTokenizer), padding on `padding_side` for batches."""
+        if self._tokenizer is None:
+            if not self.has_tokenizer:
+                raise FileNotFoundError(f"no tokenizer in {self.path}: pass input_ids instead of text, or add the tokenizer files")
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.path, padding_side=self.padding_side)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    @property
+    def generation_config(self):
+        if self._generation_config is None and (self.path / "generation_config.json").exists():
+            from transformers import GenerationConfig
+
+            self._generation_config = GenerationConfig.from_pretrained(self.path)
+        return self._generation_config
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_group:
+            self.group.close()
+        elif not getattr(self.group, "closed", False):
+            self.group.run(_release, self._key)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        if isinstance(self.group, LocalGroup):
+            where = f"this process (torchrun rank {torch.distributed.get_rank()})"
+        else:
+            where = f"{self.group.world_size} worker processes (pids {self.group.pids})"
+        state = ", closed" if self._closed else ""
+        return (
+            f"{type(self).__name__}({self.config.model_type}, {self.path}, tp={self.tp}, dtype={self.dtype}, "
+            f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, shards in {where}{state})"
+        )
+
+
+# -- encoders (BERT) ------------------------------------------------------------------------------
+
+
+def _encoder_forward(key: int, input_ids, attention_mask, token_type_ids, every_rank: bool):
+    model = worker_state()[key]
+    with torch.inference_mode():
+        out = model(*on_device(model_device(model), input_ids, attention_mask, token_type_ids)).cpu()
+    return out if every_rank or ps.get_tensor_model_parallel_rank() == 0 else None
+
+
+class ParallelEncoderModel(ParallelHandle):
+    """BERT-style encoders. Calling it returns what the checkpoint's head returns: sequence-classification
+    logits [batch, num_labels], masked-LM logits [batch, seq, vocab], or the bare model's hidden states."""
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        tensors = [None if t is None else torch.as_tensor(t).reshape(input_ids.shape) for t in (attention_mask, token_type_ids)]
+        return self.run(_encoder_forward, self.key, input_ids, *tensors, self.every_rank)
+
+    def encode_text(self, texts, text_pairs=None) -> dict:
+        """The tokenizer's input_ids, attention_mask and token_type_ids for a text (or pair) or a batch of them."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if isinstance(text_pairs, str):
+            text_pairs = [text_pairs]
+        encoded = self.tokenizer(texts, text_pairs, return_tensors="pt", padding=True, truncation=True)
+        return {k: encoded[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded}
+
+    def classify(self, texts, text_pairs=None) -> list[dict]:
+        """Per text: {"label": the most likely of config.id2label, "probabilities": {label: p}}."""
+        logits = self(**self.encode_text(texts, text_pairs))
+        if logits.dim() != 2 or logits.shape[-1] != self.config.num_labels:
+            raise ValueError(f"{self.path} is not a sequence classifier (architectures {self.config.architectures})")
+        labels = [self.config.id2label[i] for i in range(logits.shape[-1])]
+        results = []
+        for row in logits.float().softmax(-1):
+            probabilities = dict(zip(labels, row.tolist()))
+            results.append({"label": labels[int(row.argmax())], "probabilities": probabilities})
+        return results
+
+
+# -- encoder-decoders (T5) --------------------------------------------------------------------------
+
+
+def _seq2seq_forward(key: int, input_ids, attention_mask, decoder_input_ids, every_rank: bool):
+    model = worker_state()[key]
+    with torch.inference_mode():
+        out = model(*on_device(model_device(model), input_ids, attention_mask, decoder_input_ids)).cpu()
+    return out if every_rank or ps.get_tensor_model_parallel_rank() == 0 else None
+
+
+def _seq2seq_encode(key: int, input_ids, attention_mask, every_rank: bool):
+    model = worker_state()[key]
+    with torch.inference_mode():
+        out = model.encode(*on_device(model_device(model), input_ids, attention_mask)).cpu()
+    return out if every_rank or ps.get_tensor_model_parallel_rank() == 0 else None
+
+
+class ParallelSeq2SeqModel(ParallelHandle):
+    """T5-style encoder-decoders: encode(), logits for given decoder inputs, and generate()."""
+
+    def _inputs(self, input_ids, attention_mask):
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask).reshape(input_ids.shape)
+        return input_ids, attention_mask
+
+    def encode(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """The encoder's last hidden states [batch, seq, d_model]."""
+        return self.run(_seq2seq_encode, self.key, *self._inputs(input_ids, attention_mask), self.every_rank)
+
+    def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None) -> torch.Tensor:
+        """Full-vocabulary logits [batch, decoder_seq, vocab] for decoder_input_ids (teacher forcing)."""
+        if decoder_input_ids is None:
+            raise ValueError("pass decoder_input_ids (they start with config.decoder_start_token_id), or use generate()")
+        decoder_input_ids = torch.as_tensor(decoder_input_ids)
+        if decoder_input_ids.dim() == 1:
+            decoder_input_ids = decoder_input_ids[None]
+        return self.run(_seq2seq_forward, self.key, *self._inputs(input_ids, attention_mask), decoder_input_ids, self.every_rank)
+
+    def generate(self, prompts=None, **kwargs):
+        """Greedy, sampling or beam search; see nxd_models.generation.seq2seq.generate for the arguments."""
+        from .generation.seq2seq import generate
+
+        return generate(self, prompts, **kwargs)
+
+    def stream(self, prompt, **kwargs):
+        """Text pieces for one prompt as they are generated (greedy or sampling)."""
+        from .generation.seq2seq import stream
+
+        return stream(self, prompt, **kwargs)
