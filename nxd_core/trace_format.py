@@ -1,0 +1,117 @@
+"""The folder parallel_model_save writes, and the checks parallel_model_load makes before starting workers.
+
+    folder/
+      manifest.json                   format, version, tp_degree, buckets, inline flag, every file
+      inline_weights_to_neff=True:    rank_00/bucket_00.pt2 ...   each rank: its graph with its weights
+      inline_weights_to_neff=False:   graphs/bucket_00.pt2 ...    one graph per bucket, no weights, every rank
+                                      weights/rank_00.safetensors ...  each rank's weights
+
+Graphs are torch.export programs (.pt2). Separated weights are safetensors.
+The manifest is written last: a folder without one is not a traced model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+FORMAT = "nxd-zoo/traced-model"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class TracedModelError(RuntimeError):
+    """A folder that cannot be loaded as a traced model: the message names the file, the values and the fix."""
+
+
+def graph_file(bucket: int, rank: int | None) -> str:
+    """A bucket's graph: shared by every rank (rank None), or one rank's graph with its weights inlined."""
+    return f"graphs/bucket_{bucket:02d}.pt2" if rank is None else f"rank_{rank:02d}/bucket_{bucket:02d}.pt2"
+
+
+def weights_file(rank: int) -> str:
+    return f"weights/rank_{rank:02d}.safetensors"
+
+
+def files_of(tp: int, buckets: int, inline: bool) -> tuple[list[str], list[list[str]]]:
+    """(files every rank reads, files of each rank)."""
+    if inline:
+        return [], [[graph_file(b, r) for b in range(buckets)] for r in range(tp)]
+    return [graph_file(b, None) for b in range(buckets)], [[weights_file(r)] for r in range(tp)]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise TracedModelError(f"unknown dtype {name!r} in a traced model's manifest")
+    return dtype
+
+
+def tensor_meta(tensor: torch.Tensor) -> dict:
+    return {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write manifest.json atomically (a temporary file renamed over it): the folder's commit point."""
+    temporary = folder / f".{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=1))
+    os.replace(temporary, folder / MANIFEST)
+
+
+def read_manifest(folder, tp_degree: int | None = None) -> dict:
+    """The manifest of a traced model folder, checked: format, version, tp and every file present."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise TracedModelError(f"{folder} is not a folder: parallel_model_load needs the folder parallel_model_save wrote")
+    if not path.exists():
+        raise TracedModelError(
+            f"{folder} is not a traced model: it has no {MANIFEST}. Write one with parallel_model_save(model, {str(folder)!r})"
+            " (a save that was interrupted leaves no manifest: save again)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TracedModelError(f"{path} is not valid JSON ({exc}): save the model again") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        hint = (" It is a sharded checkpoint: load it into a model with nxd_core.checkpoint.load, or trace a model from it."
+                if found == "nxd-zoo/sharded-checkpoint" else "")
+        raise TracedModelError(f"{path} has format {found!r}, not a traced model ({FORMAT!r}).{hint}")
+    if manifest.get("version") != VERSION:
+        raise TracedModelError(
+            f"{path} was written in version {manifest.get('version')} of {FORMAT}, and this nxd-zoo reads version {VERSION}. "
+            "Trace and save the model again with this nxd-zoo, or load it with the nxd-zoo that wrote it."
+        )
+    saved_tp = manifest["tp_degree"]
+    if tp_degree is not None and tp_degree != saved_tp:
+        raise TracedModelError(
+            f"{folder} was traced at tp_degree={saved_tp}, but tp_degree={tp_degree} was asked. A traced graph is fixed to "
+            f"its tensor parallel degree: load it with tp_degree={saved_tp}, or trace the model again at tp_degree={tp_degree}."
+        )
+    shared, per_rank = manifest["files"]["shared"], manifest["files"]["ranks"]
+    if len(per_rank) != saved_tp:
+        raise TracedModelError(f"{path} lists files for {len(per_rank)} ranks but tp_degree is {saved_tp}: save the model again")
+    for name in shared:
+        if not (folder / name).is_file():
+            raise TracedModelError(f"{folder / name} is missing (every rank reads it): copy the whole folder, or save the model again")
+    for rank, names in enumerate(per_rank):
+        for name in names:
+            if not (folder / name).is_file():
+                raise TracedModelError(
+                    f"rank {rank}'s file {folder / name} is missing (the folder was saved at tp_degree={saved_tp} and needs "
+                    "every rank's files): copy the whole folder, or save the model again"
+                )
+    return manifest
+
+
+def folder_size(folder) -> int:
+    """Bytes in the files of a folder (what parallel_model_save wrote)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
