@@ -28,10 +28,13 @@ described in nxd_core/trace_format.py and docs/trace.md.
 
 from __future__ import annotations
 
+import importlib
+import json
 import uuid
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 
 from . import trace_worker
 from .bucketing import BucketModelConfig
@@ -51,6 +54,7 @@ class TensorParallelModel:
         self.group, self.key, self.meta = group, key, meta
         self.bucket_config = bucket_config
         self._owns_group = owns_group
+        self._out_specs: dict[int, pytree.TreeSpec] = {}
 
     @property
     def tp_degree(self) -> int:
@@ -76,7 +80,13 @@ class TensorParallelModel:
             if not 0 <= bucket < len(self.meta["buckets"]):
                 raise ValueError(f"the bucket kernel chose bucket {bucket}, but the model has {len(self.meta['buckets'])} buckets")
         self._check_inputs(tensors, bucket)
-        return self.group.run(trace_worker.run_shard, self.key, bucket, tensors)[0]
+        leaves = self.group.run(trace_worker.run_shard, self.key, bucket, tensors)[0]
+        return pytree.tree_unflatten(list(leaves), self._out_spec(bucket))
+
+    def _out_spec(self, bucket: int) -> pytree.TreeSpec:
+        if bucket not in self._out_specs:
+            self._out_specs[bucket] = _load_treespec(self.meta["buckets"][bucket]["output"])
+        return self._out_specs[bucket]
 
     def _check_inputs(self, tensors: list[torch.Tensor], bucket: int) -> None:
         traced = self.meta["buckets"][bucket]["inputs"]
@@ -130,6 +140,27 @@ class TensorParallelModel:
 
 def _describe(metas: list[dict]) -> str:
     return "[" + ", ".join(f"{m['dtype']}{m['shape']}" for m in metas) + "]"
+
+
+def _load_treespec(text: str) -> pytree.TreeSpec:
+    """The output's structure. Its classes register themselves with pytree when their module is
+    imported (transformers' ModelOutputs): import the modules the structure names, then read it."""
+    try:
+        return pytree.treespec_loads(text)
+    except NotImplementedError:
+        pass
+    names, pending = set(), [json.loads(text)[1]]
+    while pending:
+        node = pending.pop()
+        if node.get("type"):
+            names.add(node["type"].rpartition(".")[0])
+        pending.extend(node.get("children_spec", []))
+    for module in sorted(names):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise TracedModelError(f"the traced model returns a class from {module}, which cannot be imported here: {exc}") from None
+    return pytree.treespec_loads(text)
 
 
 def _input_set(inputs, what: str) -> tuple:
@@ -214,7 +245,10 @@ def parallel_model_trace(
         "tp_degree": tp_degree,
         "inline_weights_to_neff": inline_weights_to_neff,
         "group_name": infos[0]["group_name"],
-        "buckets": [{"inputs": [tensor_meta(t) for t in inputs]} for inputs in example_sets],
+        "buckets": [
+            {"inputs": [tensor_meta(t) for t in inputs], "output": spec}
+            for inputs, spec in zip(example_sets, infos[0]["out_specs"])
+        ],
         "bucket_kernel": bucket_config.to_json() if bucket_config else None,
         "bucket_kernel_name": bucket_config.kernel_name if bucket_config else None,
         "weights": infos[0]["weights"],

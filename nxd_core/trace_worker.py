@@ -20,6 +20,7 @@ from typing import Mapping
 
 import safetensors.torch
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from . import parallel_state as ps
@@ -30,17 +31,38 @@ from .workers import return_freed_memory, worker_state
 
 _MODELS = "nxd_traced_models"
 _COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional")
+_TRACED_OUT_SPECS: list = []
 
 
-class Stateless(nn.Module):
-    """module(*inputs) with the module's tensors taken from `state`: its export holds no weights."""
+class Flat(nn.Module):
+    """module(*inputs) with the output flattened to a tuple of tensors; export records its structure.
+
+    The graph then returns builtin types only, so a process can load it without
+    importing the module's output class (a transformers ModelOutput); the front end rebuilds it.
+    """
 
     def __init__(self, module: nn.Module):
         super().__init__()
+        self.module = module
+
+    def forward(self, *inputs):
+        return self.flatten(self.module(*inputs))
+
+    def flatten(self, out):
+        leaves, spec = pytree.tree_flatten(out)
+        _TRACED_OUT_SPECS.append(spec)  # while export runs forward (it undoes changes to module attributes)
+        return tuple(leaves)
+
+
+class Stateless(Flat):
+    """Flat, with the module's tensors taken from `state`: its export holds no weights."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__(nn.Module())
         object.__setattr__(self, "module", module)  # not a submodule: its tensors must not enter the graph
 
     def forward(self, state: dict, *inputs):
-        return torch.func.functional_call(self.module, state, inputs)
+        return self.flatten(torch.func.functional_call(self.module, state, inputs))
 
 
 @dataclass
@@ -133,19 +155,22 @@ def trace_shard(key: str, func, example_sets: list[tuple], inline: bool, compile
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     state = _state_names(tensors, io_aliases)
     tensors = {name: t.detach() for name, t in tensors.items()}  # same storage: state updates reach the model too
-    programs = []
+    programs, out_specs = [], []
     with torch.no_grad():
         for inputs in example_sets:
+            _TRACED_OUT_SPECS.clear()
             if inline:
-                program = torch.export.export(model, tuple(inputs), strict=False)
+                program = torch.export.export(Flat(model), tuple(inputs), strict=False)
             else:
                 program = torch.export.export(Stateless(model), (tensors, *inputs), strict=False)
             program.example_inputs = None  # they would hold every weight
             programs.append(program)
+            out_specs.append(pytree.treespec_dumps(_TRACED_OUT_SPECS[-1]))
     _shards()[key] = Shard(programs, inline, compiled, _tp_group_name(), None if inline else tensors)
     info = {
         "group_name": _tp_group_name(),
         "graph_hashes": [hashlib.sha256(p.graph_module.code.encode()).hexdigest() for p in programs],
+        "out_specs": out_specs,
     }
     if ps.get_tensor_model_parallel_rank() == 0:
         sharding = {name: get_sharding(t) for name, t in model.named_parameters()}
@@ -164,7 +189,7 @@ def trace_shard(key: str, func, example_sets: list[tuple], inline: bool, compile
 
 
 def run_shard(key: str, bucket: int, inputs: list[torch.Tensor]):
-    """Run one bucket's program; tp rank 0 returns the output (the others' would be the same)."""
+    """Run one bucket's program; tp rank 0 returns the output's tensors (the others' would be the same)."""
     shard = _shards()[key]
     runner = shard.runner(bucket)
     with torch.no_grad():
