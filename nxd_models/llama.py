@@ -52,6 +52,24 @@ def check_tp(config, tp: int) -> None:
         )
 
 
+# Decoding and speculative verification attend with a few queries over the whole cache. There plain
+# matmuls beat SDPA's flash kernel: inductor fuses them with the mask and softmax into one loop.
+FEW_QUERIES = 8
+
+
+def few_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """Attention of q [b, heads, s, d] over k, v [b, kv_heads, slots, d] with a boolean mask
+    [b, 1, s, slots]; softmax in float32 as Hugging Face's eager attention does. The query heads
+    that share a KV head (GQA) are folded into the query dimension instead of repeating K and V."""
+    batch, heads, seq, dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scores = (q.reshape(batch, kv_heads, group * seq, dim) @ k.transpose(-1, -2)).float() * scale
+    scores = scores.view(batch, kv_heads, group, seq, slots).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype).view(batch, kv_heads, group * seq, slots)
+    return (probs @ v).view(batch, heads, seq, dim)
+
+
 class ParallelLlamaAttention(nn.Module):
     def __init__(self, config, layer_idx: int, dtype, device):
         super().__init__()
@@ -95,7 +113,10 @@ class ParallelLlamaAttention(nn.Module):
                 k_cache.scatter_(2, index, k)
                 v_cache.scatter_(2, index, v)
             k, v = k_cache, v_cache
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        if seq <= FEW_QUERIES:
+            out = few_query_attention(q, k, v, mask, self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
