@@ -241,7 +241,8 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
     return tokens
 
 
-def test_llama_context_and_token_programs_share_the_kv_cache(tp_runner, tmp_path):
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_llama_context_and_token_programs_share_the_kv_cache(tp_runner, tmp_path, compiled):
     hf = save_tiny_llama(tmp_path / "llama", "gqa", seed=3)
     prompt = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(5))
     new_tokens = 24  # crosses from the 32-slot bucket into the 64-slot one
@@ -258,7 +259,7 @@ def test_llama_context_and_token_programs_share_the_kv_cache(tp_runner, tmp_path
     get_model = functools.partial(llama_get_model, str(tmp_path / "llama"), 64)
     workers = tp_runner.workers(2)
     with parallel_model_trace(get_model, examples, tp_degree=2, inline_weights_to_neff=False, bucket_config=kernel,
-                              workers=workers, compiled=False) as model:
+                              workers=workers, compiled=compiled) as model:
         assert greedy(model, prompt, new_tokens) == expected
         parallel_model_save(model, tmp_path / "decoder")
     manifest = json.loads((tmp_path / "decoder" / "manifest.json").read_text())
