@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig
 
 from nxd_core import parallel_state as ps
-from nxd_core.checkpoint import MANIFEST, load, load_state_dict_from_full, open_full_checkpoint, read_manifest
+from nxd_core.checkpoint import MANIFEST, _aliases, check_keys, load, load_state_dict_from_full, open_full_checkpoint, read_manifest
 from nxd_core.workers import LocalGroup, WorkerGroup, start_workers, worker_state
 
 from . import hub
@@ -53,7 +53,15 @@ def _load_shard(key: int, path: str, dtype, max_batch_size: int, max_seq_len: in
     family = family_module(config.model_type, path)
     model = family.build(config, dtype=dtype, device="meta")
     if (Path(path) / MANIFEST).exists():
-        load(path, model, sharded=True)
+        manifest = read_manifest(path)
+        prefix = manifest["model_prefix"]
+        saved = [name[len(prefix):] for name in manifest["tensors"] if name.startswith(prefix)]
+        if hasattr(family, "adapt_checkpoint"):
+            family.adapt_checkpoint(dict.fromkeys(saved), model)  # ties the model as the checkpoint was
+        # Tied names (T5's embed_tokens, a tied lm_head) are not stored: check the others, then load leniently.
+        aliases = _aliases(model)
+        check_keys([n for n in model.state_dict() if n not in aliases], saved, path)
+        load(path, model, sharded=True, strict=False)
     else:
         tensors = open_full_checkpoint(path)
         tensors = {k: v for k, v in tensors.items() if not family.IGNORED_CHECKPOINT_NAMES.search(k)}

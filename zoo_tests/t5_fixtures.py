@@ -37,7 +37,7 @@ def save_tiny_t5(directory: Path, kind: str = "v1.0", seed: int | None = None, *
 
 def save_tiny_t5_tokenizer(directory: Path, vocab_size: int = 96) -> None:
     """A sentencepiece unigram model trained on the Python standard library's own source (offline), saved
-    as a T5 checkpoint ships it: spiece.model + T5Tokenizer's files (pad 0, eos 1, unk 2, no extra ids)."""
+    with T5Tokenizer's files beside spiece.model (pad 0, eos 1, unk 2, no extra ids)."""
     import inspect
     import os
 
@@ -50,7 +50,9 @@ def save_tiny_t5_tokenizer(directory: Path, vocab_size: int = 96) -> None:
         model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
     )
     (directory / "spiece.vocab").unlink()
-    T5Tokenizer(str(directory / "spiece.model"), extra_ids=0).save_pretrained(directory)
+    model = spm.SentencePieceProcessor(model_file=str(directory / "spiece.model"))
+    vocab = [(model.id_to_piece(i), model.get_score(i)) for i in range(model.get_piece_size())]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(directory)
 
 
 def padded_batch():

@@ -191,7 +191,7 @@ def generate(model, prompts=None, *, max_new_tokens: int = 32, num_beams: int = 
     stats: dict = {}
     eos = _eos_ids(model, kwargs.get("eos_token_id"))
     if num_beams > 1:
-        rows = _beam_rows(model, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences, eos, stats, **kwargs)
+        rows = _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences, eos, stats, **kwargs)
     else:
         if num_return_sequences != 1:
             raise ValueError("num_return_sequences > 1 needs beam search (num_beams >= num_return_sequences)")
@@ -208,8 +208,8 @@ def generate(model, prompts=None, *, max_new_tokens: int = 32, num_beams: int = 
     return GenerationResult(tokens=rows, texts=texts, stats=stats)
 
 
-def _beam_rows(model, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences, eos, stats,
-               prompts=None, input_ids=None, attention_mask=None, eos_token_id=None, do_sample: bool = False, **unused):
+def _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences, eos, stats,
+               input_ids=None, attention_mask=None, eos_token_id=None, do_sample: bool = False, **unused):
     if do_sample or unused:
         raise ValueError(f"beam search here is deterministic: do_sample and {sorted(unused)} are not supported with num_beams > 1")
     if not 1 <= num_return_sequences <= num_beams:
