@@ -37,13 +37,19 @@ def _reshard(args) -> None:
 
 def _generate(args) -> None:
     from . import from_pretrained_parallel
+    from .handles import ParallelSeq2SeqModel
 
     dtype = DTYPES[args.dtype] if args.dtype else None
-    with from_pretrained_parallel(args.model, tp=args.tp, dtype=dtype, max_seq_len=args.max_seq_len) as model:
+    with from_pretrained_parallel(args.model, tp=args.tp, dtype=dtype, max_seq_len=args.max_seq_len, max_batch_size=args.num_beams) as model:
+        if isinstance(model, ParallelSeq2SeqModel):
+            _generate_seq2seq(model, args)
+            return
+        if args.num_beams > 1:
+            raise ValueError("--num-beams is for encoder-decoder models (T5); causal LMs decode greedily or by sampling")
         draft = None
         if args.draft:  # the draft is sharded over the same workers
             draft = from_pretrained_parallel(args.draft, tp=args.tp, dtype=dtype, max_seq_len=model.max_seq_len, workers=model.group)
-        sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        sampling = _sampling(args)
         sampling["compile"] = False if args.no_compile else None
         if draft is not None:
             sampling.update(draft_model=draft, num_speculative_tokens=args.num_speculative_tokens)
@@ -57,6 +63,43 @@ def _generate(args) -> None:
         if draft is not None:
             line += f", acceptance rate {stats.get('acceptance_rate', 0.0):.0%}, accepted per round {stats.get('accepted_histogram')}"
         print(line + "]", file=sys.stderr)
+
+
+def _sampling(args) -> dict:
+    return dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _generate_seq2seq(model, args) -> None:
+    """An encoder-decoder prints only the output (the prompt is its input, not its beginning)."""
+    if args.draft:
+        raise ValueError("--draft (speculative decoding) is for causal LMs")
+    stats: dict = {}
+    if args.num_beams > 1:  # beam search knows its best output only at the end
+        result = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+        print(result.texts[0])
+        stats = result.stats
+    else:
+        for piece in model.stream(args.prompt, max_new_tokens=args.max_new_tokens, stats=stats, **_sampling(args)):
+            print(piece, end="", flush=True)
+        print()
+    new = stats.get("new_tokens", 0)
+    beams = f", {args.num_beams} beams" if args.num_beams > 1 else ""
+    print(f"[{new} tokens in {stats['seconds']:.2f}s: {new / stats['seconds']:.1f} tokens/s, tp={args.tp}{beams}]", file=sys.stderr)
+
+
+def _classify(args) -> None:
+    from . import from_pretrained_parallel
+
+    if args.text_pair and len(args.text_pair) != len(args.text):
+        raise ValueError(f"give one --text-pair per --text ({len(args.text)} texts, {len(args.text_pair)} pairs)")
+    with from_pretrained_parallel(args.model, tp=args.tp, max_batch_size=len(args.text)) as model:
+        if not hasattr(model, "classify"):
+            raise ValueError(f"{args.model} is not an encoder classifier (BERT); use `nxd generate` for generative models")
+        results = model.classify(args.text, args.text_pair)
+    for i, result in enumerate(results):
+        pair = f" | {args.text_pair[i]}" if args.text_pair else ""
+        probabilities = ", ".join(f"{label}={p:.4f}" for label, p in result["probabilities"].items())
+        print(f"{args.text[i]}{pair}\t{result['label']}\t{probabilities}")
 
 
 def _list(args) -> None:
@@ -105,7 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="decode eagerly (by default long generations use torch.compile)")
     p.add_argument("--draft", help="a smaller model with the same tokenizer, for speculative decoding")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--num-beams", type=int, default=1, help="beam search (encoder-decoders such as T5)")
     p.set_defaults(run=_generate)
+
+    p = commands.add_parser("classify", help="label texts (or text pairs) with a sequence classifier such as BERT")
+    p.add_argument("model", help="zoo name, HF repo id, or local directory")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--text", action="append", required=True, help="a text to classify (repeat for a batch)")
+    p.add_argument("--text-pair", action="append", help="the second text of a pair (one per --text)")
+    p.set_defaults(run=_classify)
 
     p = commands.add_parser("list", help="the zoo's model names")
     p.set_defaults(run=_list)

@@ -86,3 +86,24 @@ def test_tp_that_does_not_divide_heads_is_refused(checkpoints):
     path, _ = checkpoints["BertModel"]
     with pytest.raises(ValueError, match=r"tp=3 cannot shard this BERT config \(4 attention heads\): valid tp values are \[1, 2, 4\]"):
         from_pretrained_parallel(path, tp=3)
+
+
+def test_nxd_classify_prints_label_and_probabilities(checkpoints, capsys):
+    from nxd_models.cli import main
+
+    path, reference = checkpoints["BertForSequenceClassification"]
+    args = ["classify", str(path), "--tp", "2", "--text", "the dog sat", "--text-pair", "the cat sat", "--text", "a red cat", "--text-pair", "a blue dog"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("the dog sat | the cat sat\t")
+    from transformers import AutoTokenizer
+
+    encoded = AutoTokenizer.from_pretrained(path)(["the dog sat", "a red cat"], ["the cat sat", "a blue dog"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = reference(**encoded).logits.softmax(-1)
+    for line, row in zip(lines, expected):
+        _, label, probabilities = line.split("\t")
+        assert label == reference.config.id2label[int(row.argmax())]
+        assert f"paraphrase={row[1].item():.4f}" in probabilities
+    assert main(["classify", str(path), "--text", "a", "--text", "b", "--text-pair", "c"]) == 2
+    assert "give one --text-pair per --text" in capsys.readouterr().err

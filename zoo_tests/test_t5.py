@@ -32,6 +32,8 @@ def checkpoints(tmp_path_factory):
     for kind in ("v1.0", "v1.1"):
         path = tmp_path_factory.mktemp(f"t5-{kind}")
         reference = save_tiny_t5(path, kind)
+        if kind == "v1.1":
+            save_tiny_t5_tokenizer(path)
         with torch.no_grad():
             out = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
             expected = {
@@ -89,7 +91,6 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tp_runner, checkpoints):
 
 def test_text_in_text_out_and_streaming(tp_runner, checkpoints, tmp_path):
     path, reference, _ = checkpoints["v1.1"]
-    save_tiny_t5_tokenizer(path)
     prompts = ["import os", "def walk(top, topdown=True):"]
     with from_pretrained_parallel(path, tp=2, max_batch_size=4, max_seq_len=16, workers=tp_runner.workers(2), progress=False) as model:
         result = model.generate(prompts, max_new_tokens=10)
@@ -136,3 +137,17 @@ def test_clear_errors(tp_runner, checkpoints):
             model.generate(input_ids=ids, attention_mask=mask, num_beams=3, max_new_tokens=4)
         with pytest.raises(ValueError, match=r"max_new_tokens=9 exceeds the decoder KV cache \(max_seq_len=8\)"):
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9)
+
+
+def test_nxd_generate_prints_the_output_and_speed(checkpoints, capsys):
+    path, reference, _ = checkpoints["v1.1"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt = "def walk(top, topdown=True):"
+    with torch.no_grad():
+        expected = tokenizer.decode(reference.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=8, num_beams=2)[0], skip_special_tokens=True)
+    assert main(["generate", str(path), "--tp", "2", "--prompt", prompt, "--max-new-tokens", "8", "--num-beams", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == expected.strip() and expected.strip()
+    assert "tokens/s, tp=2, 2 beams]" in out.err
