@@ -301,6 +301,8 @@ def parallel_model_load(
     except BaseException:
         if owns_group:
             group.close()
+        elif not group.closed:
+            group.run(trace_worker.release_shard, key)
         raise
     meta = {k: v for k, v in manifest.items() if k not in ("format", "version", "files", "torch_version")}
     return TensorParallelModel(group, key, meta, bucket_config, owns_group)

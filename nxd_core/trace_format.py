@@ -6,17 +6,21 @@
       inline_weights_to_neff=False:   graphs/bucket_00.pt2 ...    one graph per bucket, no weights, every rank
                                       weights/rank_00.safetensors ...  each rank's weights
 
-Graphs are torch.export programs (.pt2). Separated weights are safetensors.
-The manifest is written last: a folder without one is not a traced model.
+Graphs are torch.export programs (.pt2) saved without example inputs, so
+they hold JSON and raw tensors only; a .pt2 that would make torch.export.load
+unpickle something is refused. Separated weights are safetensors. The
+manifest is written last: a folder without one is not a traced model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
+from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX
 
 FORMAT = "nxd-zoo/traced-model"
 VERSION = 1
@@ -109,7 +113,36 @@ def read_manifest(folder, tp_degree: int | None = None) -> dict:
                     f"rank {rank}'s file {folder / name} is missing (the folder was saved at tp_degree={saved_tp} and needs "
                     "every rank's files): copy the whole folder, or save the model again"
                 )
+    for name in [*shared, *(n for names in per_rank for n in names)]:
+        if name.endswith(".pt2"):
+            check_graph_file(folder / name)
     return manifest
+
+
+def check_graph_file(path: Path) -> None:
+    """Refuse a .pt2 whose loading would unpickle (pickled tensors, custom objects, example inputs)."""
+    def refuse(what: str):
+        raise TracedModelError(
+            f"{path} holds {what}, which loading would unpickle; parallel_model_save never writes that. "
+            "Load only folders you trust, or trace and save the model again."
+        )
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise TracedModelError(f"{path} is not a torch.export archive (.pt2): save the model again") from None
+    with archive:
+        for info in archive.infolist():
+            name = info.filename
+            if name.endswith(".pt") and info.file_size > 0:
+                refuse(f"a pickled file ({name})")
+            is_constants = "/data/constants/" in name
+            if name.endswith("_config.json") and (is_constants or "/data/weights/" in name):
+                for fqn, payload in json.loads(archive.read(name)).get("config", {}).items():
+                    if payload.get("use_pickle"):
+                        refuse(f"a pickled tensor ({fqn})")
+                    if is_constants and not payload.get("path_name", "").startswith(TENSOR_CONSTANT_FILENAME_PREFIX):
+                        refuse(f"a non-tensor constant ({fqn})")
 
 
 def folder_size(folder) -> int:

@@ -58,7 +58,7 @@ class Stateless(Flat):
     """Flat, with the module's tensors taken from `state`: its export holds no weights."""
 
     def __init__(self, module: nn.Module):
-        super().__init__(nn.Module())
+        nn.Module.__init__(self)
         object.__setattr__(self, "module", module)  # not a submodule: its tensors must not enter the graph
 
     def forward(self, state: dict, *inputs):

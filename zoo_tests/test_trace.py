@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -308,6 +309,36 @@ def test_trace_argument_errors(bert):
     with pytest.raises(ValueError, match=r"sends example_inputs\[0\] .* to bucket 1"):
         parallel_model_trace(get_model, [random_inputs(512, 0), random_inputs(128, 0)], tp_degree=2,
                              inline_weights_to_neff=False, bucket_config=bucket_config)
+
+
+def test_graph_files_that_would_unpickle_are_refused(guide_folder, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(guide_folder[0], folder)
+    graph = folder / "rank_00" / "bucket_00.pt2"
+    with zipfile.ZipFile(graph) as source:
+        members = [(info, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(graph, "w") as target:
+        for info, data in members:
+            target.writestr(info, b"pickled example inputs" if info.filename.endswith("sample_inputs/model.pt") else data)
+    with pytest.raises(TracedModelError, match=r"rank_00/bucket_00.pt2 holds a pickled file"):
+        parallel_model_load(folder)
+
+
+def _recreate_tp_group(tp: int) -> str:
+    from nxd_core import parallel_state as ps
+
+    ps.initialize_model_parallel(tp)
+    return ps.get_tensor_model_parallel_group().group_name
+
+
+def test_a_loaded_graph_runs_on_the_current_tp_group(tp_runner, guide_folder, bert):
+    """A graph names the process group it was traced with; names count the groups a process created."""
+    folder, _ = guide_folder
+    workers = tp_runner.workers(2)
+    traced_with = json.loads((folder / "manifest.json").read_text())["group_name"]
+    assert workers.run(_recreate_tp_group, 2)[0] != traced_with  # the traced group's name is gone here
+    with parallel_model_load(folder, workers=workers, compiled=False) as model:
+        assert (model(*NOT_PARAPHRASE).logits - hf_logits(bert[2], NOT_PARAPHRASE)).abs().max().item() < TOL
 
 
 # -- bucket kernels -------------------------------------------------------------------------
