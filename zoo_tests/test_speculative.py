@@ -45,6 +45,22 @@ def test_speculative_greedy_equals_greedy(tp_runner, pair, tp, draft_kind):
                     assert spec.stats["acceptance_rate"] < 1.0
 
 
+def test_compiled_speculative_greedy_equals_greedy(tp_runner, pair, tp=2):
+    """compile=True runs the draft's steps and the target's verification through torch.compile."""
+    target_path, draft_path = pair
+    ids, mask = left_padded_batch()
+    load = dict(tp=tp, max_batch_size=3, max_seq_len=48, workers=tp_runner.workers(tp), progress=False)
+    with from_pretrained_parallel(target_path, **load) as target, from_pretrained_parallel(draft_path, **load) as draft:
+        plain = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], compile=False)
+        spec = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[],
+                               draft_model=draft, num_speculative_tokens=3, compile=True)
+        sampled = [target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, seed=5,
+                                   draft_model=draft, num_speculative_tokens=3, compile=True).tokens for _ in range(2)]
+    assert spec.tokens == plain.tokens
+    assert spec.stats["acceptance_rate"] < 1 and sum(spec.stats["accepted_histogram"]) > 0
+    assert sampled[0] == sampled[1]
+
+
 def test_speculative_sampling_is_seeded_and_respects_eos(tp_runner, pair):
     target_path, draft_path = pair
     load = dict(tp=2, max_batch_size=3, max_seq_len=48, workers=tp_runner.workers(2), progress=False)

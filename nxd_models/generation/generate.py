@@ -86,9 +86,10 @@ def steps(
     """New tokens as they are made, per row (rows may gain different numbers of tokens).
 
     chunk: how many decode steps (speculative rounds) per round trip; default all at once.
-    compile: decode with a torch.compile'd step (compiled once per model and batch size, which
-    takes seconds). None compiles where it pays: generations of COMPILE_FROM_TOKENS or more.
-    Speculative rounds run eagerly.
+    compile: decode with torch.compile'd steps (compiled once per model and batch size, which
+    takes seconds): greedy decoding compiles the whole step with the token choice; sampling and
+    speculative rounds compile the models' forward passes. None compiles where it pays:
+    generations of COMPILE_FROM_TOKENS or more.
     """
     if compile is None:
         compile = max_new_tokens >= COMPILE_FROM_TOKENS
@@ -118,7 +119,7 @@ def steps(
         first = first.tolist()
     else:
         session = speculative
-        first = model.run(speculative.start, model.key, draft_model.key, input_ids, attention_mask, params, seed, eos, num_speculative_tokens, max_new_tokens)
+        first = model.run(speculative.start, model.key, draft_model.key, input_ids, attention_mask, params, seed, eos, num_speculative_tokens, max_new_tokens, compile)
         first = [[t] for t in first.tolist()]
     stats.update(prompt_tokens=int(attention_mask.sum()), first_chunk_seconds=time.perf_counter() - start)
     try:
@@ -129,7 +130,7 @@ def steps(
                 tokens, done = model.run(runner.resume, model.key, chunk)
                 tokens = tokens.tolist()
             else:
-                tokens, done, histogram = model.run(speculative.resume, model.key, draft_model.key, chunk)
+                tokens, done, histogram = model.run(speculative.resume, model.key, chunk)
                 _acceptance_stats(stats, histogram, num_speculative_tokens)
             if any(tokens):
                 yield tokens

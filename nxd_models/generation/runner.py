@@ -9,6 +9,7 @@ next to the model and its KV cache in `worker_state()`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,12 +26,8 @@ class Session:
     slot: int  # the next KV-cache slot (shared by the rows)
     last_tokens: torch.Tensor  # [batch], the tokens to feed next
     finished: torch.Tensor  # [batch] bool
-    params: SamplingParams
-    generator: torch.Generator | None
-    eos: torch.Tensor  # ids that end a row
-    pad_token_id: int
     remaining: int  # tokens still allowed
-    step: Callable  # model.compute, or its compiled version
+    step: Callable  # (tokens, valid, cache_position, finished) -> (next tokens, finished): see decode_one_token
 
 
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -39,38 +36,50 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return model(input_ids, attention_mask=attention_mask, cache_position=slots, last_only=True)[:, -1]
 
 
-def decode_one_token(step: Callable, tokens: torch.Tensor, valid: torch.Tensor, slot: int) -> torch.Tensor:
-    """Feed one token per row at `slot`; return logits [batch, vocab]. Shapes never change, so a
-    compiled `step` compiles once."""
-    cache_position = torch.tensor([slot], device=tokens.device)
-    return step(tokens[:, None], valid, None, cache_position, True)[:, -1]
+def choose(logits, finished, eos, pad_token_id: int, params: SamplingParams, generator=None):
+    """Each row's next token [batch] and the updated finished flags: finished rows get padding,
+    rows that choose an end-of-sequence token finish."""
+    tokens = next_tokens(logits, params, generator)
+    tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+    return tokens, finished | torch.isin(tokens, eos)
 
 
-def decode_step(model, key: int, compiled: bool) -> Callable:
-    """model.compute, or torch.compile of it, kept per model so it compiles once per worker."""
-    if not compiled:
-        return model.compute
-    return worker_state().setdefault(("compiled", key), torch.compile(model.compute, dynamic=False))
+def decode_one_token(compute: Callable, tokens, valid, cache_position, finished, eos, pad_token_id: int, params: SamplingParams, generator=None):
+    """Feed one token per row at cache_position ([1], shared by the rows) and choose the next ones.
+    Shapes never change from step to step, so a compiled version compiles once."""
+    logits = compute(tokens[:, None], valid, None, cache_position, True)[:, -1]
+    return choose(logits, finished, eos, pad_token_id, params, generator)
 
 
-def _choose(session: Session, logits: torch.Tensor) -> torch.Tensor:
-    tokens = next_tokens(logits, session.params, session.generator)
-    tokens = torch.where(session.finished, torch.full_like(tokens, session.pad_token_id), tokens)
-    session.finished |= torch.isin(tokens, session.eos)
-    session.last_tokens = tokens
-    session.remaining -= 1
-    return tokens
+def compiled(key: int, name: str, function: Callable) -> Callable:
+    """torch.compile(function), kept per model in the worker so that it compiles once."""
+    functions = worker_state().setdefault(("compiled", key), {})
+    if name not in functions:
+        functions[name] = torch.compile(function, dynamic=False)
+    return functions[name]
 
 
-def decode_n_tokens(model, session: Session, n: int) -> torch.Tensor:
+def decode_step(model, key: int, compile: bool, eos, pad_token_id: int, params: SamplingParams, generator) -> Callable:
+    """The step a Session runs. Compiled greedy decoding compiles the whole step, token choice
+    included; sampling draws from the seeded generator eagerly after a compiled forward."""
+    if compile and not params.do_sample:
+        whole = compiled(key, "greedy_step", functools.partial(decode_one_token, model.compute))
+        return lambda tokens, valid, position, finished: whole(tokens, valid, position, finished, eos, pad_token_id, params)
+    compute = compiled(key, "compute", model.compute) if compile else model.compute
+    return functools.partial(decode_one_token, compute, eos=eos, pad_token_id=pad_token_id, params=params, generator=generator)
+
+
+def decode_n_tokens(session: Session, n: int) -> torch.Tensor:
     """Up to n more tokens per row, [batch, k]; stops early when every row has finished."""
     produced = []
     for _ in range(min(n, session.remaining)):
         if bool(session.finished.all()):
             break
-        logits = decode_one_token(session.step, session.last_tokens, session.valid, session.slot)
+        position = torch.tensor([session.slot], device=session.valid.device)
+        session.last_tokens, session.finished = session.step(session.last_tokens, session.valid, position, session.finished)
         session.slot += 1
-        produced.append(_choose(session, logits))
+        session.remaining -= 1
+        produced.append(session.last_tokens)
     if not produced:
         return torch.empty(session.last_tokens.shape[0], 0, dtype=torch.long)
     return torch.stack(produced, dim=1)
@@ -100,21 +109,22 @@ def _session_key(key: int):
     return ("session", key)
 
 
-def start(key: int, input_ids, attention_mask, params: SamplingParams, seed, eos: list[int], pad_token_id: int, max_new_tokens: int, first_chunk: int, compiled: bool = False):
+def start(key: int, input_ids, attention_mask, params: SamplingParams, seed, eos: list[int], pad_token_id: int, max_new_tokens: int, first_chunk: int, compile: bool = False):
     """Prefill, choose the first token, then decode up to first_chunk - 1 more; return the tokens [batch, k]."""
     model = worker_state()[key]
     device = model.lm_head.weight.device
     generator = seeded_generator(params, seed, device)
     batch, prompt_len = input_ids.shape
     attention_mask = attention_mask.to(device)
-    session = Session(
-        valid=validity_mask(attention_mask, model.max_seq_len), slot=prompt_len, last_tokens=torch.empty(0), finished=torch.zeros(batch, dtype=torch.bool, device=device),
-        params=params, generator=generator, eos=torch.tensor(eos, dtype=torch.long, device=device),
-        pad_token_id=pad_token_id, remaining=max_new_tokens, step=decode_step(model, key, compiled),
-    )
+    eos = torch.tensor(eos, dtype=torch.long, device=device)
     with torch.inference_mode():
-        first = _choose(session, prefill(model, input_ids.to(device), attention_mask))
-        rest = decode_n_tokens(model, session, first_chunk - 1)
+        logits = prefill(model, input_ids.to(device), attention_mask)
+        first, finished = choose(logits, torch.zeros(batch, dtype=torch.bool, device=device), eos, pad_token_id, params, generator)
+        session = Session(
+            valid=validity_mask(attention_mask, model.max_seq_len), slot=prompt_len, last_tokens=first, finished=finished,
+            remaining=max_new_tokens - 1, step=decode_step(model, key, compile, eos, pad_token_id, params, generator),
+        )
+        rest = decode_n_tokens(session, first_chunk - 1)
     worker_state()[_session_key(key)] = session
     return torch.cat([first[:, None], rest], dim=1).cpu()
 
@@ -123,7 +133,7 @@ def resume(key: int, n: int):
     """Up to n more tokens of the session in flight, and whether every row has finished."""
     session = worker_state()[_session_key(key)]
     with torch.inference_mode():
-        tokens = decode_n_tokens(worker_state()[key], session, n)
+        tokens = decode_n_tokens(session, n)
     done = bool(session.finished.all()) or session.remaining <= 0
     return tokens.cpu(), done
 

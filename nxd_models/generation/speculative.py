@@ -19,12 +19,13 @@ slots) and are overwritten next round.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from nxd_core.workers import worker_state
 
-from .runner import prefill, seeded_generator, validity_mask
+from .runner import compiled, prefill, seeded_generator, validity_mask
 from .sampling import SamplingParams, next_tokens, probabilities
 
 
@@ -40,10 +41,12 @@ class SpeculativeSession:
     eos: torch.Tensor
     k: int
     max_new_tokens: int
+    draft: Callable | None = None  # the draft's and the target's compute (model.compute, or its compiled version)
+    target: Callable | None = None
     accepted: list[int] = field(default_factory=list)  # histogram: rounds (per row) that accepted i draft tokens
 
 
-def _draft_tokens(draft, session: SpeculativeSession):
+def _draft_tokens(session: SpeculativeSession):
     """k draft tokens [batch, k] and their distributions [batch, k, vocab] (None when greedy).
 
     The draft also consumes its k-th token, so that its cache holds the same slots as the target's.
@@ -51,7 +54,7 @@ def _draft_tokens(draft, session: SpeculativeSession):
     token, tokens, dists = session.last, [], []
     for j in range(session.k + 1):
         slots = (session.pos + j)[:, None]
-        logits = draft(token[:, None], attention_mask=session.valid, cache_position=slots, last_only=True)[:, -1]
+        logits = session.draft(token[:, None], session.valid, None, slots, True)[:, -1]
         if j == session.k:
             break
         if session.params.do_sample:
@@ -86,12 +89,12 @@ def _accept(session: SpeculativeSession, drafted: torch.Tensor, q, target_logits
     return accepted, torch.multinomial(dist, 1, generator=session.generator).squeeze(-1)
 
 
-def speculate_round(target, draft, session: SpeculativeSession) -> list[list[int]]:
+def speculate_round(session: SpeculativeSession) -> list[list[int]]:
     """One round: the tokens each row gains (possibly none for finished rows)."""
-    drafted, q = _draft_tokens(draft, session)
+    drafted, q = _draft_tokens(session)
     fed = torch.cat([session.last[:, None], drafted], dim=1)
     slots = session.pos[:, None] + torch.arange(session.k + 1, device=fed.device)
-    target_logits = target(fed, attention_mask=session.valid, cache_position=slots)
+    target_logits = session.target(fed, session.valid, None, slots, False)
     accepted, following = _accept(session, drafted, q, target_logits)
     # Finished rows keep their pointer (they rewrite the same slots), so they never outgrow the cache.
     session.pos += torch.where(session.finished, 0, accepted + 1)
@@ -125,7 +128,7 @@ def _session_key(key: int):
     return ("speculative", key)
 
 
-def start(target_key: int, draft_key: int, input_ids, attention_mask, params, seed, eos, k: int, max_new_tokens: int):
+def start(target_key: int, draft_key: int, input_ids, attention_mask, params, seed, eos, k: int, max_new_tokens: int, compile: bool = False):
     """Prefill both models; the first token comes from the target. Returns it per row."""
     target, draft = worker_state()[target_key], worker_state()[draft_key]
     device = target.lm_head.weight.device
@@ -141,21 +144,22 @@ def start(target_key: int, draft_key: int, input_ids, attention_mask, params, se
         valid=valid, pos=torch.full((batch,), prompt_len, device=device), last=first,
         finished=torch.isin(first, eos) | (max_new_tokens <= 1), emitted=torch.ones(batch, dtype=torch.long, device=device),
         params=params, generator=generator, eos=eos, k=k, max_new_tokens=max_new_tokens, accepted=[0] * (k + 1),
+        draft=compiled(draft_key, "compute", draft.compute) if compile else draft.compute,
+        target=compiled(target_key, "compute", target.compute) if compile else target.compute,
     )
     worker_state()[_session_key(target_key)] = session
     return first.cpu()
 
 
-def resume(target_key: int, draft_key: int, rounds: int):
+def resume(target_key: int, rounds: int):
     """Up to `rounds` rounds; returns (tokens gained per row, every row finished, acceptance histogram)."""
     session = worker_state()[_session_key(target_key)]
-    target, draft = worker_state()[target_key], worker_state()[draft_key]
     gained = [[] for _ in range(session.last.shape[0])]
     with torch.inference_mode():
         for _ in range(rounds):
             if bool(session.finished.all()):
                 break
-            for row, tokens in enumerate(speculate_round(target, draft, session)):
+            for row, tokens in enumerate(speculate_round(session)):
                 gained[row] += tokens
     return gained, bool(session.finished.all()), list(session.accepted)
 
