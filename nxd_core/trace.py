@@ -263,7 +263,9 @@ def parallel_model_save(model: TensorParallelModel, path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     # An older model in the folder stops being loadable now; the new one becomes loadable when its manifest lands.
     (folder / MANIFEST).unlink(missing_ok=True)
-    model.group.run(trace_worker.save_shard, model.key, str(folder.resolve()), list(model.meta["state"]))
+    state = list(model.meta["state"])
+    replicated = [] if model.inline_weights_to_neff else _replicated_weights(model, state)
+    model.group.run(trace_worker.save_shard, model.key, str(folder.resolve()), state, replicated)
     shared, per_rank = files_of(model.tp_degree, len(model.meta["buckets"]), model.inline_weights_to_neff)
     manifest = {
         "format": FORMAT,
@@ -273,6 +275,14 @@ def parallel_model_save(model: TensorParallelModel, path) -> None:
         "torch_version": torch.__version__,
     }
     write_manifest(folder, manifest)
+
+
+def _replicated_weights(model: TensorParallelModel, state: list[str]) -> list[str]:
+    """The unsharded weights that are equal on every rank (checked, not assumed): stored once."""
+    weights = model.meta["weights"]
+    names = [n for n in weights["order"] if n not in state and n not in weights["sharding"]]
+    digests = model.group.run(trace_worker.unsharded_digests, model.key, names)
+    return [n for n in names if all(d[n] == digests[0][n] for d in digests)]
 
 
 def parallel_model_load(

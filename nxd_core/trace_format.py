@@ -4,7 +4,8 @@
       manifest.json                   format, version, tp_degree, buckets, inline flag, every file
       inline_weights_to_neff=True:    rank_00/bucket_00.pt2 ...   each rank: its graph with its weights
       inline_weights_to_neff=False:   graphs/bucket_00.pt2 ...    one graph per bucket, no weights, every rank
-                                      weights/rank_00.safetensors ...  each rank's weights
+                                      weights/replicated.safetensors  weights equal on every rank, stored once
+                                      weights/rank_00.safetensors ...  each rank's other weights (its shards)
 
 Graphs are torch.export programs (.pt2) saved without example inputs, so
 they hold JSON and raw tensors only; a .pt2 that would make torch.export.load
@@ -36,15 +37,17 @@ def graph_file(bucket: int, rank: int | None) -> str:
     return f"graphs/bucket_{bucket:02d}.pt2" if rank is None else f"rank_{rank:02d}/bucket_{bucket:02d}.pt2"
 
 
-def weights_file(rank: int) -> str:
-    return f"weights/rank_{rank:02d}.safetensors"
+def weights_file(rank: int | None) -> str:
+    """A rank's own weights, or (rank None) the weights every rank holds alike, stored once."""
+    return "weights/replicated.safetensors" if rank is None else f"weights/rank_{rank:02d}.safetensors"
 
 
 def files_of(tp: int, buckets: int, inline: bool) -> tuple[list[str], list[list[str]]]:
     """(files every rank reads, files of each rank)."""
     if inline:
         return [], [[graph_file(b, r) for b in range(buckets)] for r in range(tp)]
-    return [graph_file(b, None) for b in range(buckets)], [[weights_file(r)] for r in range(tp)]
+    shared = [graph_file(b, None) for b in range(buckets)] + [weights_file(None)]
+    return shared, [[weights_file(r)] for r in range(tp)]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

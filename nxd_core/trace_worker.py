@@ -197,7 +197,14 @@ def run_shard(key: str, bucket: int, inputs: list[torch.Tensor]):
     return out if ps.get_tensor_model_parallel_rank() == 0 else None
 
 
-def save_shard(key: str, folder: str, state_names: list[str]) -> None:
+def unsharded_digests(key: str, names: list[str]) -> dict[str, str]:
+    """A checksum of each named tensor: the front end stores once those equal on every rank."""
+    tensors = _shards()[key].tensors
+    return {n: hashlib.sha256(tensors[n].contiguous().view(-1).view(torch.uint8).numpy()).hexdigest() for n in names}
+
+
+def save_shard(key: str, folder: str, state_names: list[str], replicated: list[str]) -> None:
+    """Write this rank's files. Separated: graphs and the `replicated` weights by rank 0 only."""
     shard = _shards()[key]
     folder, rank = Path(folder), ps.get_tensor_model_parallel_rank()
     with warnings.catch_warnings():
@@ -208,12 +215,14 @@ def save_shard(key: str, folder: str, state_names: list[str]) -> None:
                 path = folder / graph_file(bucket, rank if shard.inline else None)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.export.save(program, path)
-    if not shard.inline:
-        path = folder / weights_file(rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # State (KV caches) starts from zeros at load: only weights are written. Clones: safetensors refuses shared storage.
-        weights = {n: t.clone().contiguous() for n, t in shard.tensors.items() if n not in state_names}
-        safetensors.torch.save_file(weights, path)
+    if shard.inline:
+        return
+    # State (KV caches) starts from zeros at load: only weights are written. Clones: safetensors refuses shared storage.
+    weights = {n: t.clone().contiguous() for n, t in shard.tensors.items() if n not in state_names}
+    (folder / weights_file(rank)).parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        safetensors.torch.save_file({n: weights[n] for n in replicated}, folder / weights_file(None))
+    safetensors.torch.save_file({n: t for n, t in weights.items() if n not in replicated}, folder / weights_file(rank))
 
 
 def load_shard(key: str, folder: str, manifest: dict, compiled: bool) -> None:
@@ -224,7 +233,7 @@ def load_shard(key: str, folder: str, manifest: dict, compiled: bool) -> None:
     tensors = None
     if not inline:
         path = folder / weights_file(rank)
-        weights = safetensors.torch.load_file(path)
+        weights = {**safetensors.torch.load_file(folder / weights_file(None)), **safetensors.torch.load_file(path)}
         state = manifest["state"]
         missing = [n for n in manifest["weights"]["order"] if n not in state and n not in weights]
         if missing:

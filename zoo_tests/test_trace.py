@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import BertForSequenceClassification
 
@@ -144,7 +145,8 @@ def test_bucketing_over_sequence_lengths(tp_runner, bert, tmp_path):
             model(*random_inputs(600, seed=0))
         parallel_model_save(model, tmp_path / "bucketed")
     manifest = json.loads((tmp_path / "bucketed" / "manifest.json").read_text())
-    assert manifest["bucket_kernel"]["buckets"] == [128, 512] and len(manifest["files"]["shared"]) == 2
+    assert manifest["bucket_kernel"]["buckets"] == [128, 512]
+    assert [f for f in manifest["files"]["shared"] if f.endswith(".pt2")] == ["graphs/bucket_00.pt2", "graphs/bucket_01.pt2"]
     # The ready-made kernel is restored from the manifest in the fresh process.
     for logits, want in zip(run_fresh(tmp_path / "bucketed", calls, tmp_path, eager=True), expected):
         assert (logits - want).abs().max().item() < TOL
@@ -161,7 +163,13 @@ def test_separated_weights_are_smaller_and_replaceable(tp_runner, bert, tmp_path
     with parallel_model_trace(get_model, PARAPHRASE, tp_degree=2, inline_weights_to_neff=False, workers=workers, compiled=False) as model:
         parallel_model_save(model, tmp_path / "separated")
         files = sorted(str(p.relative_to(tmp_path / "separated")) for p in (tmp_path / "separated").rglob("*") if p.is_file())
-        assert files == ["graphs/bucket_00.pt2", "manifest.json", "weights/rank_00.safetensors", "weights/rank_01.safetensors"]
+        assert files == ["graphs/bucket_00.pt2", "manifest.json", "weights/rank_00.safetensors", "weights/rank_01.safetensors",
+                         "weights/replicated.safetensors"]
+        with safe_open(tmp_path / "separated" / "weights" / "replicated.safetensors", "pt") as replicated:
+            assert "bert.embeddings.word_embeddings.weight" in replicated.keys()  # the recipe shards attention only
+        with safe_open(tmp_path / "separated" / "weights" / "rank_01.safetensors", "pt") as rank_file:
+            assert "bert.encoder.layer.0.attention.self.query.weight" in rank_file.keys()
+            assert "bert.embeddings.word_embeddings.weight" not in rank_file.keys()
         assert folder_size(tmp_path / "separated") < folder_size(tmp_path / "inline")
 
         # New weights from a state dict (sliced here) and from a safetensors checkpoint (sliced by each worker).
