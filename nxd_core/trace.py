@@ -55,6 +55,7 @@ class TensorParallelModel:
         self.bucket_config = bucket_config
         self._owns_group = owns_group
         self._out_specs: dict[int, pytree.TreeSpec] = {}
+        self._closed = False
 
     @property
     def tp_degree(self) -> int:
@@ -70,6 +71,7 @@ class TensorParallelModel:
         return [[t["shape"] for t in bucket["inputs"]] for bucket in self.meta["buckets"]]
 
     def __call__(self, *inputs: torch.Tensor):
+        self._check_open()
         tensors = list(inputs)
         for i, tensor in enumerate(tensors):
             if not isinstance(tensor, torch.Tensor):
@@ -106,6 +108,7 @@ class TensorParallelModel:
         A path is read by the workers, each only its slices; a state dict is sliced here.
         State tensors (io_aliases) are left as they are.
         """
+        self._check_open()
         if self.inline_weights_to_neff:
             raise ValueError(
                 "replace_weights needs weights kept apart from the graphs: trace with inline_weights_to_neff=False"
@@ -118,10 +121,16 @@ class TensorParallelModel:
                     for rank in range(self.tp_degree)]
         self.group.run_per_rank(trace_worker.replace_shard_weights, args)
 
+    def _check_open(self) -> None:
+        if self._closed or self.group.closed:
+            raise RuntimeError("this traced model is closed (or its workers are): load it again with parallel_model_load")
+
     def close(self) -> None:
         """Free the workers' programs and weights (and end the workers this model started)."""
-        if self.group.closed:
+        if self._closed or self.group.closed:
+            self._closed = True
             return
+        self._closed = True
         if self._owns_group:
             self.group.close()
         else:
@@ -259,6 +268,7 @@ def parallel_model_trace(
 
 def parallel_model_save(model: TensorParallelModel, path) -> None:
     """Write the traced model to the folder `path` (see nxd_core/trace_format.py); each worker writes its files."""
+    model._check_open()
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     # An older model in the folder stops being loadable now; the new one becomes loadable when its manifest lands.

@@ -189,6 +189,8 @@ def test_separated_weights_are_smaller_and_replaceable(tp_runner, bert, tmp_path
         parallel_model_save(model, tmp_path / "replaced")
     with parallel_model_load(tmp_path / "replaced", workers=workers, compiled=False) as loaded:
         assert (loaded(*PARAPHRASE).logits - want).abs().max().item() < TOL
+    with pytest.raises(RuntimeError, match="closed"):
+        loaded(*PARAPHRASE)
 
 
 # -- Llama: context encoding and token generation sharing the KV cache --------------------
