@@ -105,9 +105,10 @@ def _classify(args) -> None:
 def _list(args) -> None:
     from .registry import MODELS
 
+    width = max(len(name) for name in MODELS)
     for name in sorted(MODELS):
         entry = MODELS[name]
-        print(f"{name:20s} {entry.family:6s} {entry.repo_id:40s} {entry.description}")
+        print(f"{name:{width}s} {entry.family:6s} {entry.repo_id:44s} {entry.description}")
 
 
 def build_parser() -> argparse.ArgumentParser:
