@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from nxd_core.checkpoint import _aliases, convert_to_sharded
+from nxd_core.checkpoint import _aliases, convert_to_sharded, open_full_checkpoint
 from nxd_core.sharding import sharding_specs
 
 from . import hub
@@ -24,12 +24,19 @@ from .registry import family_module
 _SIDE_FILES = ("*.json", "tokenizer*", "*.model", "*.tiktoken")
 
 
-def family_specs(config) -> dict:
-    """name -> ShardSpec (at tp=1) or None, for every tensor a checkpoint of this config holds."""
+def family_specs(config, checkpoint_names=None) -> tuple[dict, set | None]:
+    """name -> ShardSpec (at tp=1) or None, for every tensor a checkpoint of this config holds; and, given
+    the checkpoint's names, those the model takes (the family adapts the model to the checkpoint first:
+    T5 ties lm_head when the checkpoint has none, BERT leaves out heads it does not build)."""
     family = family_module(config.model_type)
     model = family.build(config, dtype=torch.float32, device="meta")
+    taken = None
+    if checkpoint_names is not None:
+        taken = set(checkpoint_names)
+        if hasattr(family, "adapt_checkpoint"):
+            taken = set(family.adapt_checkpoint(dict.fromkeys(checkpoint_names), model))
     aliases = _aliases(model)  # tied names are not stored
-    return {name: spec for name, spec in sharding_specs(model).items() if name not in aliases}
+    return {name: spec for name, spec in sharding_specs(model).items() if name not in aliases}, taken
 
 
 def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, progress: bool = True) -> dict:
@@ -37,7 +44,8 @@ def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, pr
     config = AutoConfig.from_pretrained(source)
     family = family_module(config.model_type, str(source))
     family.check_tp(config, tp)
-    specs = family_specs(config)
+    names = [n for n in open_full_checkpoint(source) if not family.IGNORED_CHECKPOINT_NAMES.search(n)]
+    specs, taken = family_specs(config, names)
     out_dir = Path(out_dir)
     bar = None
     if progress:
@@ -48,7 +56,8 @@ def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, pr
     manifest = convert_to_sharded(
         source, out_dir, tp, specs, dtype=dtype,
         progress=(lambda _: bar.update(1)) if bar else None,
-        ignore=family.IGNORED_CHECKPOINT_NAMES.search,
+        # Heads the checkpoint has but the model lacks (a pre-training checkpoint's pooler) are left out.
+        ignore=lambda name: bool(family.IGNORED_CHECKPOINT_NAMES.search(name)) or name not in taken,
     )
     if bar:
         bar.close()

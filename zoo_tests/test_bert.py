@@ -107,3 +107,20 @@ def test_nxd_classify_prints_label_and_probabilities(checkpoints, capsys):
         assert f"paraphrase={row[1].item():.4f}" in probabilities
     assert main(["classify", str(path), "--text", "a", "--text", "b", "--text-pair", "c"]) == 2
     assert "give one --text-pair per --text" in capsys.readouterr().err
+
+
+def test_convert_leaves_out_heads_the_model_lacks(tp_runner, checkpoints, tmp_path):
+    """`nxd convert` of a checkpoint with pre-training heads, then loading the sharded output."""
+    from nxd_models.cli import main
+
+    path, reference = checkpoints["BertForMaskedLM"]
+    source = tmp_path / "pretraining"
+    source.mkdir()
+    state = load_file(path / "model.safetensors")
+    state.update({"bert.pooler.dense.weight": torch.zeros(32, 32), "cls.seq_relationship.weight": torch.zeros(2, 32)})
+    save_file(state, source / "model.safetensors")
+    (source / "config.json").write_bytes((path / "config.json").read_bytes())
+    assert main(["convert", str(source), "--tp", "2", "--out", str(tmp_path / "tp2")]) == 0
+    batch = tiny_batch(vocab=61)
+    with from_pretrained_parallel(tmp_path / "tp2", tp=2, workers=tp_runner.workers(2), progress=False) as model:
+        assert (model(**batch) - _hf_output(reference, batch)).abs().max().item() < 1e-4
