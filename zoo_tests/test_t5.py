@@ -78,11 +78,16 @@ def test_beam_search_differs_from_greedy_somewhere(checkpoints):
     assert any(checkpoints[k][2]["beam3"] != checkpoints[k][2]["greedy"] for k in checkpoints)
 
 
-def test_sampling_is_seeded_and_top_k_1_is_greedy(tp_runner, checkpoints):
-    path, _, expected = checkpoints["v1.1"]
+def test_sampling_is_seeded_like_hf_and_top_k_1_is_greedy(tp_runner, checkpoints):
+    path, reference, expected = checkpoints["v1.1"]
     ids, mask = padded_batch()
+    warpers = dict(temperature=1.3, top_k=20, top_p=0.9)
+    torch.manual_seed(5)
+    with torch.no_grad():  # HF draws from the global generator: seeded the same way, the same draws
+        hf = [_cut(r[1:]) for r in reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, **warpers)]
     with from_pretrained_parallel(path, tp=2, max_batch_size=3, max_seq_len=16, workers=tp_runner.workers(2), progress=False) as model:
         draw = lambda seed, **kw: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, seed=seed, **kw).tokens  # noqa: E731
+        assert draw(5, **warpers) == hf and hf != expected["greedy"]
         first, again, other = draw(7, temperature=1.5), draw(7, temperature=1.5), draw(8, temperature=1.5)
         assert first == again and first != other
         assert draw(3, top_k=1) == expected["greedy"]
