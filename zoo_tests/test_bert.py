@@ -124,3 +124,11 @@ def test_convert_leaves_out_heads_the_model_lacks(tp_runner, checkpoints, tmp_pa
     batch = tiny_batch(vocab=61)
     with from_pretrained_parallel(tmp_path / "tp2", tp=2, workers=tp_runner.workers(2), progress=False) as model:
         assert (model(**batch) - _hf_output(reference, batch)).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_tp8_equals_hf(tp_runner, tmp_path):
+    reference = save_tiny_bert(tmp_path, "BertForMaskedLM", num_attention_heads=8)
+    batch = tiny_batch(vocab=61)
+    with from_pretrained_parallel(tmp_path, tp=8, workers=tp_runner.workers(8), progress=False) as model:
+        assert (model(**batch) - _hf_output(reference, batch)).abs().max().item() < 1e-4

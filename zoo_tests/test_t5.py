@@ -156,3 +156,17 @@ def test_nxd_generate_prints_the_output_and_speed(checkpoints, capsys):
     out = capsys.readouterr()
     assert out.out.strip() == expected.strip() and expected.strip()
     assert "tokens/s, tp=2, 2 beams]" in out.err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["v1.0", "v1.1"])
+def test_tp8_equals_hf(tp_runner, tmp_path, kind):
+    """Eight heads over eight ranks: one head per rank, d_ff=50 padded to 56."""
+    reference = save_tiny_t5(tmp_path, kind, num_heads=8, d_kv=4)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        greedy = [_cut(r[1:]) for r in reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)]
+        beams = [_cut(r[1:]) for r in reference.generate(input_ids=ids, attention_mask=mask, do_sample=False, **BEAMS["beam4x2"])]
+    with from_pretrained_parallel(tmp_path, tp=8, max_batch_size=12, max_seq_len=16, workers=tp_runner.workers(8), progress=False) as model:
+        assert model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12).tokens == greedy
+        assert model.generate(input_ids=ids, attention_mask=mask, **BEAMS["beam4x2"]).tokens == beams
