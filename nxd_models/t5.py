@@ -57,8 +57,8 @@ def check_tp(config, tp: int) -> None:
 
 
 def scales_decoder_output(config) -> bool:
-    """v1.0 rescales before its tied lm_head. transformers 5 configs say so in scale_decoder_outputs;
-    older configs with tie_word_embeddings (v1.1 sets it False)."""
+    """Does the decoder output get the d_model**-0.5 rescale before lm_head? (v1.0 yes, v1.1 no.)
+    transformers 5 configs say so in scale_decoder_outputs; older ones by tie_word_embeddings."""
     return bool(getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True)))
 
 

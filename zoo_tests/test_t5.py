@@ -14,6 +14,7 @@ from t5_fixtures import padded_batch, save_tiny_t5, save_tiny_t5_tokenizer
 BEAMS = {  # (name, generate kwargs): HF's defaults, then length penalty, early stopping and several returns
     "beam3": dict(max_new_tokens=12, num_beams=3),
     "beam4x2": dict(max_new_tokens=10, num_beams=4, num_return_sequences=2, length_penalty=0.5, early_stopping=True),
+    "beam3never": dict(max_new_tokens=8, num_beams=3, length_penalty=2.0, early_stopping="never"),
 }
 
 
