@@ -44,6 +44,8 @@ def _generate(args) -> None:
         if isinstance(model, ParallelSeq2SeqModel):
             _generate_seq2seq(model, args)
             return
+        if not hasattr(model, "stream"):
+            raise ValueError(f"{args.model} is an encoder ({model.config.model_type}), it does not generate: use `nxd classify`")
         if args.num_beams > 1:
             raise ValueError("--num-beams is for encoder-decoder models (T5); causal LMs decode greedily or by sampling")
         draft = None

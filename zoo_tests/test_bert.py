@@ -107,6 +107,8 @@ def test_nxd_classify_prints_label_and_probabilities(checkpoints, capsys):
         assert f"paraphrase={row[1].item():.4f}" in probabilities
     assert main(["classify", str(path), "--text", "a", "--text", "b", "--text-pair", "c"]) == 2
     assert "give one --text-pair per --text" in capsys.readouterr().err
+    assert main(["generate", str(path), "--prompt", "the dog"]) == 2
+    assert "is an encoder (bert), it does not generate: use `nxd classify`" in capsys.readouterr().err
 
 
 def test_convert_leaves_out_heads_the_model_lacks(tp_runner, checkpoints, tmp_path):
