@@ -143,6 +143,8 @@ def test_clear_errors(tp_runner, checkpoints):
             model.generate(input_ids=ids, attention_mask=mask, num_beams=3, max_new_tokens=4)
         with pytest.raises(ValueError, match=r"max_new_tokens=9 exceeds the decoder KV cache \(max_seq_len=8\)"):
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9)
+        with pytest.raises(ValueError, match="beam search is deterministic here: do_sample cannot be combined with num_beams > 1"):
+            model.generate(input_ids=ids[:1], attention_mask=mask[:1], num_beams=2, do_sample=True)
 
 
 def test_nxd_generate_prints_the_output_and_speed(checkpoints, capsys):

@@ -100,7 +100,7 @@ def search(model, input_ids, attention_mask, num_beams: int, max_new_tokens: int
     return finished[:, :, 1:], finished_scores, finished_lengths
 
 
-def beam_search(key: int, input_ids, attention_mask, num_beams: int, max_new_tokens: int, eos: list[int], pad_token_id: int,
+def beam_search(key: int, input_ids, attention_mask, num_beams: int, max_new_tokens: int, eos: list[int],
                 decoder_start_token_id: int, length_penalty: float, early_stopping, num_return_sequences: int):
     """What the front end calls on every rank: the best num_return_sequences hypotheses per source, as token
     lists (source-major), and their scores."""

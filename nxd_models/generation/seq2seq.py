@@ -210,8 +210,9 @@ def generate(model, prompts=None, *, max_new_tokens: int = 32, num_beams: int = 
 
 def _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences, eos, stats,
                input_ids=None, attention_mask=None, eos_token_id=None, do_sample: bool = False, **unused):
-    if do_sample or unused:
-        raise ValueError(f"beam search here is deterministic: do_sample and {sorted(unused)} are not supported with num_beams > 1")
+    unsupported = sorted(unused) + (["do_sample"] if do_sample else [])
+    if unsupported:
+        raise ValueError(f"beam search is deterministic here: {', '.join(unsupported)} cannot be combined with num_beams > 1")
     if not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences must be between 1 and num_beams={num_beams}, got {num_return_sequences}")
     input_ids, attention_mask = _sources(model, prompts, input_ids, attention_mask)
@@ -220,8 +221,7 @@ def _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_
 
     began = time.perf_counter()
     rows, scores = model.run(
-        beam_search, model.key, input_ids, attention_mask, num_beams, max_new_tokens, eos, _pad_id(model, eos),
-        decoder_start_token_id(model), length_penalty, early_stopping, num_return_sequences,
+        beam_search, model.key, input_ids, attention_mask, num_beams, max_new_tokens, eos, decoder_start_token_id(model), length_penalty, early_stopping, num_return_sequences,
     )
     stats.update(prompt_tokens=int(attention_mask.sum()), seconds=time.perf_counter() - began, sequence_scores=scores)
     return [_until_eos(row, eos, already=[]) for row in rows]
