@@ -153,6 +153,32 @@ for rank, outputs in enumerate(per_rank):
 print("every rank's outputs equal torch.nn's:", list(expected))
 """),
     md("""
+## Sizes that tp does not divide
+
+A size that `TP` does not divide is a clear error naming the remedy; `pad=True` zero-pads the split dim instead
+(vocabularies, MLP widths), and padding never changes an output.
+"""),
+    code("""
+def odd_sizes(x):
+    message = "33 is divisible by this tp"
+    try:
+        ColumnParallelLinear(16, 33)
+    except ValueError as error:
+        message = str(error)
+    torch.manual_seed(0)
+    padded = ColumnParallelLinear(16, 33, pad=True)
+    with torch.no_grad():
+        return message, tuple(padded.weight.shape), padded(x)
+
+
+message, local_shape, out = group.run(odd_sizes, x)[0]
+print(message)
+print("with pad=True, rank 0 holds", local_shape)
+torch.manual_seed(0)
+with torch.no_grad():
+    assert torch.allclose(out, nn.Linear(16, 33)(x), atol=1e-5)
+"""),
+    md("""
 ## Sharding is data on the parameter
 
 Every sharded parameter carries a `ShardSpec` (the split dim, the full size, tp, padding).
