@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from transformers import AutoConfig
 
 from nxd_core import parallel_state as ps
 from nxd_core.checkpoint import MANIFEST, _aliases, check_keys, load, load_state_dict_from_full, open_full_checkpoint, read_manifest
-from nxd_core.workers import LocalGroup, WorkerGroup, start_workers, worker_state
+from nxd_core.workers import WorkerGroup, start_workers, worker_state
 
 from . import hub
 from .handles import ParallelEncoderModel, ParallelHandle, ParallelSeq2SeqModel, model_device
