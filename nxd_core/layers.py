@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import init
 
 from . import parallel_state as ps
+from .cpu_kernels import linear
 from .mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -128,7 +129,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tensor_model_parallel_region(x)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y)
             if self.spec.is_padded:
@@ -180,7 +181,7 @@ class RowParallelLinear(nn.Module):
             if self.spec.is_padded:
                 x = F.pad(x, (0, self.spec.padded_size - self.input_size))
             x = scatter_to_tensor_model_parallel_region(x)
-        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        y = reduce_from_tensor_model_parallel_region(linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

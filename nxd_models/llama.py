@@ -25,6 +25,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from nxd_core import cpu_kernels
 from nxd_core import parallel_state as ps
 from nxd_core.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 
@@ -192,6 +193,9 @@ class ParallelLlamaForCausalLM(nn.Module):
         self.max_batch_size = self.max_seq_len = 0
 
     def allocate_kv_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        weight = self.lm_head.weight
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+            cpu_kernels.prepare()  # bf16 decoding on CPU: the faster matrix-vector kernel
         for layer in self.model.layers:
             layer.self_attn.allocate_kv_cache(max_batch_size, max_seq_len)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len

@@ -183,10 +183,10 @@ def test_missing_weights_file(checkpoints, tmp_path, no_new_processes):
 
 
 def test_checkpoint_of_another_architecture(tmp_path, no_new_processes):
-    from transformers import BertConfig, BertModel
+    from transformers import GPT2Config, GPT2Model
 
-    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"is a 'bert' model; from_pretrained_parallel supports the families \['llama'\]"):
+    GPT2Model(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is a 'gpt2' model; from_pretrained_parallel supports the families \['bert', 'llama', 't5'\]"):
         from_pretrained_parallel(tmp_path, tp=2)
 
 
