@@ -559,7 +559,7 @@ print(model)
 per row) and `stats` (token counts, seconds, tokens per second). Greedy decoding by default.
 """),
     code("""
-prompt = "def fibonacci(n):"
+prompt = "def read_lines(path):\\n"
 greedy = model.generate(prompt, max_new_tokens=MAX_NEW_TOKENS)
 print(prompt + greedy.texts[0])
 print({k: round(v, 2) if isinstance(v, float) else v for k, v in greedy.stats.items()})
@@ -602,7 +602,7 @@ row continues from its last real token. Each row equals the prompt generated on 
 `max_batch_size` (given at load: the KV cache is preallocated in the workers).
 """),
     code("""
-prompts = ["import os\\n", "class Foo:\\n    def __init__(self", prompt]
+prompts = ["import os\\n", "class Stack:\\n    def __init__(self", prompt]
 batch = model.generate(prompts, max_new_tokens=MAX_NEW_TOKENS)
 for p, text in zip(prompts, batch.texts):
     print(f"--- {p!r}\\n{p}{text}")
@@ -636,8 +636,8 @@ print(f"--- sampled with the draft (seed 0)\\n{prompt}{sampled.texts[0]}")
 ## The same from the command line
 
 ```sh
-nxd generate demo-llama --tp 2 --prompt "def fibonacci(n):" --max-new-tokens 32
-nxd generate demo-llama --tp 2 --draft demo-llama-draft --prompt "def fibonacci(n):"
+nxd generate demo-llama --tp 2 --prompt "import os" --max-new-tokens 32
+nxd generate demo-llama --tp 2 --draft demo-llama-draft --prompt "import os"
 nxd generate llama-2-7b --tp 8 --draft tinyllama-1.1b --do-sample --temperature 0.8 --top-p 0.95 --prompt "..."
 ```
 
