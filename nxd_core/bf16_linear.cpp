@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstring>
+#include <vector>
 
 static inline __m256 load_bf16x8(const uint16_t* p) {
   __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -45,21 +46,31 @@ static inline float dot_row(const uint16_t* row, int64_t K, const float* x) {
   return s;
 }
 
+static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "bf16_linear: x [M, K] and w [N, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
               "bf16_linear: bfloat16 tensors, w contiguous");
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0);
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  const at::Tensor xb = x_in.contiguous();
+  const int64_t M = xb.size(0), K = xb.size(1), N = w.size(0);
+  // x widened to fp32 once (a few KB), then every weight row meets it in the FMA loop.
+  std::vector<float> x(M * K);
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < M * K; ++i) x[i] = bf16_to_float(xs[i]);
+  at::Tensor out = at::empty({M, N}, xb.options());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = begin; n < end; ++n) op[m * N + n] = dot_row(wp + n * K, K, xp + m * K);
+      for (int64_t n = begin; n < end; ++n) op[m * N + n] = float_to_bf16(dot_row(wp + n * K, K, x.data() + m * K));
   });
-  return out.to(at::kBFloat16);
+  return out;
 }
 
 // Registered with the dispatcher (not pybind): a call costs what any aten op costs.
