@@ -21,8 +21,11 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -m slow
 
+# The bundled demo pair at tp=2, speculative decoding with the draft copied into each worker.
+DEMO_PROMPT := import os\n\n\nclass Reader:\n    def __init__(self, path):\n        
 demo: venv
-	$(PY) -m nxd_models.demo
+	$(VENV)/bin/nxd generate demo-llama --tp 2 --draft demo-llama-draft --no-compile \
+		--max-new-tokens 96 --prompt "$$(printf '$(DEMO_PROMPT)')"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

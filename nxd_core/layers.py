@@ -128,6 +128,8 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _sharded_parameter((output_size,), self.spec, bias_init, dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.tp == 1:  # built unsharded (tp=1, or parallel_state.replicated()): nothing to exchange
+            return linear(x, self.weight, self.bias)
         x = copy_to_tensor_model_parallel_region(x)
         y = linear(x, self.weight, self.bias)
         if self.gather_output:
@@ -177,6 +179,8 @@ class RowParallelLinear(nn.Module):
         self.bias = _sharded_parameter((output_size,), None, bias_init, dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.tp == 1:  # built unsharded: nothing to exchange
+            return linear(x, self.weight, self.bias)
         if not self.input_is_parallel:
             if self.spec.is_padded:
                 x = F.pad(x, (0, self.spec.padded_size - self.input_size))

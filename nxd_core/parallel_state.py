@@ -8,6 +8,8 @@ single process would, so layers and models run unchanged in a plain script.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch.distributed as dist
 
 _TP_GROUP = None
@@ -125,6 +127,23 @@ def get_data_parallel_group(as_list: bool = False):
     if as_list:
         return [list(r) for r in (_DP_RANKS or [[0]])]
     return _DP_GROUP
+
+
+@contextmanager
+def replicated():
+    """Inside, this rank acts as tp=1: layers built here hold full, unsharded weights.
+
+    For a small model that every rank of a TP group keeps a whole copy of (a
+    speculative draft beside a sharded target): a layer built at tp=1 never
+    communicates, so the copy runs anywhere afterwards with no collective.
+    """
+    global _TP_SIZE, _TP_GROUP
+    saved = _TP_SIZE, _TP_GROUP
+    _TP_SIZE, _TP_GROUP = 1, None
+    try:
+        yield
+    finally:
+        _TP_SIZE, _TP_GROUP = saved
 
 
 # The names NxD's own examples use.

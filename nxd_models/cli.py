@@ -49,8 +49,8 @@ def _generate(args) -> None:
         if args.num_beams > 1:
             raise ValueError("--num-beams is for encoder-decoder models (T5); causal LMs decode greedily or by sampling")
         draft = None
-        if args.draft:  # the draft is sharded over the same workers
-            draft = from_pretrained_parallel(args.draft, tp=args.tp, dtype=dtype, max_seq_len=model.max_seq_len, workers=model.group)
+        if args.draft:  # in the target's workers: a whole copy in each (--draft-tp 1) or sharded like the target
+            draft = from_pretrained_parallel(args.draft, tp=args.draft_tp, dtype=dtype, max_seq_len=model.max_seq_len, workers=model.group)
         sampling = _sampling(args)
         sampling["compile"] = False if args.no_compile else None
         if draft is not None:
@@ -110,7 +110,7 @@ def _list(args) -> None:
     width = max(len(name) for name in MODELS)
     for name in sorted(MODELS):
         entry = MODELS[name]
-        print(f"{name:{width}s} {entry.family:6s} {entry.repo_id:44s} {entry.description}")
+        print(f"{name:{width}s} {entry.family:6s} {entry.repo_id or '(bundled)':44s} {entry.description}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-compile", action="store_true", help="decode eagerly (by default long generations use torch.compile)")
     p.add_argument("--draft", help="a smaller model with the same tokenizer, for speculative decoding")
+    p.add_argument("--draft-tp", type=int, default=1,
+                   help="1 (default): a whole copy of the draft in every worker, no collectives in its steps; "
+                        "or the target's --tp to shard it too (for drafts too big to copy)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--num-beams", type=int, default=1, help="beam search (encoder-decoders such as T5)")
     p.set_defaults(run=_generate)

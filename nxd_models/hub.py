@@ -23,6 +23,10 @@ def resolve(name_or_path) -> Path:
             f"unknown model '{name}': not a directory, not a zoo name, not a Hugging Face repo id (org/name). "
             f"Zoo names: {', '.join(list_models())}"
         )
+    if entry is not None and entry.bundled is not None:
+        if not (entry.bundled / "config.json").exists():
+            raise FileNotFoundError(f"the bundled model '{name}' is missing from {entry.bundled}: reinstall nxd-zoo")
+        return entry.bundled
     repo_id = entry.repo_id if entry else name
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

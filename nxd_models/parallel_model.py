@@ -10,6 +10,7 @@ handle's call returns rank 0's gathered full-vocabulary logits.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import sys
@@ -46,8 +47,15 @@ def _check_weights(path: Path) -> None:
         raise FileNotFoundError(f"no weights file in {path}: expected model.safetensors or model.safetensors.index.json{hint}")
 
 
-def _load_shard(key: int, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool):
-    """In each rank: build the shard on the meta device, stream in its slices, allocate the KV cache."""
+def _load_shard(key: int, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool, replicated: bool = False):
+    """In each rank: build the shard on the meta device, stream in its slices, allocate the KV cache.
+    replicated: build and load a whole copy (tp=1) in every rank of the group."""
+    progress = progress and ps.get_tensor_model_parallel_rank() == 0
+    with ps.replicated() if replicated else contextlib.nullcontext():
+        return _build_and_load(key, path, dtype, max_batch_size, max_seq_len, device, progress)
+
+
+def _build_and_load(key: int, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool):
     config = AutoConfig.from_pretrained(path)
     family = family_module(config.model_type, path)
     model = family.build(config, dtype=dtype, device="meta")
@@ -66,7 +74,7 @@ def _load_shard(key: int, path: str, dtype, max_batch_size: int, max_seq_len: in
         tensors = {k: v for k, v in tensors.items() if not family.IGNORED_CHECKPOINT_NAMES.search(k)}
         if hasattr(family, "adapt_checkpoint"):  # legacy names, heads the checkpoint has but the model lacks, tying
             tensors = family.adapt_checkpoint(tensors, model)
-        if progress and ps.get_tensor_model_parallel_rank() == 0:
+        if progress:
             tensors = _with_progress(tensors, f"loading {Path(path).name} at tp={ps.get_tensor_model_parallel_size()}")
         load_state_dict_from_full(model, tensors, source=path)
     model.to(device)
@@ -176,7 +184,8 @@ def from_pretrained_parallel(
     """Load a zoo model, Hugging Face repo id, local HF directory or `nxd convert` output, sharded over tp.
 
     In a plain process this starts tp worker processes (or uses `workers`, a
-    WorkerGroup of size tp, shared with other models); under torchrun it uses
+    WorkerGroup of size tp, shared with other models; tp=1 on a larger group
+    keeps a whole copy in every worker, as for a speculative draft); under torchrun it uses
     the existing process group. Everything that can be checked is checked here
     first, so bad input fails before a process starts.
     """
@@ -193,14 +202,19 @@ def from_pretrained_parallel(
             raise ValueError(f"{path} was converted for tp={saved_tp}, not tp={tp}: run `nxd reshard {path} OUT --tp {tp}`")
     dtype = dtype or _default_dtype(config, path)
     max_seq_len = max_seq_len or _default_max_seq_len(family, config)
-    if workers is not None and workers.tp != tp:
-        raise ValueError(f"the worker group runs tp={workers.tp}, but tp={tp} was asked for")
+    # tp=1 on a larger group: every worker holds a whole copy (a small speculative draft: no collectives).
+    replicated = workers is not None and tp == 1 and workers.tp > 1
+    if workers is not None and workers.tp != tp and not replicated:
+        raise ValueError(
+            f"the worker group runs tp={workers.tp}, but tp={tp} was asked for: use tp={workers.tp} to shard "
+            "over it, or tp=1 for a whole copy in every worker"
+        )
 
     owns_group = workers is None
     group = workers if workers is not None else start_workers(tp, device=device)
     key = next(_KEYS)
     try:
-        group.run(_load_shard, key, str(path), dtype, max_batch_size, max_seq_len, device, progress)
+        group.run(_load_shard, key, str(path), dtype, max_batch_size, max_seq_len, device, progress, replicated)
     except BaseException:
         if owns_group:
             group.close()

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
+
+# Trained by scripts/train_demo_models.py and shipped in the package (see demo_models/README.md).
+DEMO_MODELS = Path(__file__).parent / "demo_models"
 
 
 @dataclass(frozen=True)
 class ZooModel:
     name: str
     family: str
-    repo_id: str
+    repo_id: str  # on the Hugging Face hub; empty for a bundled model
     description: str
+    bundled: Path | None = None  # a directory inside the package: no download
 
 
 _MODELS = [
+    ZooModel("demo-llama", "llama", "", "bundled 5M-parameter Llama trained on Python's stdlib (tp 1/2/4)", DEMO_MODELS / "demo-llama"),
+    ZooModel("demo-llama-draft", "llama", "", "bundled 1.5M-parameter draft for demo-llama (same tokenizer)", DEMO_MODELS / "demo-llama-draft"),
     ZooModel("llama-2-7b", "llama", "meta-llama/Llama-2-7b-hf", "Llama-2 7B base"),
     ZooModel("llama-2-7b-chat", "llama", "meta-llama/Llama-2-7b-chat-hf", "Llama-2 7B chat"),
     ZooModel("llama-2-13b", "llama", "meta-llama/Llama-2-13b-hf", "Llama-2 13B base"),

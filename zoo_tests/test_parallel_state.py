@@ -1,6 +1,7 @@
 """Process group layout: contiguous TP groups, DP across them, clear errors."""
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from nxd_core import parallel_state as ps
@@ -61,3 +62,23 @@ def test_single_process_without_a_process_group():
         ps.destroy_model_parallel()
     with pytest.raises(RuntimeError, match="needs a torch.distributed process group"):
         ps.initialize_model_parallel(2)
+
+
+def _replicated_layers(x):
+    from nxd_core.layers import ColumnParallelLinear, RowParallelLinear
+
+    torch.manual_seed(0)
+    with ps.replicated():
+        inside = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
+        up, down = ColumnParallelLinear(8, 16, gather_output=False), RowParallelLinear(16, 8, input_is_parallel=True)
+    # built whole: runs outside the context with no collective, like the same layers at tp=1
+    return inside, ps.get_tensor_model_parallel_size(), tuple(up.weight.shape), down(up(x))
+
+
+def test_replicated_builds_whole_layers_inside_a_tp_group(tp_runner):
+    x = torch.randn(3, 8)
+    results = tp_runner.run(2, _replicated_layers, x)
+    local = _replicated_layers(x)
+    for inside, after, shape, y in results:
+        assert inside == (1, 0) and after == 2 and shape == (16, 8)
+        torch.testing.assert_close(y, local[3], rtol=0, atol=0)

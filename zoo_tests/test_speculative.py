@@ -45,6 +45,38 @@ def test_speculative_greedy_equals_greedy(tp_runner, pair, tp, draft_kind):
                     assert spec.stats["acceptance_rate"] < 1.0
 
 
+def test_replicated_draft_beside_a_sharded_target(tp_runner, pair):
+    """tp=1 on the target's tp=2 group: each worker holds a whole draft, whose steps exchange nothing."""
+    target_path, draft_path = pair
+    ids, mask = left_padded_batch()
+    workers = tp_runner.workers(2)
+    common = dict(max_batch_size=3, max_seq_len=48, workers=workers, progress=False)
+    with from_pretrained_parallel(target_path, tp=2, **common) as target, \
+            from_pretrained_parallel(draft_path, tp=1, **common) as draft, \
+            from_pretrained_parallel(draft_path, tp=2, **common) as sharded_draft:
+        assert draft.run(_draft_shapes, draft.key) == _full_shapes(draft_path)
+        assert sharded_draft.run(_draft_shapes, sharded_draft.key) != _full_shapes(draft_path)
+        plain = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
+        replicated = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[],
+                                     draft_model=draft, num_speculative_tokens=3)
+        sharded = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[],
+                                  draft_model=sharded_draft, num_speculative_tokens=3)
+    assert replicated.tokens == plain.tokens
+    assert replicated.stats["accepted_histogram"] == sharded.stats["accepted_histogram"]  # the same draft, two layouts
+
+
+def _draft_shapes(key):
+    from nxd_core.workers import worker_state
+
+    return {name: tuple(t.shape) for name, t in worker_state()[key].state_dict().items()}
+
+
+def _full_shapes(path):
+    from transformers import LlamaForCausalLM
+
+    return {name: tuple(t.shape) for name, t in LlamaForCausalLM.from_pretrained(path).state_dict().items()}
+
+
 def test_compiled_speculative_greedy_equals_greedy(tp_runner, pair, tp=2):
     """compile=True runs the draft's steps and the target's verification through torch.compile."""
     target_path, draft_path = pair
