@@ -559,7 +559,7 @@ print(model)
 per row) and `stats` (token counts, seconds, tokens per second). Greedy decoding by default.
 """),
     code("""
-prompt = "def read_lines(path):\\n"
+prompt = "def read_lines(path):\\n    with open(path) as f:\\n"
 greedy = model.generate(prompt, max_new_tokens=MAX_NEW_TOKENS)
 print(prompt + greedy.texts[0])
 print({k: round(v, 2) if isinstance(v, float) else v for k, v in greedy.stats.items()})
@@ -602,7 +602,7 @@ row continues from its last real token. Each row equals the prompt generated on 
 `max_batch_size` (given at load: the KV cache is preallocated in the workers).
 """),
     code("""
-prompts = ["import os\\n", "class Stack:\\n    def __init__(self", prompt]
+prompts = ["def fibonacci(n):\\n", "class Stack:\\n    def __init__(self", prompt]
 batch = model.generate(prompts, max_new_tokens=MAX_NEW_TOKENS)
 for p, text in zip(prompts, batch.texts):
     print(f"--- {p!r}\\n{p}{text}")
