@@ -522,7 +522,7 @@ LLAMA = [
 
 `from_pretrained_parallel` loads a Llama checkpoint sharded over `TP` worker processes (each streams only its
 slices of the safetensors) and generates inside the workers: greedy, seeded sampling, batches with left
-padding, streaming, and speculative decoding with a small draft model sharded over the same workers.
+padding, streaming, and speculative decoding with a small draft model copied into the same workers.
 
 The parameter cell picks the models. By default it uses the bundled demo pair, `demo-llama` and its draft
 `demo-llama-draft`: small Llamas trained on Python source that ship with the package, so the notebook runs
@@ -613,14 +613,15 @@ for p, tokens in zip(prompts, batch.tokens):
     md("""
 ## Speculative decoding with a draft model
 
-The draft is loaded into the target's worker group (`workers=model.group`): each round it proposes
-`num_speculative_tokens` tokens and the target checks them in one forward pass. Greedy speculative output is
-exactly the target's greedy output; `stats` report the acceptance rate and the histogram of accepted draft
-tokens per round. On tiny CPU models the speed-up is small or negative (the round trips dominate); on a 7B
-target with a 1B draft it is where the time goes.
+The draft is loaded into the target's worker group (`workers=model.group`) with `tp=1`: every worker keeps
+a whole copy of the small draft, so its steps need no collective (with `tp=TP` it would be sharded like the
+target, for drafts too big to copy). Each round the draft proposes `num_speculative_tokens` tokens and the
+target checks them in one forward pass. Greedy speculative output is exactly the target's greedy output;
+`stats` report the acceptance rate and the histogram of accepted draft tokens per round.
+`python benchmarks/generate.py --demo --tp 2` times it against target-only decoding.
 """),
     code("""
-draft = from_pretrained_parallel(DRAFT, tp=TP, dtype=getattr(torch, DTYPE), max_batch_size=4, workers=model.group, progress=False)
+draft = from_pretrained_parallel(DRAFT, tp=1, dtype=getattr(torch, DTYPE), max_batch_size=4, workers=model.group, progress=False)
 speculative = model.generate(prompt, max_new_tokens=MAX_NEW_TOKENS, draft_model=draft, num_speculative_tokens=4)
 print(prompt + speculative.texts[0])
 stats = speculative.stats
