@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py                  # ~20M-parameter Llama layout, bf16, tp=1
     python benchmarks/generate.py --layout 1b      # ~1.1B parameters, where decoding is memory-bound
+    python benchmarks/generate.py --demo --tp 2    # the bundled demo pair: speculative vs target-only
 
 Everything runs on the same random weights and the same number of threads, one after another.
 The roofline is the weight bytes read per decoded token over the memory bandwidth measured here.
@@ -55,6 +56,36 @@ def ours(model, prompt, new_tokens, **kwargs) -> dict:
     return result.stats
 
 
+DEMO_PROMPT = "import os\n\n\nclass Reader:\n    def __init__(self, path):\n        "
+
+
+def demo_pair(args) -> None:
+    """Target-only against speculative decoding on the bundled pair, compiled and eager, same prompt."""
+    from nxd_models import from_pretrained_parallel
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.tp)
+    print(f"demo-llama at tp={args.tp} ({threads} threads per worker), demo-llama-draft copied into each worker, "
+          f"k={args.k}, {args.new_tokens} new tokens\n")
+    from nxd_core.workers import WorkerGroup
+
+    with WorkerGroup(args.tp, threads_per_worker=threads) as group:
+        load = dict(workers=group, max_seq_len=512, progress=False)
+        target = from_pretrained_parallel("demo-llama", tp=args.tp, **load)
+        draft = from_pretrained_parallel("demo-llama-draft", tp=1, **load)
+        print(f"{'':22s} {'target only':>12s} {'speculative':>12s} {'speedup':>8s} {'acceptance':>11s}  rounds that accepted 0..k")
+        for compile in (False, True):
+            common = dict(max_new_tokens=args.new_tokens, eos_token_id=[], compile=compile)
+            for kwargs in ({}, dict(draft_model=draft, num_speculative_tokens=args.k)):
+                target.generate(DEMO_PROMPT, **{**common, **kwargs, "max_new_tokens": 8})  # warm-up (compiles)
+            plain = target.generate(DEMO_PROMPT, **common)
+            spec = target.generate(DEMO_PROMPT, **common, draft_model=draft, num_speculative_tokens=args.k)
+            assert spec.tokens == plain.tokens, "speculative greedy output must equal target-only greedy output"
+            a, b = plain.stats["tokens_per_second"], spec.stats["tokens_per_second"]
+            print(f"{'compiled' if compile else 'eager':22s} {a:9.1f} t/s {b:9.1f} t/s {b / a:7.2f}x "
+                  f"{spec.stats['acceptance_rate']:10.0%}  {spec.stats['accepted_histogram']}")
+        print("\n" + DEMO_PROMPT + plain.texts[0])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="20m")
@@ -65,7 +96,10 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=4, help="speculative tokens per round")
     parser.add_argument("--threads", type=int, default=None, help="threads for HF and for each worker (default: all cores / tp)")
     parser.add_argument("--workdir", help="where to put the checkpoints (default: a temporary directory)")
+    parser.add_argument("--demo", action="store_true", help="time the bundled demo-llama pair instead (speculative vs target-only)")
     args = parser.parse_args(argv)
+    if args.demo:
+        return demo_pair(args)
 
     from nxd_core.workers import WorkerGroup
     from nxd_models import from_pretrained_parallel
@@ -91,7 +125,7 @@ def main(argv=None) -> None:
         load = dict(tp=args.tp, dtype=torch.bfloat16, max_seq_len=slots, progress=False)
         with WorkerGroup(args.tp, threads_per_worker=threads) as group:
             target = from_pretrained_parallel(work / "target", workers=group, **load)
-            draft = from_pretrained_parallel(work / "draft", workers=group, **load)
+            draft = from_pretrained_parallel(work / "draft", workers=group, **{**load, "tp": 1})  # a copy per worker
             same = from_pretrained_parallel(work / "target", workers=group, **load)
             ours(target, prompt, 8, compile=False)  # warm-up
             eager = ours(target, prompt, args.new_tokens, compile=False)
