@@ -25,7 +25,7 @@ import torch
 
 from nxd_core.workers import worker_state
 
-from .runner import compiled, prefill, seeded_generator, validity_mask
+from .runner import compiled, prefill, seeded_generator, trusted_guards, validity_mask
 from .sampling import SamplingParams, next_tokens, probabilities
 
 
@@ -43,6 +43,7 @@ class SpeculativeSession:
     max_new_tokens: int
     draft: Callable | None = None  # the draft's and the target's compute (model.compute, or its compiled version)
     target: Callable | None = None
+    rounds: int = 0
     accepted: list[int] = field(default_factory=list)  # histogram: rounds (per row) that accepted i draft tokens
 
 
@@ -159,7 +160,10 @@ def resume(target_key: int, rounds: int):
         for _ in range(rounds):
             if bool(session.finished.all()):
                 break
-            for row, tokens in enumerate(speculate_round(session)):
+            with trusted_guards(session.rounds > 0):  # every round calls both models with the same shapes
+                round_tokens = speculate_round(session)
+            session.rounds += 1
+            for row, tokens in enumerate(round_tokens):
                 gained[row] += tokens
     return gained, bool(session.finished.all()), list(session.accepted)
 
