@@ -29,3 +29,9 @@ def test_generate_prints_the_comparison_table(tmp_path):
     out = _run("generate.py", "--layout", "tiny", "--draft-layout", "tiny", "--new-tokens", "8", "--workdir", str(tmp_path))
     for row in ("HF generate (eager)", "ours, eager", "ours, compiled", "roofline", "acceptance", "rounds that accepted"):
         assert row in out
+
+
+def test_generate_demo_pair_prints_speculative_speedup():
+    out = _run("generate.py", "--demo", "--tp", "2", "--new-tokens", "16")
+    for row in ("target only", "speculative", "speedup", "eager", "compiled", "class Reader:"):
+        assert row in out
