@@ -29,7 +29,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -100,7 +100,7 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
 
 
-def _aliases(model: nn.Module) -> dict[str, str]:
+def tied_aliases(model: nn.Module) -> dict[str, str]:
     """Tied names (a second name for a tensor already listed) -> the first name, e.g. lm_head.weight."""
     first: dict[int, str] = {}
     aliases = {}
@@ -119,7 +119,7 @@ def load_state_dict_from_full(model: nn.Module, full_state: Mapping, strict: boo
     """
     rank = ps.get_tensor_model_parallel_rank()
     tp = ps.get_tensor_model_parallel_size()
-    aliases = _aliases(model)
+    aliases = tied_aliases(model)
     targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in aliases}
     found = [k for k in full_state.keys() if k not in aliases]
     for name in check_keys(targets, found, source, strict):

@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from . import parallel_state as ps
-from .checkpoint import check_keys, open_full_checkpoint
+from .checkpoint import check_keys, open_full_checkpoint, tied_aliases
 from .sharding import ShardSpec, get_sharding, shard_tensor
 from .trace_format import TracedModelError, graph_file, tensor_meta, to_dtype, weights_file
 from .workers import return_freed_memory, worker_state
@@ -134,17 +134,6 @@ def _state_names(tensors: dict, io_aliases) -> list[str]:
     return names
 
 
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """Tied names (lm_head.weight tied to the embedding) -> the name the model's tensors go by."""
-    first, aliases = {}, {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in first:
-            aliases[name] = first[id(tensor)]
-        else:
-            first[id(tensor)] = name
-    return aliases
-
-
 def trace_shard(key: str, func, example_sets: list[tuple], inline: bool, compiled: bool) -> dict:
     """Build this rank's model with func(), export it once per bucket; return what the front end needs."""
     built = func()
@@ -178,8 +167,8 @@ def trace_shard(key: str, func, example_sets: list[tuple], inline: bool, compile
         info["weights"] = {
             "order": list(tensors),
             "sharding": {n: s.to_json() for n, s in sharding.items() if s is not None},
-            "checkpoint_names": [n for n in checkpoint_names if n not in _aliases(model)],
-            "aliases": _aliases(model),
+            "checkpoint_names": [n for n in checkpoint_names if n not in tied_aliases(model)],
+            "aliases": tied_aliases(model),
         }
         info["state"] = {name: tensor_meta(tensors[name]) for name in state}
     return info

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from nxd_core.checkpoint import _aliases, convert_to_sharded, open_full_checkpoint
+from nxd_core.checkpoint import tied_aliases, convert_to_sharded, open_full_checkpoint
 from nxd_core.sharding import sharding_specs
 
 from . import hub
@@ -35,7 +35,7 @@ def family_specs(config, checkpoint_names=None) -> tuple[dict, set | None]:
         taken = set(checkpoint_names)
         if hasattr(family, "adapt_checkpoint"):
             taken = set(family.adapt_checkpoint(dict.fromkeys(checkpoint_names), model))
-    aliases = _aliases(model)  # tied names are not stored
+    aliases = tied_aliases(model)  # tied names are not stored
     return {name: spec for name, spec in sharding_specs(model).items() if name not in aliases}, taken
 
 

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig
 
 from nxd_core import parallel_state as ps
-from nxd_core.checkpoint import MANIFEST, _aliases, check_keys, load, load_state_dict_from_full, open_full_checkpoint, read_manifest
+from nxd_core.checkpoint import MANIFEST, tied_aliases, check_keys, load, load_state_dict_from_full, open_full_checkpoint, read_manifest
 from nxd_core.workers import WorkerGroup, start_workers, worker_state
 
 from . import hub
@@ -66,7 +66,7 @@ def _build_and_load(key: int, path: str, dtype, max_batch_size: int, max_seq_len
         if hasattr(family, "adapt_checkpoint"):
             family.adapt_checkpoint(dict.fromkeys(saved), model)  # ties the model as the checkpoint was
         # Tied names (T5's embed_tokens, a tied lm_head) are not stored: check the others, then load leniently.
-        aliases = _aliases(model)
+        aliases = tied_aliases(model)
         check_keys([n for n in model.state_dict() if n not in aliases], saved, path)
         load(path, model, sharded=True, strict=False)
     else:

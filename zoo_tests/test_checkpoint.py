@@ -16,7 +16,6 @@ from torch import nn
 from transformers import BertForSequenceClassification
 
 from bert_fixtures import tiny_batch, tiny_bert_config
-from nxd_core import parallel_state as ps
 from nxd_core.checkpoint import (
     CheckpointError, consolidate, convert_to_sharded, load, load_state_dict_from_full, reshard, save,
 )

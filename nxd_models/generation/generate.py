@@ -233,11 +233,16 @@ def _cut_at_stop(text: str, stop: list[str]) -> str:
 
 def stream(model, prompt, stats: dict | None = None, **kwargs) -> Iterator[str]:
     """Text pieces for one prompt as they are generated; `stats` (a dict) gets counts and timings."""
+    stats = stats if stats is not None else {}
+    return text_pieces(model, steps(model, prompt, chunk=1, stats=stats, **kwargs), stats, kwargs.get("eos_token_id"))
+
+
+def text_pieces(model, produced: Iterator[list[list[int]]], stats: dict, eos_token_id=None) -> Iterator[str]:
+    """The decoded text of one row's token chunks, piece by piece as whole characters arrive."""
     shown = ""
     tokens: list[int] = []
-    stats = stats if stats is not None else {}
-    eos = _eos_ids(model, kwargs.get("eos_token_id"))
-    with closing(steps(model, prompt, chunk=1, stats=stats, **kwargs)) as produced:
+    eos = _eos_ids(model, eos_token_id)
+    with closing(produced):
         for chunk in produced:
             tokens += _until_eos(chunk[0], eos, already=tokens)
             text = model.tokenizer.decode(tokens, skip_special_tokens=True)

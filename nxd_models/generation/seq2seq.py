@@ -18,7 +18,7 @@ import torch
 
 from nxd_core.workers import worker_state
 
-from .generate import GenerationResult, _eos_ids, _pad_id, _until_eos
+from .generate import GenerationResult, _eos_ids, _pad_id, _until_eos, text_pieces
 from .runner import seeded_generator
 from .sampling import SamplingParams, next_tokens
 
@@ -229,14 +229,5 @@ def _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_
 
 def stream(model, prompt, stats: dict | None = None, **kwargs) -> Iterator[str]:
     """Text pieces for one source as they are generated (greedy or sampling)."""
-    shown, tokens = "", []
     stats = stats if stats is not None else {}
-    eos = _eos_ids(model, kwargs.get("eos_token_id"))
-    with closing(steps(model, prompt, chunk=1, stats=stats, **kwargs)) as produced:
-        for chunk in produced:
-            tokens += _until_eos(chunk[0], eos, already=tokens)
-            text = model.tokenizer.decode(tokens, skip_special_tokens=True)
-            if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole characters
-                yield text[len(shown):]
-                shown = text
-    stats["new_tokens"] = len(tokens)
+    return text_pieces(model, steps(model, prompt, chunk=1, stats=stats, **kwargs), stats, kwargs.get("eos_token_id"))
