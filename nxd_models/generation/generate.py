@@ -48,7 +48,8 @@ def _pad_id(model, eos: list[int]) -> int:
     return eos[0] if eos else 0
 
 
-def _encode(model, prompts, input_ids, attention_mask):
+def encode_prompts(model, prompts, input_ids, attention_mask):
+    """(input_ids, attention_mask) from text (the checkpoint's tokenizer, padded on its side) or from ids."""
     if prompts is not None:
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -94,7 +95,7 @@ def steps(
     if compile is None:
         compile = max_new_tokens >= COMPILE_FROM_TOKENS
     params = SamplingParams(do_sample, temperature, top_k, top_p)
-    input_ids, attention_mask = _encode(model, prompts, input_ids, attention_mask)
+    input_ids, attention_mask = encode_prompts(model, prompts, input_ids, attention_mask)
     batch, prompt_len = input_ids.shape
     extra = num_speculative_tokens if draft_model is not None else 0
     if batch > model.max_batch_size:

@@ -18,7 +18,7 @@ import torch
 
 from nxd_core.workers import worker_state
 
-from .generate import GenerationResult, _eos_ids, _pad_id, _until_eos, text_pieces
+from .generate import GenerationResult, _eos_ids, _pad_id, _until_eos, encode_prompts, text_pieces
 from .runner import seeded_generator
 from .sampling import SamplingParams, next_tokens
 
@@ -117,20 +117,6 @@ def end(key: int) -> None:
 # -- the front end ------------------------------------------------------------------------------
 
 
-def _sources(model, prompts, input_ids, attention_mask):
-    if prompts is not None:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        encoded = model.tokenizer(prompts, return_tensors="pt", padding=True)
-        return encoded["input_ids"], encoded["attention_mask"]
-    if input_ids is None:
-        raise ValueError("generate needs prompts (text) or input_ids")
-    input_ids = torch.as_tensor(input_ids)
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
-    return input_ids, attention_mask
-
-
 def decoder_start_token_id(model) -> int:
     for source in (model.generation_config, model.config):
         value = getattr(source, "decoder_start_token_id", None)
@@ -157,7 +143,7 @@ def steps(model, prompts=None, *, input_ids=None, attention_mask=None, max_new_t
           eos_token_id=None, chunk: int | None = None, stats: dict | None = None) -> Iterator[list[list[int]]]:
     """New tokens as they are made, per row (greedy or sampling); chunk = decode steps per round trip."""
     params = SamplingParams(do_sample, temperature, top_k, top_p)
-    input_ids, attention_mask = _sources(model, prompts, input_ids, attention_mask)
+    input_ids, attention_mask = encode_prompts(model, prompts, input_ids, attention_mask)
     _check_sizes(model, input_ids.shape[0], max_new_tokens)
     if max_new_tokens < 1:
         return
@@ -215,7 +201,7 @@ def _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_
         raise ValueError(f"beam search is deterministic here: {', '.join(unsupported)} cannot be combined with num_beams > 1")
     if not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences must be between 1 and num_beams={num_beams}, got {num_return_sequences}")
-    input_ids, attention_mask = _sources(model, prompts, input_ids, attention_mask)
+    input_ids, attention_mask = encode_prompts(model, prompts, input_ids, attention_mask)
     _check_sizes(model, input_ids.shape[0] * num_beams, max_new_tokens)
     from .beam import beam_search  # beam.py builds on this module's decoding steps
 
