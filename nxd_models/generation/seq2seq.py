@@ -18,7 +18,7 @@ import torch
 
 from nxd_core.workers import worker_state
 
-from .generate import GenerationResult, _eos_ids, _pad_id, _until_eos, encode_prompts, text_pieces
+from .generate import GenerationResult, _all_finished, _eos_ids, _pad_id, _until_eos, encode_prompts, text_pieces
 from .runner import seeded_generator
 from .sampling import SamplingParams, next_tokens
 
@@ -156,7 +156,7 @@ def steps(model, prompts=None, *, input_ids=None, attention_mask=None, max_new_t
     stats.update(prompt_tokens=int(attention_mask.sum()), first_chunk_seconds=time.perf_counter() - began)
     try:
         yield first
-        done = max(len(r) for r in first) >= max_new_tokens or (bool(eos) and all(any(t in eos for t in r) for r in first))
+        done = max(len(r) for r in first) >= max_new_tokens or _all_finished(first, eos)
         while not done:
             tokens, done = model.run(resume, model.key, chunk)
             if tokens.shape[1]:
