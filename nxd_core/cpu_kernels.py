@@ -28,6 +28,7 @@ MAX_K = 4096
 
 _SOURCE = Path(__file__).with_name("bf16_linear.cpp")
 _extension = None  # torch.ops.nxd.bf16_linear, once prepare() succeeded in this process
+_unavailable = False  # prepare() found no AVX2/FMA or could not build: not tried again in this process
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -40,10 +41,11 @@ def _cpu_has_avx2_fma() -> bool:
 
 def prepare() -> bool:
     """Build (or load from the cache) and enable the kernel in this process; False where it cannot run."""
-    global _extension
+    global _extension, _unavailable
     if _extension is not None:
         return True
-    if not _cpu_has_avx2_fma():
+    if _unavailable or not _cpu_has_avx2_fma():
+        _unavailable = True
         return False
     from torch.utils.cpp_extension import load
 
@@ -56,6 +58,7 @@ def prepare() -> bool:
         )
     except Exception as error:  # no compiler, no ninja: decoding still works, on ATen
         warnings.warn(f"nxd-zoo's bf16 CPU kernel could not be built ({error}); using torch's F.linear", stacklevel=2)
+        _unavailable = True
         return False
     _register_shape_function()
     _extension = torch.ops.nxd.bf16_linear
