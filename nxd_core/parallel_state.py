@@ -34,10 +34,13 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
     return numerator // denominator
 
 
-def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, collectives: str = "auto", timeout=None) -> None:
     """Build the TP and DP groups over the default process group.
 
     Every rank must call this, in the same order as any other group creation.
+    collectives: "auto" (shared memory where a TP group is on one host, else the backend's) or
+    "gloo"/"backend" to force the process group's own collectives. timeout: a timedelta after
+    which a collective that waits on a peer fails (None: torch's default).
     """
     global _TP_GROUP, _DP_GROUP, _TP_RANKS, _DP_RANKS, _TP_SIZE, _INITIALIZED
     tp = int(tensor_model_parallel_size)
@@ -67,11 +70,11 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
     rank = dist.get_rank()
     # new_group is collective over the whole world: every rank creates every group.
     for ranks in _TP_RANKS:
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             _TP_GROUP = group
     for ranks in _DP_RANKS:
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             _DP_GROUP = group
     _TP_SIZE = tp

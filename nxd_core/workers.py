@@ -100,6 +100,7 @@ class WorkerGroup:
         start_timeout: float = 120.0,
         collective_timeout: float = 600.0,
         error_grace: float = 10.0,
+        collectives: str = "auto",
     ):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -121,7 +122,7 @@ class WorkerGroup:
             config = dict(
                 rank=rank, world_size=world_size, tp=tp, device=device, backend=self.backend,
                 threads=threads, listen=(_HOST, listen_port), store=(_HOST, self._store.port),
-                collective_timeout=collective_timeout, sys_path=list(sys.path),
+                collective_timeout=collective_timeout, collectives=collectives, sys_path=list(sys.path),
             )
             proc = subprocess.Popen(
                 [sys.executable, "-c", "from nxd_core.workers import _worker_main; _worker_main()"],
@@ -393,7 +394,7 @@ def _init_worker(config: dict) -> None:
     if config["device"] == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(config["backend"], store=store, rank=rank, world_size=world, timeout=timeout)
-    ps.initialize_model_parallel(config["tp"])
+    ps.initialize_model_parallel(config["tp"], collectives=config["collectives"], timeout=timeout)
 
 
 # -- SPMD (torchrun) ----------------------------------------------------------------
