@@ -10,39 +10,59 @@ a notebook or a script work too) and gets each rank's result back:
 
 Workers are fresh interpreters started with `python -c` (not multiprocessing
 spawn), so the user's script is never re-imported and needs no
-`if __name__ == "__main__"` guard. The front end hosts the rendezvous store
-on a port the OS picks. Per-process state (a model, a KV cache) lives in
-`worker_state()` between calls.
+`if __name__ == "__main__"` guard. What runs inside them is worker_process.py;
+per-process state (a model, a KV cache) lives in `worker_state()` between calls.
+
+Safety (docs/design.md, "A reply belongs to one request"):
+- Every request carries an id that its replies echo; replies of an abandoned
+  request are recognised and dropped. Calls from several threads are serialized.
+- An interrupted call (KeyboardInterrupt in the front end) waits for its replies
+  before it re-raises, so the next call gets its own answer; the workers ignore SIGINT.
+- Liveness is judged by heartbeats: a worker that sends none for
+  `heartbeat_timeout` seconds while running a request (stopped, wedged) fails the
+  call with WorkerDied and the group is shut down; a worker that exits does so at once.
+- The control channel is a Unix socket in a private directory that accepts only
+  this group's own child processes; the rendezvous store listens on 127.0.0.1 only
+  and closes with the group.
 
 An exception in a worker is re-raised in the front end with the worker's
-traceback attached. A worker that dies, or ranks left stuck in a collective
-after another rank failed, shut the group down and raise within seconds.
+traceback attached. Ranks left stuck in a collective after another rank failed
+shut the group down within `error_grace` seconds.
 
 SPMD mode: under torchrun every rank runs the user's script; `start_workers`
-then returns a `LocalGroup` with the same `run` API that runs in-process.
+then returns a `LocalGroup` with the same interface that runs in-process.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
-import secrets
+import shutil
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-import traceback
 import weakref
-from datetime import timedelta
-from multiprocessing.connection import Client, Connection, Listener, wait
+from contextlib import contextmanager
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
 import cloudpickle
 import torch
 import torch.distributed as dist
 
 from . import parallel_state as ps
+from .worker_process import BEAT, CALL, REPLY, SHUTDOWN, STARTUP_REQUEST, return_freed_memory, worker_state
+
+__all__ = ["WorkerGroup", "LocalGroup", "WorkerDied", "WorkerError", "start_workers", "worker_state", "return_freed_memory"]
 
 _HOST = "127.0.0.1"
-_SHUTDOWN = "__nxd_shutdown__"
+_SMALL_MESSAGE = 64 << 10  # fits a socket's buffer: sent without waiting on the receiver
 
 
 class WorkerError(RuntimeError):
@@ -50,31 +70,7 @@ class WorkerError(RuntimeError):
 
 
 class WorkerDied(RuntimeError):
-    """A worker process exited while the front end was waiting on it."""
-
-
-_STATE: dict = {}
-
-
-def worker_state() -> dict:
-    """A dict that persists across calls inside one worker process (models, caches)."""
-    return _STATE
-
-
-def return_freed_memory() -> None:
-    """Give memory freed by Python back to the OS (glibc keeps freed heap memory otherwise).
-
-    Call after dropping a model in a long-lived worker: without it, the next model
-    loaded there would count on top of the last one's leftovers.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim
+    """A worker process exited, or stopped answering, while the front end was waiting on it."""
 
 
 def _cpu_count() -> int:
@@ -84,11 +80,60 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _loopback_interface() -> str:
+    """The loopback interface's name (gloo's own listeners bind to it)."""
+    for entry in sorted(Path("/sys/class/net").glob("*")):
+        try:
+            if int((entry / "flags").read_text(), 16) & 0x8:  # IFF_LOOPBACK
+                return entry.name
+        except (OSError, ValueError):
+            continue
+    return "lo"
+
+
+class _Call:
+    """One request in flight: which ranks still owe a reply, and when each was last heard from."""
+
+    def __init__(self, request: int, ranks, what: str):
+        now = time.monotonic()
+        self.request, self.what = request, what
+        self.pending = set(ranks)
+        self.results: dict[int, object] = {}
+        self.first_error: tuple[int, BaseException] | None = None
+        self.error_deadline = None
+        self.heard = {rank: now for rank in ranks}
+
+
+@contextmanager
+def _interrupts_deferred():
+    """Hold a KeyboardInterrupt until the block ends (in the main thread, where signals land):
+    a request half-sent to the ranks would leave the ranks that got it waiting for the others."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
 # -- the front end ------------------------------------------------------------------
 
 
 class WorkerGroup:
-    """`world_size` worker processes forming one process group; TP groups of size `tp`."""
+    """`world_size` worker processes forming one process group; TP groups of size `tp`.
+
+    heartbeat_timeout: seconds without a heartbeat from a worker that is running a
+    request before the call fails (the worker is stopped or wedged) and the group shuts down.
+    collective_timeout: seconds a collective inside a worker waits for its peers before it
+    raises there (a live worker stuck waiting on a peer that never comes).
+    error_grace: seconds the other ranks get to finish after one rank raised.
+    collectives: "auto" (shared memory within one host) or "gloo" to force the process group's.
+    """
 
     def __init__(
         self,
@@ -98,73 +143,86 @@ class WorkerGroup:
         backend: str | None = None,
         threads_per_worker: int | None = None,
         start_timeout: float = 120.0,
-        collective_timeout: float = 600.0,
+        collective_timeout: float = 300.0,
         error_grace: float = 10.0,
         collectives: str = "auto",
+        heartbeat_timeout: float = 20.0,
     ):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if heartbeat_timeout <= 0 or collective_timeout <= 0:
+            raise ValueError(f"heartbeat_timeout and collective_timeout must be > 0, got {heartbeat_timeout} and {collective_timeout}")
         tp = world_size if tp is None else tp
         ps.divide(world_size, tp, "world size")
         self.world_size, self.tp, self.device = world_size, tp, device
         self.backend = backend or ("nccl" if device == "cuda" else "gloo")
-        self.error_grace = error_grace
+        self.error_grace, self.heartbeat_timeout = error_grace, heartbeat_timeout
         self._closed = False
+        self._lock = threading.Lock()  # one request at a time on the group
+        self._requests = itertools.count(STARTUP_REQUEST + 1)
+        self._procs: list[subprocess.Popen] = []
+        self._conns: list[Connection | None] = [None] * world_size
+        self._store = None
         threads = threads_per_worker or max(1, _cpu_count() // world_size)
 
-        # The front end hosts the store: the OS picks its port, so nothing can race for it.
-        self._store = dist.TCPStore(_HOST, 0, is_master=True, wait_for_workers=False)
-        authkey = secrets.token_bytes(32)
-        self._listener = Listener((_HOST, 0), authkey=authkey)
-        listen_port = self._listener.address[1]
-        self._procs: list[subprocess.Popen] = []
-        for rank in range(world_size):
-            config = dict(
-                rank=rank, world_size=world_size, tp=tp, device=device, backend=self.backend,
-                threads=threads, listen=(_HOST, listen_port), store=(_HOST, self._store.port),
-                collective_timeout=collective_timeout, collectives=collectives, sys_path=list(sys.path),
-            )
-            proc = subprocess.Popen(
-                [sys.executable, "-c", "from nxd_core.workers import _worker_main; _worker_main()"],
-                stdin=subprocess.PIPE,
-            )
-            # The secret and config travel on stdin, never on the command line.
-            proc.stdin.write(pickle.dumps((authkey, config)))
-            proc.stdin.close()
-            self._procs.append(proc)
-        self._finalizer = weakref.finalize(self, _kill, self._procs)
-        self._conns: list[Connection | None] = [None] * world_size
+        # Control: a Unix socket in a directory only this user can enter; connections from any
+        # process other than our own workers are refused (the kernel tells us the peer's pid).
+        self._socket_dir = tempfile.mkdtemp(prefix="nxd-workers-")
+        control = os.path.join(self._socket_dir, "control")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._listener, self._socket_dir)
         try:
+            self._listener.bind(control)
+            self._listener.listen(world_size * 2)
+            self._store = _loopback_store()
+            environment = dict(os.environ)
+            environment.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())  # gloo's listeners: loopback only
+            for rank in range(world_size):
+                config = dict(
+                    rank=rank, world_size=world_size, tp=tp, device=device, backend=self.backend,
+                    threads=threads, control=control, store=(_HOST, self._store.port),
+                    collective_timeout=collective_timeout, collectives=collectives,
+                    heartbeat_interval=min(1.0, heartbeat_timeout / 5), sys_path=list(sys.path),
+                )
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", "from nxd_core.worker_process import main; main()"],
+                    stdin=subprocess.PIPE, env=environment,
+                    start_new_session=True,  # a terminal's Ctrl-C reaches the front end only
+                )
+                proc.stdin.write(pickle.dumps(config))  # the config travels on stdin, never on the command line
+                proc.stdin.close()
+                self._procs.append(proc)
             self._accept_all(start_timeout)
-            self._collect(range(world_size), what="start-up")
+            self._collect(_Call(STARTUP_REQUEST, range(world_size), "start-up"))
         except BaseException:
             self._shutdown()
             raise
 
     def _accept_all(self, timeout: float) -> None:
-        import threading
-
-        accepted: list[Connection] = []
-
-        def accept():
-            try:
-                while len(accepted) < self.world_size:
-                    accepted.append(self._listener.accept())
-            except OSError:
-                pass  # listener closed because start-up failed
-
-        thread = threading.Thread(target=accept, daemon=True)
-        thread.start()
         deadline = time.monotonic() + timeout
-        while thread.is_alive():
-            thread.join(0.2)
+        pids = {proc.pid: rank for rank, proc in enumerate(self._procs)}
+        self._listener.settimeout(0.2)
+        while any(conn is None for conn in self._conns):
             self._raise_if_dead("start-up")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"worker processes did not connect within {timeout:.0f}s")
-        for conn in accepted:
-            rank = pickle.loads(conn.recv_bytes())
+            try:
+                sock, _ = self._listener.accept()
+            except (socket.timeout, BlockingIOError):
+                continue
+            pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+            rank = pids.get(pid)
+            if rank is None or self._conns[rank] is not None:
+                sock.close()  # not one of our workers: refused, start-up goes on
+                continue
+            sock.settimeout(None)
+            conn = Connection(sock.detach())
+            if not conn.poll(max(1.0, deadline - time.monotonic())) or pickle.loads(conn.recv_bytes()) != rank:
+                conn.close()
+                raise RuntimeError(f"worker rank {rank} (pid {pid}) connected but did not identify itself")
             self._conns[rank] = conn
         self._listener.close()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _raise_if_dead(self, what: str) -> None:
         for rank, proc in enumerate(self._procs):
@@ -181,56 +239,132 @@ class WorkerGroup:
         return self.run_per_rank(fn, [args] * self.world_size, kwargs)
 
     def run_per_rank(self, fn, args_per_rank: list[tuple], kwargs: dict | None = None) -> list:
-        """Run fn(*args_per_rank[r], **kwargs) on rank r; return the results in rank order."""
-        if self._closed:
-            raise RuntimeError("this WorkerGroup is closed; start a new one")
+        """Run fn(*args_per_rank[r], **kwargs) on rank r; return the results in rank order.
+
+        Safe to call from several threads (calls run one at a time). A KeyboardInterrupt
+        while waiting lets the workers finish this call first, then re-raises, so the
+        group stays usable; a second one leaves the late replies to be dropped.
+        """
         if len(args_per_rank) != self.world_size:
             raise ValueError(f"need {self.world_size} argument tuples, got {len(args_per_rank)}")
-        for rank, conn in enumerate(self._conns):
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this WorkerGroup is closed; start a new one")
+            call = _Call(next(self._requests), range(self.world_size), _name(fn))
+            messages = [cloudpickle.dumps((CALL, call.request, fn, tuple(args), kwargs or {})) for args in args_per_rank]
+            with _interrupts_deferred():
+                self._send_all(messages, call)
             try:
-                conn.send_bytes(cloudpickle.dumps((fn, tuple(args_per_rank[rank]), kwargs or {})))
-            except OSError:
-                self._raise_if_dead(f"sending {_name(fn)}")
+                return self._collect(call)
+            except KeyboardInterrupt:
+                self._drain(call)
                 raise
-        return self._collect(range(self.world_size), what=_name(fn))
 
-    def _collect(self, ranks, what: str) -> list:
-        results: dict[int, object] = {}
-        pending = set(ranks)
-        first_error: tuple[int, BaseException] | None = None
-        error_deadline = None
-        while pending:
-            by_conn = {self._conns[r]: r for r in pending}
-            for conn in wait(list(by_conn), timeout=0.5):
+    def _send_all(self, messages: list[bytes], call: _Call) -> None:
+        if max(len(m) for m in messages) <= _SMALL_MESSAGE:
+            for rank, conn in enumerate(self._conns):
+                self._send(rank, conn, messages[rank], call)
+            return
+        # Large arguments: a sender thread per rank, so a stopped worker cannot block us forever.
+        errors: list[BaseException] = []
+
+        def send(rank):
+            try:
+                self._send(rank, self._conns[rank], messages[rank], call)
+            except BaseException as exc:
+                errors.append(exc)
+
+        senders = [threading.Thread(target=send, args=(r,), daemon=True) for r in range(self.world_size)]
+        for sender in senders:
+            sender.start()
+        deadline = time.monotonic() + self.heartbeat_timeout + len(max(messages, key=len)) / (100 << 20)
+        for rank, sender in enumerate(senders):
+            while sender.is_alive():
+                sender.join(0.2)
+                self._raise_if_dead(f"sending {call.what}")
+                if time.monotonic() > deadline:
+                    self._shutdown()
+                    raise WorkerDied(f"worker rank {rank} (pid {self._procs[rank].pid}) did not take the arguments of {call.what}; the group was shut down")
+        if errors:
+            raise errors[0]
+
+    def _send(self, rank: int, conn: Connection, data: bytes, call: _Call) -> None:
+        try:
+            conn.send_bytes(data)
+        except OSError:
+            self._raise_if_dead(f"sending {call.what}")
+            raise
+
+    def _drain(self, call: _Call) -> None:
+        """Wait for an interrupted call's replies (and drop them): the workers finish it first."""
+        try:
+            self._collect(call)
+        except KeyboardInterrupt:
+            pass  # interrupted again: later calls drop this call's replies by their id
+        except WorkerDied:
+            raise
+        except Exception:
+            pass  # the call's own error: the interrupt is what the caller asked for
+
+    def _collect(self, call: _Call) -> list:
+        last_look = time.monotonic()
+        while call.pending:
+            by_conn = {self._conns[r]: r for r in call.pending}
+            for conn in wait(list(by_conn), timeout=0.25):
                 rank = by_conn[conn]
                 try:
-                    status, payload = pickle.loads(conn.recv_bytes())
+                    message = pickle.loads(conn.recv_bytes())
                 except (EOFError, OSError):
                     try:  # the connection closes a moment before the exit code lands
                         self._procs[rank].wait(timeout=5)
                     except subprocess.TimeoutExpired:
                         pass
-                    self._raise_if_dead(what)
+                    self._raise_if_dead(call.what)
                     raise
-                pending.discard(rank)
+                call.heard[rank] = time.monotonic()
+                if message[0] == BEAT or message[1] != call.request:
+                    continue  # a heartbeat, or a late reply of an abandoned call
+                _, _, status, payload = message
+                call.pending.discard(rank)
                 if status == "ok":
-                    results[rank] = payload
-                elif first_error is None:
-                    first_error = (rank, _rebuild_exception(rank, payload))
-                    error_deadline = time.monotonic() + self.error_grace
-            if pending:
-                self._raise_if_dead(what)
-            if first_error and pending and time.monotonic() > error_deadline:
+                    call.results[rank] = payload
+                elif call.first_error is None:
+                    call.first_error = (rank, _rebuild_exception(rank, payload))
+                    call.error_deadline = time.monotonic() + self.error_grace
+            if not call.pending:
+                break
+            self._raise_if_dead(call.what)
+            now = time.monotonic()
+            if now - last_look > 2.0:  # this process itself was suspended: it heard nothing, the workers are not to blame
+                for rank in call.heard:
+                    call.heard[rank] += now - last_look
+            last_look = now
+            self._raise_if_silent(call, now)
+            if call.first_error and now > call.error_deadline:
                 self._shutdown()
-                rank, exc = first_error
+                rank, exc = call.first_error
                 exc.add_note(
-                    f"ranks {sorted(pending)} did not finish within {self.error_grace:.0f}s after rank {rank} "
+                    f"ranks {sorted(call.pending)} did not finish within {self.error_grace:.0f}s after rank {rank} "
                     "failed (likely waiting in a collective); the worker group was shut down."
                 )
                 raise exc
-        if first_error:
-            raise first_error[1]
-        return [results[r] for r in sorted(results)]
+        if call.first_error:
+            raise call.first_error[1]
+        return [call.results[r] for r in sorted(call.results)]
+
+    def _raise_if_silent(self, call: _Call, now: float) -> None:
+        silent = [r for r in sorted(call.pending) if now - call.heard[r] > self.heartbeat_timeout]
+        if not silent:
+            return
+        rank = silent[0]
+        pid = self._procs[rank].pid
+        state = _process_state(pid)
+        self._shutdown()
+        raise WorkerDied(
+            f"worker rank {rank} (pid {pid}{', ' + state if state else ''}) sent no heartbeat for "
+            f"{self.heartbeat_timeout:.0f}s while running {call.what}: it is stopped or hung. "
+            "The worker group was shut down; start a new one (heartbeat_timeout sets the limit)."
+        )
 
     @property
     def closed(self) -> bool:
@@ -242,12 +376,13 @@ class WorkerGroup:
 
     def close(self, timeout: float = 20.0) -> None:
         """Ask every worker to leave the process group cleanly, then make sure they are gone."""
-        if self._closed:
-            return
+        acquired = self._lock.acquire(timeout=timeout)  # a call in another thread finishes first
         try:
-            if all(p.poll() is None for p in self._procs):
+            if self._closed:
+                return
+            if acquired and all(p.poll() is None for p in self._procs):
                 for conn in self._conns:
-                    conn.send_bytes(cloudpickle.dumps(_SHUTDOWN))
+                    conn.send_bytes(cloudpickle.dumps((SHUTDOWN,)))
                 deadline = time.monotonic() + timeout
                 for proc in self._procs:
                     proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -255,14 +390,16 @@ class WorkerGroup:
             pass
         finally:
             self._shutdown()
+            if acquired:
+                self._lock.release()
 
     def _shutdown(self) -> None:
         self._closed = True
-        _kill(self._procs)
+        _cleanup(self._procs, self._listener, self._socket_dir)
         for conn in self._conns:
             if conn is not None:
                 conn.close()
-        self._listener.close()
+        self._store = None  # the store's server stops listening when it is dropped
         self._finalizer.detach()
 
     def __enter__(self):
@@ -276,10 +413,36 @@ class WorkerGroup:
         return f"WorkerGroup(world_size={self.world_size}, tp={self.tp}, backend={self.backend}, {state}, pids={self.pids})"
 
 
-def _kill(procs: list[subprocess.Popen]) -> None:
+def _loopback_store() -> dist.TCPStore:
+    """The rendezvous store, listening on 127.0.0.1 only (TCPStore's own server binds every
+    interface); the OS picks the port, so nothing can race for it."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind((_HOST, 0))
+        listener.listen(128)
+    except BaseException:
+        listener.close()
+        raise
+    port = listener.getsockname()[1]
+    # The store takes the descriptor over and closes it when it is dropped.
+    return dist.TCPStore(_HOST, port, is_master=True, wait_for_workers=False, master_listen_fd=listener.detach())
+
+
+def _process_state(pid: int) -> str:
+    """'stopped' / 'sleeping' / ... as /proc says, for the error message."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    return {"T": "stopped", "t": "stopped by a debugger", "D": "in uninterruptible sleep", "Z": "exited"}.get(fields[0], "")
+
+
+def _cleanup(procs: list[subprocess.Popen], listener: socket.socket, socket_dir: str) -> None:
+    listener.close()
+    shutil.rmtree(socket_dir, ignore_errors=True)
     for proc in procs:
         if proc.poll() is None:
-            proc.kill()
+            proc.kill()  # SIGKILL ends stopped processes too
     for proc in procs:
         try:
             proc.wait(timeout=10)
@@ -302,116 +465,40 @@ def _rebuild_exception(rank: int, payload: dict) -> BaseException:
     return exc
 
 
-# -- inside a worker ------------------------------------------------------------
-
-
-def _exit_when_orphaned(parent: int) -> None:
-    """End this worker when the front end dies, so no orphan is left behind.
-
-    A thread polls the parent pid (PR_SET_PDEATHSIG would fire when the thread
-    that started us exits, which is wrong for front ends started from a thread).
-    """
-    import threading
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="nxd-orphan-watch").start()
-
-
-def _reply(conn: Connection, status: str, payload) -> None:
-    try:
-        data = pickle.dumps((status, payload))
-    except Exception as exc:  # an unpicklable result becomes an error the user can read
-        error = TypeError(f"the result ({type(payload).__name__}) cannot be sent to the front end: {exc}")
-        data = pickle.dumps(("error", _error_payload(error)))
-    conn.send_bytes(data)
-
-
-def _error_payload(exc: BaseException) -> dict:
-    try:
-        exception = pickle.dumps(exc)
-        pickle.loads(exception)
-    except Exception:
-        exception = None
-    return {
-        "exception": exception,
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
-    }
-
-
-def _worker_main() -> None:
-    _exit_when_orphaned(os.getppid())
-    authkey, config = pickle.loads(sys.stdin.buffer.read())
-    for entry in config["sys_path"]:
-        if entry not in sys.path:
-            sys.path.append(entry)
-    conn = Client(tuple(config["listen"]), authkey=authkey)
-    conn.send_bytes(pickle.dumps(config["rank"]))
-    try:
-        _init_worker(config)
-    except BaseException as exc:
-        _reply(conn, "error", _error_payload(exc))
-        os._exit(1)
-    _reply(conn, "ok", os.getpid())
-
-    while True:
-        try:
-            message = cloudpickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            os._exit(1)  # the front end is gone
-        if message == _SHUTDOWN:
-            break
-        try:
-            fn, args, kwargs = message
-            result = fn(*args, **kwargs)
-        except BaseException as exc:
-            _reply(conn, "error", _error_payload(exc))
-        else:
-            _reply(conn, "ok", result)
-
-    # Processes that used functional collectives can abort in teardown: leave the
-    # group cleanly and skip the interpreter's own shutdown (DESIGN.md).
-    try:
-        _STATE.clear()
-        dist.barrier()
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
-    finally:
-        os._exit(0)
-
-
-def _init_worker(config: dict) -> None:
-    torch.set_num_threads(config["threads"])
-    rank, world = config["rank"], config["world_size"]
-    timeout = timedelta(seconds=config["collective_timeout"])
-    host, port = config["store"]
-    store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
-    if config["device"] == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(config["backend"], store=store, rank=rank, world_size=world, timeout=timeout)
-    ps.initialize_model_parallel(config["tp"], collectives=config["collectives"], timeout=timeout)
-
-
 # -- SPMD (torchrun) ----------------------------------------------------------------
 
 
 class LocalGroup:
-    """The same `run` API for SPMD mode: every rank already runs this script, so run in-process."""
+    """WorkerGroup's interface for SPMD mode: every rank already runs this script, so calls run in-process."""
 
     def __init__(self):
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.tp = ps.get_tensor_model_parallel_size()
+        self._lock = threading.RLock()  # threads of one rank's script still take turns, as in driver mode
+        self._closed = False
 
     def run(self, fn, *args, **kwargs) -> list:
-        return [fn(*args, **kwargs)]
+        return self.run_per_rank(fn, [args], kwargs)
+
+    def run_per_rank(self, fn, args_per_rank: list[tuple], kwargs: dict | None = None) -> list:
+        """This rank's own call: args_per_rank holds one tuple (this process is one rank)."""
+        if len(args_per_rank) != 1:
+            raise ValueError(f"in SPMD mode each rank runs its own call: need 1 argument tuple, got {len(args_per_rank)}")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this LocalGroup is closed")
+            return [fn(*args_per_rank[0], **(kwargs or {}))]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pids(self) -> list[int]:
+        return [os.getpid()]
 
     def close(self) -> None:
-        pass
+        self._closed = True  # the process group belongs to torchrun's script, not to us
 
     def __enter__(self):
         return self
