@@ -9,12 +9,16 @@ its calls on top: `ParallelModel` (causal LM, in parallel_model.py),
 
 from __future__ import annotations
 
+import threading
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 
 from nxd_core import parallel_state as ps
 from nxd_core.workers import LocalGroup, return_freed_memory, worker_state
+
+from .inputs import check_below, check_mask, check_vocabulary, matching, token_batch
 
 
 def _release(key: int) -> None:
@@ -32,6 +36,34 @@ def on_device(device, *tensors):
     return [t.to(device) if t is not None else None for t in tensors]
 
 
+class SessionLock:
+    """One caller at a time per model: its KV cache (and a generation's session) is one.
+
+    Other threads wait their turn. The thread that holds it (an unfinished stream)
+    gets an error instead of a deadlock: a second session there would overwrite
+    the first one's cache.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    @contextmanager
+    def held(self, what: str):
+        if self._owner == threading.get_ident():
+            raise RuntimeError(
+                f"{what} is still busy in this thread (an unfinished stream or generation): "
+                "finish it or close it (generator.close()) before the next call"
+            )
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._owner = None
+            self._lock.release()
+
+
 class ParallelHandle:
     """A tensor parallel model whose shards live in worker processes (or in this torchrun rank)."""
 
@@ -43,6 +75,23 @@ class ParallelHandle:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._key, self._owns_group, self._closed = key, owns_group, False
         self._tokenizer = self._generation_config = None
+        self._session_lock = SessionLock()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @contextmanager
+    def exclusive(self, *others):
+        """Hold this model (and others used with it, such as a draft) for one call or session;
+        locks are taken in key order so that two threads can never wait on each other."""
+        if self._closed:
+            raise RuntimeError("this model is closed")
+        models = sorted({id(m): m for m in (self, *others) if m is not None}.values(), key=lambda m: m.key)
+        with ExitStack() as stack:
+            for model in models:
+                stack.enter_context(model._session_lock.held(f"model {model.key} ({model.path.name})"))
+            yield
 
     @property
     def key(self) -> int:
@@ -91,8 +140,13 @@ class ParallelHandle:
         self._closed = True
         if self._owns_group:
             self.group.close()
-        elif not getattr(self.group, "closed", False):
+        elif not self.group.closed:
             self.group.run(_release, self._key)
+
+    def _ids(self, input_ids, name: str = "input_ids") -> torch.Tensor:
+        ids = token_batch(input_ids, name)
+        check_vocabulary(ids, self.config.vocab_size, name)
+        return ids
 
     def __enter__(self):
         return self
@@ -127,11 +181,15 @@ class ParallelEncoderModel(ParallelHandle):
     logits [batch, num_labels], masked-LM logits [batch, seq, vocab], or the bare model's hidden states."""
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        tensors = [None if t is None else torch.as_tensor(t).reshape(input_ids.shape) for t in (attention_mask, token_type_ids)]
-        return self.run(_encoder_forward, self.key, input_ids, *tensors, self.every_rank)
+        input_ids = self._ids(input_ids)
+        positions = self.config.max_position_embeddings
+        if input_ids.shape[1] > positions:
+            raise ValueError(f"{input_ids.shape[1]} tokens exceed this model's max_position_embeddings={positions}; shorten the input")
+        attention_mask = check_mask(attention_mask, input_ids)
+        token_type_ids = matching(token_type_ids, input_ids, "token_type_ids")
+        check_below(token_type_ids, self.config.type_vocab_size, "token_type_ids", "the config's type_vocab_size")
+        with self.exclusive():
+            return self.run(_encoder_forward, self.key, input_ids, attention_mask, token_type_ids, self.every_rank)
 
     def encode_text(self, texts, text_pairs=None) -> dict:
         """The tokenizer's input_ids, attention_mask and token_type_ids for a text (or pair) or a batch of them."""
@@ -175,24 +233,26 @@ class ParallelSeq2SeqModel(ParallelHandle):
     """T5-style encoder-decoders: encode(), logits for given decoder inputs, and generate()."""
 
     def _inputs(self, input_ids, attention_mask):
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask).reshape(input_ids.shape)
-        return input_ids, attention_mask
+        input_ids = self._ids(input_ids)
+        attention_mask = check_mask(attention_mask, input_ids)
+        return input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask
 
     def encode(self, input_ids, attention_mask=None) -> torch.Tensor:
         """The encoder's last hidden states [batch, seq, d_model]."""
-        return self.run(_seq2seq_encode, self.key, *self._inputs(input_ids, attention_mask), self.every_rank)
+        inputs = self._inputs(input_ids, attention_mask)
+        with self.exclusive():
+            return self.run(_seq2seq_encode, self.key, *inputs, self.every_rank)
 
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None) -> torch.Tensor:
         """Full-vocabulary logits [batch, decoder_seq, vocab] for decoder_input_ids (teacher forcing)."""
         if decoder_input_ids is None:
             raise ValueError("pass decoder_input_ids (they start with config.decoder_start_token_id), or use generate()")
-        decoder_input_ids = torch.as_tensor(decoder_input_ids)
-        if decoder_input_ids.dim() == 1:
-            decoder_input_ids = decoder_input_ids[None]
-        return self.run(_seq2seq_forward, self.key, *self._inputs(input_ids, attention_mask), decoder_input_ids, self.every_rank)
+        inputs = self._inputs(input_ids, attention_mask)
+        decoder_input_ids = self._ids(decoder_input_ids, "decoder_input_ids")
+        if decoder_input_ids.shape[0] != inputs[0].shape[0]:
+            raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows but input_ids has {inputs[0].shape[0]}")
+        with self.exclusive():
+            return self.run(_seq2seq_forward, self.key, *inputs, decoder_input_ids, self.every_rank)
 
     def generate(self, prompts=None, **kwargs):
         """Greedy, sampling or beam search; see nxd_models.generation.seq2seq.generate for the arguments."""

@@ -21,10 +21,12 @@ from transformers import AutoConfig
 
 from nxd_core import parallel_state as ps
 from nxd_core.checkpoint import MANIFEST, tied_aliases, check_keys, load, load_state_dict_from_full, open_full_checkpoint, read_manifest
+from nxd_core.safetensors_stream import check_complete
 from nxd_core.workers import WorkerGroup, start_workers, worker_state
 
 from . import hub
 from .handles import ParallelEncoderModel, ParallelHandle, ParallelSeq2SeqModel, model_device
+from .inputs import check_below, check_mask, matching
 from .registry import family_module
 
 _KEYS = itertools.count()
@@ -36,15 +38,21 @@ def _check_weights(path: Path) -> None:
         return
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = set(json.loads(index.read_text())["weight_map"].values())
-        missing = sorted(f for f in files if not (path / f).exists())
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index} is not a valid weights index ({exc}); download it again") from None
+        missing = [f for f in files if not (path / f).exists()]
         if missing:
             raise FileNotFoundError(f"{index} lists weights files that are missing: {missing}; download them again")
-        return
-    if not list(path.glob("*.safetensors")):
+    else:
+        files = [p.name for p in sorted(path.glob("*.safetensors"))]
+    if not files:
         legacy = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pth")]
         hint = f" (found {legacy}: nxd-zoo reads safetensors only; convert them)" if legacy else ""
         raise FileNotFoundError(f"no weights file in {path}: expected model.safetensors or model.safetensors.index.json{hint}")
+    for file in files:
+        check_complete(path / file)
 
 
 def _load_shard(key: int, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool, replicated: bool = False):
@@ -126,12 +134,28 @@ class ParallelModel(ParallelHandle):
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache_position=None) -> torch.Tensor:
         """Full-vocabulary logits [batch, seq, vocab] (see the family's forward for the arguments)."""
-        if self._closed:
-            raise RuntimeError("this model is closed")
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        results = self.group.run(_forward, self._key, input_ids, attention_mask, position_ids, cache_position, self.every_rank)
+        input_ids = self._ids(input_ids)
+        batch, seq = input_ids.shape
+        if cache_position is not None:
+            cache_position = torch.as_tensor(cache_position)
+            if cache_position.is_floating_point():
+                raise ValueError(f"cache_position must be integer slot indices, got {cache_position.dtype}")
+            if tuple(cache_position.shape) not in ((seq,), (batch, seq)):
+                raise ValueError(f"cache_position has shape {list(cache_position.shape)}; it needs one slot per token: [{seq}] or [{batch}, {seq}]")
+            check_below(cache_position, self.max_seq_len, "cache_position", f"the KV cache's max_seq_len={self.max_seq_len}")
+            if batch > self.max_batch_size:
+                raise ValueError(f"batch of {batch} exceeds the KV cache's max_batch_size={self.max_batch_size}")
+            # The mask covers every slot written so far (prompt and cache), not just these tokens.
+            mask = None if attention_mask is None else torch.as_tensor(attention_mask)
+            if mask is not None and (mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] > self.max_seq_len):
+                raise ValueError(f"attention_mask must be [batch={batch}, slots so far <= {self.max_seq_len}], got shape {list(mask.shape)}")
+        else:
+            attention_mask = check_mask(attention_mask, input_ids)
+            if seq > self.config.max_position_embeddings:
+                raise ValueError(f"{seq} tokens exceed this model's max_position_embeddings={self.config.max_position_embeddings}")
+        position_ids = matching(position_ids, input_ids, "position_ids")
+        with self.exclusive():
+            results = self.group.run(_forward, self._key, input_ids, attention_mask, position_ids, cache_position, self.every_rank)
         return results[0]
 
     # -- generation (nxd_models.generation) --------------------------------------------------
@@ -192,7 +216,10 @@ def from_pretrained_parallel(
     path = hub.resolve(name_or_path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}: not a Hugging Face model directory")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path / 'config.json'} cannot be read as a model config ({exc}); download or write it again") from None
     family = family_module(config.model_type, str(path))
     family.check_tp(config, tp)
     _check_weights(path)

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..inputs import check_generation, check_mask, check_vocabulary, is_token_ids, token_batch
 from . import runner, speculative
 from .sampling import SamplingParams
 
@@ -49,20 +50,62 @@ def _pad_id(model, eos: list[int]) -> int:
 
 
 def encode_prompts(model, prompts, input_ids, attention_mask):
-    """(input_ids, attention_mask) from text (the checkpoint's tokenizer, padded on its side) or from ids."""
+    """(input_ids, attention_mask) from text (the checkpoint's tokenizer, padded on its side) or from ids,
+    checked: ids inside the vocabulary, a mask of the ids' shape, no empty prompt.
+    Token ids given first (a tensor or lists of ints, as in HF's generate(input_ids)) mean ids."""
+    if prompts is not None and is_token_ids(prompts):
+        if input_ids is not None:
+            raise ValueError("token ids were given twice: first and as input_ids; pass one")
+        prompts, input_ids = None, prompts
     if prompts is not None:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        encoded = model.tokenizer(list(prompts), return_tensors="pt", padding=True)
-        return encoded["input_ids"], encoded["attention_mask"]
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts: give at least one")
+        wrong = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+        if wrong:
+            raise ValueError(f"prompts must be strings (or token ids as input_ids), got {wrong[0]}")
+        encoded = model.tokenizer(prompts, return_tensors="pt", padding=True)
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        empty = [repr(p) for p, row in zip(prompts, attention_mask) if int(row.sum()) == 0]
+        if empty or input_ids.shape[1] == 0:
+            raise ValueError(f"prompt {empty[0] if empty else repr(prompts[0])} has no tokens: give at least one")
     if input_ids is None:
         raise ValueError("generate needs prompts (text) or input_ids")
-    input_ids = torch.as_tensor(input_ids)
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
+    input_ids = token_batch(input_ids)
+    attention_mask = check_mask(attention_mask, input_ids)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    return input_ids, torch.as_tensor(attention_mask)
+    check_vocabulary(input_ids, model.config.vocab_size)
+    return input_ids, attention_mask
+
+
+class ChunkPlanner:
+    """How many decode steps (or speculative rounds) the next round trip asks for.
+
+    One round trip for the whole generation is fastest, but nothing can stop it
+    midway: an interrupt would wait for all of it. So the front end asks for
+    chunks sized to take about `target_seconds` each (a round trip costs well
+    under a millisecond): an interrupt waits at most about that long.
+    """
+
+    def __init__(self, chunk: int | None, target_seconds: float = 0.25, first: int = 4):
+        self.fixed = chunk
+        self.size = chunk or first
+        self.target = target_seconds
+
+    def next(self, steps_done: int, seconds: float) -> int:
+        if self.fixed:
+            return self.fixed
+        if steps_done > 0:
+            per_step = max(seconds, 1e-6) / steps_done
+            self.size = max(1, min(4 * self.size, int(self.target / per_step)))
+        return self.size
+
+
+def end_session(model, end, *keys) -> None:
+    """End a session in the workers, unless the group is already gone (then its error is the one to see)."""
+    if not model.group.closed:
+        model.run(end, *keys)
 
 
 def steps(
@@ -86,12 +129,14 @@ def steps(
 ) -> Iterator[list[list[int]]]:
     """New tokens as they are made, per row (rows may gain different numbers of tokens).
 
-    chunk: how many decode steps (speculative rounds) per round trip; default all at once.
+    chunk: how many decode steps (speculative rounds) per round trip; by default chunks of
+    about a quarter of a second each (ChunkPlanner), so that an interrupt is handled promptly.
     compile: decode with torch.compile'd steps (compiled once per model and batch size, which
     takes seconds): greedy decoding compiles the whole step with the token choice; sampling and
     speculative rounds compile the models' forward passes. None compiles where it pays:
     generations of COMPILE_FROM_TOKENS or more.
     """
+    check_generation(max_new_tokens, temperature, top_k, top_p)
     if compile is None:
         compile = max_new_tokens >= COMPILE_FROM_TOKENS
     params = SamplingParams(do_sample, temperature, top_k, top_p)
@@ -108,39 +153,47 @@ def steps(
         )
     if draft_model is not None:
         _check_draft(model, draft_model, batch, prompt_len + max_new_tokens + extra, num_speculative_tokens)
-    if max_new_tokens < 1:
-        return
     eos = _eos_ids(model, eos_token_id)
-    chunk = chunk or max_new_tokens
+    planner = ChunkPlanner(chunk)
     stats = stats if stats is not None else {}
-    start = time.perf_counter()
-    if draft_model is None:
-        session = runner
-        first = model.run(runner.start, model.key, input_ids, attention_mask, params, seed, eos, _pad_id(model, eos), max_new_tokens, chunk, compile)
-        first = first.tolist()
-    else:
-        session = speculative
-        first = model.run(speculative.start, model.key, draft_model.key, input_ids, attention_mask, params, seed, eos, num_speculative_tokens, max_new_tokens, compile)
-        first = [[t] for t in first.tolist()]
-    stats.update(prompt_tokens=int(attention_mask.sum()), first_chunk_seconds=time.perf_counter() - start)
-    try:
-        yield first
-        done = max(len(r) for r in first) >= max_new_tokens or _all_finished(first, eos)
-        while not done:
-            if draft_model is None:
-                tokens, done = model.run(runner.resume, model.key, chunk)
-                tokens = tokens.tolist()
-            else:
-                tokens, done, histogram = model.run(speculative.resume, model.key, chunk)
-                _acceptance_stats(stats, histogram, num_speculative_tokens)
-            if any(tokens):
-                yield tokens
-    finally:
-        stats["seconds"] = time.perf_counter() - start
-        model.run(session.end, model.key)
+    with model.exclusive(draft_model):  # one session at a time per model (its KV cache is one)
+        start = time.perf_counter()
+        if draft_model is None:
+            session = runner
+            first_chunk = planner.next(0, 0.0)
+            first = model.run(runner.start, model.key, input_ids, attention_mask, params, seed, eos, _pad_id(model, eos), max_new_tokens, first_chunk, compile)
+            first = first.tolist()
+        else:
+            session = speculative
+            first = model.run(speculative.start, model.key, draft_model.key, input_ids, attention_mask, params, seed, eos, num_speculative_tokens, max_new_tokens, compile)
+            first = [[t] for t in first.tolist()]
+        stats.update(prompt_tokens=int(attention_mask.sum()), first_chunk_seconds=time.perf_counter() - start)
+        try:
+            yield first
+            done = max(len(r) for r in first) >= max_new_tokens or _all_finished(first, eos)
+            steps_done, seconds = 0, 0.0  # decoding after the first chunk (prefill and compilation left out)
+            while not done:
+                n = planner.next(steps_done, seconds)
+                began = time.perf_counter()
+                if draft_model is None:
+                    tokens, done = model.run(runner.resume, model.key, n)
+                    tokens = tokens.tolist()
+                else:
+                    tokens, done, histogram = model.run(speculative.resume, model.key, n)
+                    _acceptance_stats(stats, histogram, num_speculative_tokens)
+                steps_done, seconds = n, time.perf_counter() - began
+                if any(tokens):
+                    yield tokens
+        finally:
+            stats["seconds"] = time.perf_counter() - start
+            end_session(model, session.end, model.key)
 
 
 def _check_draft(model, draft, batch: int, slots: int, k: int) -> None:
+    if draft.closed:
+        raise ValueError("the draft model is closed: load it again (workers=target.group)")
+    if draft is model:
+        raise ValueError("the draft model is the target itself: load a second, smaller model as the draft")
     if draft.group is not model.group:
         raise ValueError("the draft model must live in the target's worker group: load it with workers=target.group")
     if draft.config.vocab_size != model.config.vocab_size:

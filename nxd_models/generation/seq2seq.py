@@ -18,7 +18,8 @@ import torch
 
 from nxd_core.workers import worker_state
 
-from .generate import GenerationResult, _all_finished, _eos_ids, _pad_id, _until_eos, encode_prompts, text_pieces
+from ..inputs import check_generation
+from .generate import ChunkPlanner, GenerationResult, _all_finished, _eos_ids, _pad_id, _until_eos, encode_prompts, end_session, text_pieces
 from .runner import seeded_generator
 from .sampling import SamplingParams, next_tokens
 
@@ -141,29 +142,34 @@ def _check_sizes(model, rows: int, max_new_tokens: int) -> None:
 def steps(model, prompts=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
           eos_token_id=None, chunk: int | None = None, stats: dict | None = None) -> Iterator[list[list[int]]]:
-    """New tokens as they are made, per row (greedy or sampling); chunk = decode steps per round trip."""
+    """New tokens as they are made, per row (greedy or sampling); chunk = decode steps per round trip
+    (by default about a quarter of a second's worth: see generate.ChunkPlanner)."""
+    check_generation(max_new_tokens, temperature, top_k, top_p)
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     input_ids, attention_mask = encode_prompts(model, prompts, input_ids, attention_mask)
     _check_sizes(model, input_ids.shape[0], max_new_tokens)
-    if max_new_tokens < 1:
-        return
     eos = _eos_ids(model, eos_token_id)
-    chunk = chunk or max_new_tokens
+    planner = ChunkPlanner(chunk)
     stats = stats if stats is not None else {}
-    began = time.perf_counter()
-    first = model.run(start, model.key, input_ids, attention_mask, params, seed, eos, _pad_id(model, eos),
-                      decoder_start_token_id(model), max_new_tokens, chunk).tolist()
-    stats.update(prompt_tokens=int(attention_mask.sum()), first_chunk_seconds=time.perf_counter() - began)
-    try:
-        yield first
-        done = max(len(r) for r in first) >= max_new_tokens or _all_finished(first, eos)
-        while not done:
-            tokens, done = model.run(resume, model.key, chunk)
-            if tokens.shape[1]:
-                yield tokens.tolist()
-    finally:
-        stats["seconds"] = time.perf_counter() - began
-        model.run(end, model.key)
+    with model.exclusive():  # one session at a time per model (its KV caches are one)
+        began = time.perf_counter()
+        first = model.run(start, model.key, input_ids, attention_mask, params, seed, eos, _pad_id(model, eos),
+                          decoder_start_token_id(model), max_new_tokens, planner.next(0, 0.0)).tolist()
+        stats.update(prompt_tokens=int(attention_mask.sum()), first_chunk_seconds=time.perf_counter() - began)
+        try:
+            yield first
+            done = max(len(r) for r in first) >= max_new_tokens or _all_finished(first, eos)
+            steps_done, seconds = 0, 0.0
+            while not done:
+                n = planner.next(steps_done, seconds)
+                chunk_began = time.perf_counter()
+                tokens, done = model.run(resume, model.key, n)
+                steps_done, seconds = n, time.perf_counter() - chunk_began
+                if tokens.shape[1]:
+                    yield tokens.tolist()
+        finally:
+            stats["seconds"] = time.perf_counter() - began
+            end_session(model, end, model.key)
 
 
 def generate(model, prompts=None, *, max_new_tokens: int = 32, num_beams: int = 1, length_penalty: float = 1.0,
@@ -174,6 +180,8 @@ def generate(model, prompts=None, *, max_new_tokens: int = 32, num_beams: int = 
     num_beams>1: beam search as Hugging Face's (length_penalty, early_stopping True/False/"never",
     num_return_sequences best beams per source, in order). Rows end at an end-of-sequence token.
     """
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     stats: dict = {}
     eos = _eos_ids(model, kwargs.get("eos_token_id"))
     if num_beams > 1:
@@ -201,14 +209,16 @@ def _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_
         raise ValueError(f"beam search is deterministic here: {', '.join(unsupported)} cannot be combined with num_beams > 1")
     if not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences must be between 1 and num_beams={num_beams}, got {num_return_sequences}")
+    check_generation(max_new_tokens, 1.0, None, None)
     input_ids, attention_mask = encode_prompts(model, prompts, input_ids, attention_mask)
     _check_sizes(model, input_ids.shape[0] * num_beams, max_new_tokens)
     from .beam import beam_search  # beam.py builds on this module's decoding steps
 
     began = time.perf_counter()
-    rows, scores = model.run(
-        beam_search, model.key, input_ids, attention_mask, num_beams, max_new_tokens, eos, decoder_start_token_id(model), length_penalty, early_stopping, num_return_sequences,
-    )
+    with model.exclusive():
+        rows, scores = model.run(
+            beam_search, model.key, input_ids, attention_mask, num_beams, max_new_tokens, eos, decoder_start_token_id(model), length_penalty, early_stopping, num_return_sequences,
+        )
     stats.update(prompt_tokens=int(attention_mask.sum()), seconds=time.perf_counter() - began, sequence_scores=scores)
     return [_until_eos(row, eos, already=[]) for row in rows]
 
