@@ -44,6 +44,7 @@ FORMAT = "nxd-zoo/sharded-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 _DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+_MANIFEST_KEYS = ("save_id", "tp", "model_prefix", "checksum", "tensors", "ranks")
 
 
 class CheckpointError(RuntimeError):
@@ -279,17 +280,44 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _begin(save_dir: Path, save_id: str) -> None:
+    if save_dir.exists() and not save_dir.is_dir():
+        raise NotADirectoryError(f"{save_dir} is a file, not a directory: a checkpoint is a directory; choose another path")
     save_dir.mkdir(parents=True, exist_ok=True)
     _marker(save_dir, save_id).write_text(f"an nxd-zoo save started at {time.ctime()} and has not completed\n")
 
 
+def _tmp_manifest(save_dir: Path, save_id: str) -> Path:
+    return save_dir / f"{MANIFEST}.{save_id}.tmp"
+
+
+def remove_failed_save(save_dir: Path, save_id: str) -> None:
+    """Delete what a save that failed wrote (its rank files, marker and temporary manifest), so that
+    it leaves no partial files and takes no space; the previous checkpoint is not touched."""
+    try:
+        if json.loads((save_dir / MANIFEST).read_text()).get("save_id") == save_id:
+            return  # it was committed after all: these files are the checkpoint now
+    except (OSError, ValueError):
+        pass
+    for rank_dir in save_dir.glob("tp_rank_*"):
+        for file in rank_dir.glob(f"checkpoint.{save_id}.safetensors*"):
+            file.unlink(missing_ok=True)
+        if rank_dir.is_dir() and not any(rank_dir.iterdir()):
+            rank_dir.rmdir()
+    _tmp_manifest(save_dir, save_id).unlink(missing_ok=True)
+    _marker(save_dir, save_id).unlink(missing_ok=True)
+
+
 def _commit(save_dir: Path, manifest: dict) -> None:
     """Make the new checkpoint the one that loads, atomically; then remove what earlier saves left."""
-    tmp = save_dir / f"{MANIFEST}.{manifest['save_id']}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _tmp_manifest(save_dir, manifest["save_id"])
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, save_dir / MANIFEST)
     _fsync_dir(save_dir)
     keep = {r["file"] for r in manifest["ranks"]}
@@ -316,12 +344,20 @@ def read_manifest(load_dir) -> dict:
                 "Save again; nothing in this directory is loadable."
             )
         raise CheckpointError(f"{load_dir} is not a sharded checkpoint (no {MANIFEST}); for a single file use sharded=False")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}): the checkpoint's manifest is damaged; restore it or save again") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path} is not a checkpoint manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(
             f"{path} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
             f"this nxd-zoo reads {FORMAT!r} version {VERSION}. Re-save it with this version."
         )
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: the manifest is damaged or was edited; restore it or save again")
     interrupted = [m.name.split(".", 2)[2] for m in load_dir.glob(".saving.*")]
     if interrupted:
         warnings.warn(
@@ -378,6 +414,7 @@ def _write_rank_file(save_dir: Path, rank: int, save_id: str, tensors: dict[str,
         checksum = writer.close()
     except BaseException:
         writer.abort()
+        (save_dir / relative).unlink(missing_ok=True)
         raise
     return {"file": relative, "bytes": (save_dir / relative).stat().st_size, "checksum": checksum}
 
@@ -415,9 +452,9 @@ def save(state_dict: Mapping, save_dir, model_key: str = "model") -> None:
     tp, tp_rank = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
     if ps.get_data_parallel_rank() == 0:
         save_id = _broadcast_from_tp_rank0(_new_save_id() if tp_rank == 0 else None)
-        if tp_rank == 0:
-            _begin(save_dir, save_id)
-        _tp_barrier()
+        # Every step ends with the TP ranks agreeing that it worked: a rank that failed
+        # alone would leave the others waiting for it, and its files behind.
+        _every_rank_succeeded(save_dir, save_id, _attempt(lambda: _begin(save_dir, save_id) if tp_rank == 0 else None))
         tensors: dict = {}
         tree = _encode(state_dict, "", tensors)
         prefix = _model_prefix(state_dict, model_key)
@@ -426,12 +463,36 @@ def save(state_dict: Mapping, save_dir, model_key: str = "model") -> None:
             in_model = name.startswith(prefix)
             spec = get_sharding(value) if in_model else None
             entries[name] = _tensor_entry(value, spec, "sharded" if spec else "replicated" if in_model else "rank_local")
-        info = _write_rank_file(save_dir, tp_rank, save_id, tensors, tree)
-        ranks = _gather_to_tp_rank0(info)
-        if tp_rank == 0:
-            _commit(save_dir, _manifest(save_id, tp, prefix, entries, ranks))
+        ranks = _every_rank_succeeded(save_dir, save_id, _attempt(lambda: _write_rank_file(save_dir, tp_rank, save_id, tensors, tree)))
+        commit = (lambda: _commit(save_dir, _manifest(save_id, tp, prefix, entries, ranks))) if tp_rank == 0 else (lambda: None)
+        _every_rank_succeeded(save_dir, save_id, _attempt(commit))
     if dist.is_initialized():
         dist.barrier()
+
+
+def _attempt(step: Callable) -> tuple:
+    """(result, None) or (None, the exception) of one step of a save."""
+    try:
+        return step(), None
+    except Exception as exc:  # reported to every rank by _every_rank_succeeded
+        return None, exc
+
+
+def _every_rank_succeeded(save_dir: Path, save_id: str, outcome: tuple) -> list:
+    """Every TP rank's result of a step, or, when any rank failed, the failed save's files removed
+    (by TP rank 0) and an error raised on every rank: its own, or the rank that failed."""
+    result, error = outcome
+    outcomes = _gather_to_tp_rank0((result, None if error is None else f"{type(error).__name__}: {error}"))
+    failures = [(rank, message) for rank, (_, message) in enumerate(outcomes) if message]
+    if not failures:
+        return [value for value, _ in outcomes]
+    if ps.get_tensor_model_parallel_rank() == 0:
+        remove_failed_save(save_dir, save_id)
+    if error is not None:
+        error.add_note(f"the save to {save_dir} was abandoned and its partial files removed; the previous checkpoint is intact")
+        raise error
+    rank, message = failures[0]
+    raise CheckpointError(f"the save to {save_dir} failed on tp rank {rank} ({message}); its partial files were removed and the previous checkpoint is intact")
 
 
 def _broadcast_from_tp_rank0(value):
@@ -560,6 +621,9 @@ def write_sharded(
     except BaseException:
         for writer in writers:
             writer.abort()
+        for thread in threads:
+            thread.shutdown(wait=True, cancel_futures=True)
+        remove_failed_save(out_dir, save_id)
         raise
     finally:
         for thread in threads:
@@ -569,7 +633,11 @@ def write_sharded(
         for file, checksum in zip(files, checksums)
     ]
     manifest = _manifest(save_id, tp, model_prefix, entries, ranks)
-    _commit(out_dir, manifest)
+    try:
+        _commit(out_dir, manifest)
+    except BaseException:
+        remove_failed_save(out_dir, save_id)
+        raise
     return manifest
 
 
@@ -668,6 +736,8 @@ def consolidate(load_dir, out_dir, max_shard_size: int = 5 << 30) -> list[str]:
     manifest = read_manifest(load_dir)
     views, _, _ = _model_views(load_dir, manifest)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, not a directory: choose another output path")
     out_dir.mkdir(parents=True, exist_ok=True)
     groups: list[list[str]] = [[]]
     size = 0
@@ -685,9 +755,14 @@ def consolidate(load_dir, out_dir, max_shard_size: int = 5 << 30) -> list[str]:
     for file, group in zip(names, groups):
         tmp = out_dir / f"{file}.partial"
         writer = SafetensorsWriter(tmp, [(n, views[n].dtype, tuple(views[n].shape)) for n in group], {"format": "pt"})
-        for name in group:
-            writer.write(name, _read_whole(views[name]))
-        writer.close()
+        try:
+            for name in group:
+                writer.write(name, _read_whole(views[name]))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            tmp.unlink(missing_ok=True)  # no partial file left behind
+            raise
         os.replace(tmp, out_dir / file)
     if len(groups) > 1:
         index = {

@@ -7,6 +7,7 @@ one tensor, however big the file. The result is a standard safetensors file.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -80,9 +81,7 @@ class SafetensorsWriter:
                 self._flush(self._STAGING)
 
     def _flush(self, size: int) -> None:
-        written = os.pwrite(self._fd, memoryview(self._staging)[:size], self._offset)
-        if written != size:
-            raise OSError(f"{self.path}: short write ({written} of {size} bytes)")
+        _write_fully(self._fd, memoryview(self._staging)[:size], self._offset, self.path)
         self._offset += size
         self._staging.seek(0)
         remainder = self._fill - size
@@ -112,7 +111,7 @@ class SafetensorsWriter:
         if self._fill:  # the unaligned tail goes through an ordinary descriptor
             tail = os.open(self.path, os.O_WRONLY)
             try:
-                os.pwrite(tail, self._staging[: self._fill], self._offset)
+                _write_fully(tail, memoryview(self._staging)[: self._fill], self._offset, self.path)
                 os.fsync(tail)
             finally:
                 os.close(tail)
@@ -125,6 +124,32 @@ class SafetensorsWriter:
             os.close(self._fd)
             self._fd = -1
         self._staging.close()
+
+
+def _write_fully(fd: int, data: memoryview, offset: int, path: str) -> None:
+    """pwrite all of data; a full disk is reported as such (a short write is how it often shows first)."""
+    done = 0
+    try:
+        while done < len(data):
+            written = os.pwrite(fd, data[done:], offset + done)
+            if written == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += written
+    except OSError as exc:
+        free = _free_bytes(path)
+        if exc.errno == errno.ENOSPC or (done < len(data) and free is not None and free < len(data) - done):
+            raise OSError(
+                errno.ENOSPC, f"No space left on device writing {path} ({free} bytes free); free some space or save elsewhere"
+            ) from None
+        raise OSError(exc.errno, f"{path}: {exc.strerror or exc}") from None
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def _open_for_writing(path: str) -> int:
@@ -153,6 +178,27 @@ def read_header(path) -> tuple[int, dict]:
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
     return 8 + length, header
+
+
+def check_complete(path) -> None:
+    """Raise ValueError naming the file when it is not a whole safetensors file (truncated, not
+    safetensors at all): checked in the front end, before any worker starts to read it."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError(f"its header claims {length} bytes")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}); download or write it again") from None
+    if size < 8 + length + end:
+        raise ValueError(
+            f"{path} is truncated: {size} bytes, but its header describes {8 + length + end}; download or write it again"
+        )
 
 
 _TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}

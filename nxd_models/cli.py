@@ -38,6 +38,17 @@ def _reshard(args) -> None:
 def _generate(args) -> None:
     from . import from_pretrained_parallel
     from .handles import ParallelSeq2SeqModel
+    from .inputs import check_generation
+
+    # Checked before any worker starts: a bad value is an error line, not a load and a traceback.
+    check_generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    _check_positive(tp=args.tp, num_beams=args.num_beams, num_speculative_tokens=args.num_speculative_tokens, draft_tp=args.draft_tp)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the prompt is not valid UTF-8 text: pass it as UTF-8 (check the terminal's or the file's encoding)") from None
+    if not args.prompt:
+        raise ValueError("the prompt is empty: give --prompt some text")
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     with from_pretrained_parallel(args.model, tp=args.tp, dtype=dtype, max_seq_len=args.max_seq_len, max_batch_size=args.num_beams) as model:
@@ -67,6 +78,12 @@ def _generate(args) -> None:
         print(line + "]", file=sys.stderr)
 
 
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def _sampling(args) -> dict:
     return dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
@@ -92,6 +109,7 @@ def _generate_seq2seq(model, args) -> None:
 def _classify(args) -> None:
     from . import from_pretrained_parallel
 
+    _check_positive(tp=args.tp)
     if args.text_pair and len(args.text_pair) != len(args.text):
         raise ValueError(f"give one --text-pair per --text ({len(args.text)} texts, {len(args.text_pair)} pairs)")
     with from_pretrained_parallel(args.model, tp=args.tp, max_batch_size=len(args.text)) as model:
@@ -169,13 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple:
+    """What bad input or a bad file raises: reported as one line (a traceback is for our bugs)."""
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, KeyError, RuntimeError, SafetensorError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
-        print(f"nxd {args.command}: error: {exc}", file=sys.stderr)
+    except _expected_errors() as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"nxd {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"nxd {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
