@@ -123,7 +123,10 @@ class SafetensorsWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._staging.close()
+        try:
+            self._staging.close()
+        except BufferError:
+            pass  # a failed write's traceback still holds a view of it: freed with the traceback
 
 
 def _write_fully(fd: int, data: memoryview, offset: int, path: str) -> None:

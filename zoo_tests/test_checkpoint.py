@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -255,3 +256,30 @@ def test_killed_first_save_is_detected_as_incomplete(tmp_path):
     (ckpt / "manifest.json").unlink()  # as if the interrupted save had been the first one
     with pytest.raises(CheckpointError, match="incomplete checkpoint: a save was interrupted"):
         load(ckpt)
+
+
+def test_a_save_to_a_full_disk_fails_clean_and_a_later_save_that_fits_succeeds(tmp_path):
+    """On a 1 MB tmpfs (a private mount namespace: unshare, root in a container, or a user namespace)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    unshare = shutil.which("unshare")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    script = Path(__file__).parent / "scripts" / "full_disk_save.py"
+    inner = f"mount -t tmpfs -o size=1m tmpfs {mount} && {sys.executable} {script} {mount}/ckpt && ls -A {mount}/ckpt {mount}/ckpt/*/"
+    flags = ["-m"] if os.geteuid() == 0 else ["-r", "-m"]
+    result = subprocess.run([unshare, *flags, "sh", "-c", inner], capture_output=True, text=True, timeout=120) if unshare else None
+    if result is None or "mount" in result.stderr and "first saved" not in result.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() if result else 'no unshare'}")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "first saved"
+    assert lines[1].startswith("second failed: ") and "No space left on device" in lines[1], lines[1]
+    assert lines[2] == "loaded step 1"
+    assert lines[3] == "third saved, loaded step 3"
+    listing = lines[4:]
+    assert not [name for name in listing if ".saving" in name or ".tmp" in name or "partial" in name], listing
+    assert sum(".safetensors" in name for name in listing) == 1, listing  # only the third save's file
