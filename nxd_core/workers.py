@@ -13,7 +13,7 @@ spawn), so the user's script is never re-imported and needs no
 `if __name__ == "__main__"` guard. What runs inside them is worker_process.py;
 per-process state (a model, a KV cache) lives in `worker_state()` between calls.
 
-Safety (docs/design.md, "A reply belongs to one request"):
+Safety (docs/core.md, "A reply belongs to one request"):
 - Every request carries an id that its replies echo; replies of an abandoned
   request are recognised and dropped. Calls from several threads are serialized.
 - An interrupted call (KeyboardInterrupt in the front end) waits for its replies
