@@ -16,26 +16,12 @@ import torch
 
 from nxd_core.workers import WorkerDied, WorkerGroup
 from nxd_models import from_pretrained_parallel
+from test_workers import _wait_gone
 
 DEMO = Path(__file__).parent.parent / "nxd_models" / "demo_models"
 TARGET, DRAFT = DEMO / "demo-llama", DEMO / "demo-llama-draft"
 PROMPTS = ["def f(", "import os\nimport sys\n", "class Reader:\n", "for i in range(", "return self.", "    if x is None:",
            "with open(path) as", "print("]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return "\nState:\tZ" not in status.read()
-    except FileNotFoundError:
-        return False
-
-
-def _wait_gone(pids, timeout=10.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
 
 
 @pytest.fixture(scope="module")
