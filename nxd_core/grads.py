@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from . import parallel_state as ps
+from .mappings import all_reduce_tensor_model_parallel
 from .sharding import get_sharding
 
 
@@ -49,10 +50,8 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: 
             else:
                 replicated = replicated + value
 
-    group = ps.get_tensor_model_parallel_group()
     if tp > 1:
-        op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
-        dist.all_reduce(sharded, op=op, group=group)
+        sharded = all_reduce_tensor_model_parallel(sharded, "max" if norm_type == math.inf else "sum")
     if norm_type == math.inf:
         total = torch.maximum(sharded, replicated)
     else:

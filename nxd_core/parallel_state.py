@@ -18,6 +18,8 @@ _TP_RANKS: list[list[int]] | None = None
 _DP_RANKS: list[list[int]] | None = None
 _TP_SIZE = 1
 _INITIALIZED = False
+_TP_SHM_GROUP: str | None = None  # the TP group's name when its collectives run through shared memory
+COLLECTIVES = ("auto", "gloo", "backend")
 
 
 def divisors(n: int) -> list[int]:
@@ -42,10 +44,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, collectives: 
     "gloo"/"backend" to force the process group's own collectives. timeout: a timedelta after
     which a collective that waits on a peer fails (None: torch's default).
     """
-    global _TP_GROUP, _DP_GROUP, _TP_RANKS, _DP_RANKS, _TP_SIZE, _INITIALIZED
+    global _TP_GROUP, _DP_GROUP, _TP_RANKS, _DP_RANKS, _TP_SIZE, _INITIALIZED, _TP_SHM_GROUP
     tp = int(tensor_model_parallel_size)
     if tp < 1:
         raise ValueError(f"tensor_model_parallel_size must be >= 1, got {tp}")
+    if collectives not in COLLECTIVES:
+        raise ValueError(f"collectives must be one of {list(COLLECTIVES)}, got {collectives!r}")
     if not dist.is_initialized() and tp != 1:
         raise RuntimeError(
             f"tensor_model_parallel_size={tp} needs a torch.distributed process group: "
@@ -79,6 +83,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, collectives: 
             _DP_GROUP = group
     _TP_SIZE = tp
     _INITIALIZED = True
+    # Chosen once, here: the mappings ask tp_shared_memory_group() on every call.
+    if collectives == "auto" and tp > 1:
+        from . import shm_group
+
+        if shm_group.attach(_TP_GROUP, timeout):
+            _TP_SHM_GROUP = _TP_GROUP.group_name
 
 
 def model_parallel_is_initialized() -> bool:
@@ -87,7 +97,12 @@ def model_parallel_is_initialized() -> bool:
 
 def destroy_model_parallel() -> None:
     """Forget the TP/DP groups (the default process group stays)."""
-    global _TP_GROUP, _DP_GROUP, _TP_RANKS, _DP_RANKS, _TP_SIZE, _INITIALIZED
+    global _TP_GROUP, _DP_GROUP, _TP_RANKS, _DP_RANKS, _TP_SIZE, _INITIALIZED, _TP_SHM_GROUP
+    if _TP_SHM_GROUP is not None:
+        from . import shm_group
+
+        shm_group.detach(_TP_SHM_GROUP)
+        _TP_SHM_GROUP = None
     for group in (_TP_GROUP, _DP_GROUP):
         if group is not None and dist.is_initialized():
             dist.destroy_process_group(group)
@@ -115,6 +130,16 @@ def get_tensor_model_parallel_group(as_list: bool = False):
     return _TP_GROUP
 
 
+def tp_shared_memory_group() -> str | None:
+    """The TP group's name when its collectives go through shared memory (shm_ops), else None."""
+    return _TP_SHM_GROUP
+
+
+def tp_collectives() -> str:
+    """"shm" or "backend": which collectives the TP group uses (chosen by initialize_model_parallel)."""
+    return "shm" if _TP_SHM_GROUP is not None else "backend"
+
+
 def get_data_parallel_size() -> int:
     if not _INITIALIZED or not dist.is_initialized():
         return 1
@@ -140,13 +165,13 @@ def replicated():
     speculative draft beside a sharded target): a layer built at tp=1 never
     communicates, so the copy runs anywhere afterwards with no collective.
     """
-    global _TP_SIZE, _TP_GROUP
-    saved = _TP_SIZE, _TP_GROUP
-    _TP_SIZE, _TP_GROUP = 1, None
+    global _TP_SIZE, _TP_GROUP, _TP_SHM_GROUP
+    saved = _TP_SIZE, _TP_GROUP, _TP_SHM_GROUP
+    _TP_SIZE, _TP_GROUP, _TP_SHM_GROUP = 1, None, None
     try:
         yield
     finally:
-        _TP_SIZE, _TP_GROUP = saved
+        _TP_SIZE, _TP_GROUP, _TP_SHM_GROUP = saved
 
 
 # The names NxD's own examples use.

@@ -24,13 +24,15 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from . import parallel_state as ps
+from . import shm_ops  # noqa: F401  (defines the nxd::shm_* operators that saved graphs may call)
 from .checkpoint import check_keys, open_full_checkpoint, tied_aliases
 from .sharding import ShardSpec, get_sharding, shard_tensor
 from .trace_format import TracedModelError, graph_file, tensor_meta, to_dtype, weights_file
 from .workers import return_freed_memory, worker_state
 
 _MODELS = "nxd_traced_models"
-_COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional")
+# Operators whose string arguments name a process group: c10d's and ours (shm_ops.py).
+_COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "nxd")
 _TRACED_OUT_SPECS: list = []
 
 
