@@ -304,6 +304,7 @@ void all_reduce_typed(Comm& c, Op op, const at::Tensor& x, at::Tensor& out) {
   std::vector<const T*> inputs(c.world);
   for (int64_t offset = 0; offset < numel; offset += chunk) {
     const int64_t n = std::min(chunk, numel - offset);
+    check_aborted(c);  // a peer gave up on this group: our own steps would no longer line up
     const uint64_t step = ++c.step;
     T* mine = reinterpret_cast<T*>(c.buffer(c.rank, step));
     std::memcpy(mine, src + offset, size_t(n) * sizeof(T));
@@ -386,6 +387,7 @@ at::Tensor shm_all_gather(const at::Tensor& x, int64_t group_size, std::string g
   char* dst = static_cast<char*>(out.data_ptr());
   for (int64_t offset = 0; offset < total; offset += c.buffer_bytes) {
     const int64_t n = std::min(c.buffer_bytes, total - offset);
+    check_aborted(c);
     const uint64_t step = ++c.step;
     std::memcpy(c.buffer(c.rank, step), src + offset, size_t(n));
     c.arrived[c.rank].bytes[step & 1] = signature;

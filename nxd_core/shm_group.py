@@ -31,6 +31,7 @@ DEFAULT_TIMEOUT = 30.0  # seconds a live peer may take to join a collective when
 # Per rank and step parity; larger tensors are sent in chunks of this size.
 BUFFER_BYTES = int(os.environ.get("NXD_SHM_BUFFER_BYTES", 1 << 20))
 SEGMENT_PREFIX = "/nxd-tp-"
+_SEGMENTS: dict[str, str] = {}  # group name -> its segment's (already unlinked) name, for diagnostics
 
 
 def _boot_id() -> str:
@@ -96,10 +97,17 @@ def attach(group, timeout: timedelta | None = None) -> bool:
             warnings.warn(f"shared-memory collectives unavailable for this tensor parallel group ({reason}); using gloo",
                           stacklevel=3)
         return False
+    _SEGMENTS[name] = segment[0]
     return True
+
+
+def segment_name(group_name: str) -> str | None:
+    """The name the group's segment had in /dev/shm (unlinked since every rank mapped it)."""
+    return _SEGMENTS.get(group_name)
 
 
 def detach(group_name: str) -> None:
     """Unmap the group's segment in this process (its memory is freed when the last rank unmaps)."""
+    _SEGMENTS.pop(group_name, None)
     if shm_ops.load():
         torch.ops.nxd_shm.detach(group_name)

@@ -152,4 +152,5 @@ def test_same_code_runs_under_torchrun(tmp_path):
     assert [r["rank"] for r in reports] == [0, 1]
     for report in reports:
         assert report["local_group"] and report["tp"] == 2 and report["tp_rank"] == report["rank"]
+        assert report["collectives"] == "shm"  # torchrun's ranks on one node: shared memory
         assert report["error"] < 1e-5

@@ -36,6 +36,7 @@ Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps({
     "local_group": isinstance(group, LocalGroup),
     "tp": ps.get_tensor_model_parallel_size(),
     "tp_rank": ps.get_tensor_model_parallel_rank(),
+    "collectives": ps.tp_collectives(),
     "error": error,
 }))
 group.close()
