@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Client, Connection
 
@@ -35,9 +36,24 @@ STARTUP_REQUEST = 0  # the id of the start-up "request" (the first reply is the 
 _STATE: dict = {}
 
 
+@dataclass(frozen=True)
+class StateKey:
+    """A name in worker_state(): what is kept (`kind`: "model", "session", "compiled", ...) for
+    which owner (a model's key). Typed, so that dropping a model can find everything it owns."""
+
+    kind: str
+    owner: int | str
+
+
 def worker_state() -> dict:
-    """A dict that persists across calls inside one worker process (models, caches)."""
+    """A dict that persists across calls inside one worker process (models, caches), keyed by StateKey."""
     return _STATE
+
+
+def drop_owned_by(owner: int | str) -> None:
+    """Forget every entry of worker_state() that `owner` owns (its model, sessions, compiled steps)."""
+    for key in [k for k in _STATE if isinstance(k, StateKey) and k.owner == owner]:
+        del _STATE[key]
 
 
 def return_freed_memory() -> None:

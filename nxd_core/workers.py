@@ -57,9 +57,10 @@ import torch
 import torch.distributed as dist
 
 from . import parallel_state as ps
-from .worker_process import BEAT, CALL, REPLY, SHUTDOWN, STARTUP_REQUEST, return_freed_memory, worker_state
+from .worker_process import BEAT, CALL, REPLY, SHUTDOWN, STARTUP_REQUEST, StateKey, drop_owned_by, return_freed_memory, worker_state
 
-__all__ = ["WorkerGroup", "LocalGroup", "WorkerDied", "WorkerError", "start_workers", "worker_state", "return_freed_memory"]
+__all__ = ["WorkerGroup", "LocalGroup", "WorkerDied", "WorkerError", "start_workers", "worker_state", "StateKey", "drop_owned_by",
+           "return_freed_memory"]
 
 _HOST = "127.0.0.1"
 _SMALL_MESSAGE = 64 << 10  # fits a socket's buffer: sent without waiting on the receiver
@@ -521,6 +522,6 @@ def start_workers(tp: int, device: str = "cpu", **kwargs) -> WorkerGroup | Local
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend)
         if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_size() != tp:
-            ps.initialize_model_parallel(tp)
+            ps.initialize_model_parallel(tp, collectives=kwargs.get("collectives", "auto"))
         return LocalGroup()
     return WorkerGroup(tp, device=device, **kwargs)
