@@ -3,6 +3,7 @@
     python benchmarks/generate.py                  # ~20M-parameter Llama layout, bf16, tp=1
     python benchmarks/generate.py --layout 1b      # ~1.1B parameters, where decoding is memory-bound
     python benchmarks/generate.py --demo --tp 2    # the bundled demo pair: speculative vs target-only
+    python benchmarks/generate.py --tp 2           # adds tp=2 next to tp=1 (and tp=2 on gloo), with ratios
 
 Everything runs on the same random weights and the same number of threads, one after another;
 each number is the best of three runs.
@@ -109,6 +110,27 @@ def demo_pair(args) -> None:
         print("\n" + DEMO_PROMPT + plain.texts[0])
 
 
+def eager_and_compiled(path: Path, prompt, new_tokens: int, tp: int, threads: int, slots: int, collectives: str) -> tuple:
+    """Decode tokens/s (eager, compiled) of the target in a fresh worker group."""
+    from nxd_core.workers import WorkerGroup
+    from nxd_models import from_pretrained_parallel
+
+    with WorkerGroup(tp, threads_per_worker=threads, collectives=collectives) as group:
+        model = from_pretrained_parallel(path, tp=tp, dtype=torch.bfloat16, max_seq_len=slots, workers=group, progress=False)
+        return tuple(ours(model, prompt, new_tokens, compile=c)["decode_tokens_per_second"] for c in (False, True))
+
+
+def tp_comparison(args, path: Path, prompt, slots: int, at_tp: tuple) -> None:
+    """tp=N (shared-memory collectives, measured above) next to tp=1 and tp=N on gloo, all on every core."""
+    cores = os.cpu_count() or 1
+    single = eager_and_compiled(path, prompt, args.new_tokens, 1, args.threads or cores, slots, "auto")
+    gloo = eager_and_compiled(path, prompt, args.new_tokens, args.tp, args.threads or max(1, cores // args.tp), slots, "gloo")
+    print(f"\n{'decode tokens/s, same run':40s} {'eager':>8s} {'compiled':>9s} {'eager/tp1':>10s} {'compiled/tp1':>13s}")
+    for label, (eager, compiled) in (("tp=1", single), (f"tp={args.tp}, shared-memory collectives", at_tp),
+                                     (f"tp={args.tp}, gloo collectives", gloo)):
+        print(f"{label:40s} {eager:8.1f} {compiled:9.1f} {eager / single[0]:9.2f}x {compiled / single[1]:12.2f}x")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="20m")
@@ -176,6 +198,9 @@ def main(argv=None) -> None:
         for label, stats in (("draft = target", spec_same), (f"{args.draft_layout} draft", spec_small)):
             print(f"speculative, {label}: speedup {stats['decode_tokens_per_second'] / compiled['decode_tokens_per_second']:.2f}x over compiled "
                   f"decoding, acceptance {stats['acceptance_rate']:.0%}, rounds that accepted 0..{args.k}: {stats['accepted_histogram']}")
+        if args.tp > 1:
+            at_tp = (eager["decode_tokens_per_second"], compiled["decode_tokens_per_second"])
+            tp_comparison(args, work / "target", prompt, slots, at_tp)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
