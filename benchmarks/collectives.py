@@ -47,6 +47,13 @@ def _time_per_call(call, calls: int) -> float:
     return best
 
 
+def _gloo_all_gather(out, x, group):
+    import torch.distributed as dist
+
+    # all_gather_into_tensor was renamed all_gather_single in recent torch.
+    return getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, x, group=group)
+
+
 def measure(sizes: list[int], dtype_name: str) -> list[dict]:
     """In each worker: per size, microseconds per all-reduce and all-gather, ours and gloo."""
     import torch
@@ -69,7 +76,7 @@ def measure(sizes: list[int], dtype_name: str) -> list[dict]:
             "all_reduce_ours": _time_per_call(lambda: all_reduce_tensor_model_parallel(x), calls),
             "all_reduce_gloo": _time_per_call(lambda: dist.all_reduce(x.clone(), group=group), calls),
             "all_gather_ours": _time_per_call(lambda: all_gather_tensor_model_parallel(x), calls),
-            "all_gather_gloo": _time_per_call(lambda: dist.all_gather_into_tensor(gathered, x, group=group), calls),
+            "all_gather_gloo": _time_per_call(lambda: _gloo_all_gather(gathered, x, group=group), calls),
         })
     return rows
 
