@@ -24,8 +24,8 @@ SIZES = [1 << 10, 8 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
 BATCHES = 5
 
 
-def _calls_for(nbytes: int) -> int:
-    return max(10, min(2000, (64 << 20) // max(nbytes, 1) // 8))
+def _calls_for(nbytes: int, max_calls: int) -> int:
+    return max(1, min(max_calls, (64 << 20) // max(nbytes, 1) // 8))
 
 
 def _time_per_call(call, calls: int) -> float:
@@ -54,7 +54,7 @@ def _gloo_all_gather(out, x, group):
     return getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, x, group=group)
 
 
-def measure(sizes: list[int], dtype_name: str) -> list[dict]:
+def measure(sizes: list[int], dtype_name: str, max_calls: int = 2000) -> list[dict]:
     """In each worker: per size, microseconds per all-reduce and all-gather, ours and gloo."""
     import torch
     import torch.distributed as dist
@@ -69,7 +69,7 @@ def measure(sizes: list[int], dtype_name: str) -> list[dict]:
     for nbytes in sizes:
         x = torch.randn(max(1, nbytes // dtype.itemsize)).to(dtype)
         gathered = torch.empty(tp * x.numel(), dtype=dtype)
-        calls = _calls_for(nbytes)
+        calls = _calls_for(nbytes, max_calls)
         rows.append({
             "bytes": nbytes,
             "collectives": ps.tp_collectives(),
@@ -90,6 +90,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-bytes", type=int, default=SIZES[-1], help="largest size to time (default 4 MB)")
+    parser.add_argument("--max-calls", type=int, default=2000, help="calls per batch for the smallest sizes (fewer: quicker, noisier)")
     args = parser.parse_args(argv)
     sizes = [n for n in SIZES if n <= args.max_bytes]
 
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
     print("-" * len(header))
     for tp in args.tp:
         with WorkerGroup(tp, threads_per_worker=1) as group:
-            rows = group.run(measure, sizes, args.dtype)
+            rows = group.run(measure, sizes, args.dtype, args.max_calls)
         for i, nbytes in enumerate(sizes):
             # A collective ends when its slowest rank does: report the slowest rank's time.
             worst = {key: max(r[i][key] for r in rows) * 1e6 for key in rows[0][i] if key.startswith("all_")}

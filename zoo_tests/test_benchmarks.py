@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -34,4 +36,19 @@ def test_generate_prints_the_comparison_table(tmp_path):
 def test_generate_demo_pair_prints_speculative_speedup():
     out = _run("generate.py", "--demo", "--tp", "2", "--new-tokens", "16")
     for row in ("target only", "speculative", "speedup", "eager", "compiled", "class Reader:"):
+        assert row in out
+
+
+def test_collectives_prints_ours_next_to_gloo():
+    out = _run("collectives.py", "--tp", "2", "--max-bytes", "8192", "--max-calls", "20")
+    rows = [line.split() for line in out.splitlines() if "|" in line and line.split()[0] == "2"]
+    assert [row[1:3] for row in rows] == [["1", "KB"], ["8", "KB"]]
+    assert "(backend)" not in out  # both rows timed the shared-memory path
+    assert "all-reduce ours" in out and "gloo" in out
+
+
+@pytest.mark.slow
+def test_generate_prints_tp_next_to_tp1(tmp_path):
+    out = _run("generate.py", "--layout", "tiny", "--draft-layout", "tiny", "--new-tokens", "8", "--tp", "2", "--workdir", str(tmp_path))
+    for row in ("tp=1 ", "tp=2, shared-memory collectives", "tp=2, gloo collectives", "compiled/tp1"):
         assert row in out
