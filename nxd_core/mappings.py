@@ -3,7 +3,7 @@
 Each is the identity at tp=1. A TP group on one host and on CPU exchanges through
 shared memory (the nxd::shm_* operators, shm_ops.py); any other group uses its
 backend's functional collectives. Both are single graph nodes, so a model built
-from them can be traced by torch.export (see DESIGN.md, "Tracing").
+from them can be traced by torch.export (docs/design.md, "Tracing" and rule 11).
 """
 
 from __future__ import annotations

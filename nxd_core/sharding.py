@@ -1,6 +1,6 @@
 """Which slice of a full tensor rank r of tp holds: pure functions over `ShardSpec`.
 
-A parallel parameter carries a `ShardSpec` (DESIGN principle 1). The one
+A parallel parameter carries a `ShardSpec` (docs/design.md, rule 1). The one
 function `shard_tensor` turns a full tensor, or a lazy safetensors slice,
 into rank r's piece; a `ShardedView` presents the pieces of all ranks as one
 lazy full tensor that `shard_tensor` can slice again. Loading unsharded
