@@ -62,10 +62,10 @@ def _tied_names(model) -> dict[str, str]:
 
 def shard_memory(family: str, layout: str, dtype) -> dict:
     """In a rank: build this rank's shard with random values; its parameter bytes and RSS growth."""
-    from nxd_models.registry import family_module
+    from nxd_models.families import lookup
 
     config = config_for(family, layout)
-    module = family_module(config.model_type)
+    module = lookup(config.model_type)
     before = rss_bytes()
     model = module.build(config, dtype=dtype, device="meta")
     tied = _tied_names(model)
@@ -84,10 +84,10 @@ def shard_memory(family: str, layout: str, dtype) -> dict:
 
 def full_bytes(family: str, layout: str, dtype) -> int:
     """The whole model's parameter bytes: its tp=1 build on the meta device (no memory, no processes)."""
-    from nxd_models.registry import family_module
+    from nxd_models.families import lookup
 
     config = config_for(family, layout)
-    model = family_module(config.model_type).build(config, dtype=dtype, device="meta")
+    model = lookup(config.model_type).build(config, dtype=dtype, device="meta")
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 

@@ -34,8 +34,10 @@ from transformers.models.bert.modeling_bert import BertSelfAttention, BertSelfOu
 from nxd_core import parallel_state as ps
 from nxd_core.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 
+# The family contract (nxd_models.families.Family).
 MODEL_TYPES = ("bert",)
 HANDLE = "encoder"
+KV_CACHE = False  # an encoder keeps no cache
 # Recomputed buffers, the pre-training next-sentence head, and the decoder bias HF stores twice.
 IGNORED_CHECKPOINT_NAMES = re.compile(
     r"(^|\.)embeddings\.(position_ids|token_type_ids)$|^cls\.seq_relationship\.|^cls\.predictions\.decoder\.bias$"
@@ -43,6 +45,10 @@ IGNORED_CHECKPOINT_NAMES = re.compile(
 # Old TF-converted checkpoints (bert-base-uncased) name LayerNorm parameters gamma/beta.
 _LEGACY_NAMES = ((re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"), (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"))
 ARCHITECTURES = ("BertForSequenceClassification", "BertForMaskedLM", "BertModel")
+
+
+def default_max_seq_len(config) -> int:
+    return config.max_position_embeddings
 
 
 def valid_tp_values(config) -> list[int]:

@@ -18,7 +18,7 @@ from nxd_core.checkpoint import tied_aliases, convert_to_sharded, open_full_chec
 from nxd_core.sharding import sharding_specs
 
 from . import hub
-from .registry import family_module
+from .families import build_for_checkpoint, lookup
 
 # Everything but the weights travels with the sharded checkpoint.
 _SIDE_FILES = ("*.json", "tokenizer*", "*.model", "*.tiktoken")
@@ -28,13 +28,11 @@ def family_specs(config, checkpoint_names=None) -> tuple[dict, set | None]:
     """name -> ShardSpec (at tp=1) or None, for every tensor a checkpoint of this config holds; and, given
     the checkpoint's names, those the model takes (the family adapts the model to the checkpoint first:
     T5 ties lm_head when the checkpoint has none, BERT leaves out heads it does not build)."""
-    family = family_module(config.model_type)
-    model = family.build(config, dtype=torch.float32, device="meta")
-    taken = None
-    if checkpoint_names is not None:
-        taken = set(checkpoint_names)
-        if hasattr(family, "adapt_checkpoint"):
-            taken = set(family.adapt_checkpoint(dict.fromkeys(checkpoint_names), model))
+    if checkpoint_names is None:
+        model, taken = lookup(config.model_type).build(config, dtype=torch.float32, device="meta"), None
+    else:
+        _, model, adapted = build_for_checkpoint(config, dict.fromkeys(checkpoint_names), torch.float32, device="meta")
+        taken = set(adapted)
     aliases = tied_aliases(model)  # tied names are not stored
     return {name: spec for name, spec in sharding_specs(model).items() if name not in aliases}, taken
 
@@ -42,7 +40,7 @@ def family_specs(config, checkpoint_names=None) -> tuple[dict, set | None]:
 def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, progress: bool = True) -> dict:
     source = hub.resolve(name_or_path)
     config = AutoConfig.from_pretrained(source)
-    family = family_module(config.model_type, str(source))
+    family = lookup(config.model_type, str(source))
     family.check_tp(config, tp)
     names = [n for n in open_full_checkpoint(source) if not family.IGNORED_CHECKPOINT_NAMES.search(n)]
     specs, taken = family_specs(config, names)

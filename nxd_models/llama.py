@@ -29,13 +29,25 @@ from nxd_core import cpu_kernels
 from nxd_core import parallel_state as ps
 from nxd_core.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 
+# The family contract (nxd_models.families.Family).
 MODEL_TYPES = ("llama",)
+HANDLE = "causal"
+KV_CACHE = True
 # Old HF checkpoints saved the rotary buffers; they are recomputed, never loaded.
 IGNORED_CHECKPOINT_NAMES = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def default_max_seq_len(config) -> int:
+    return config.max_position_embeddings
+
+
+def adapt_checkpoint(tensors: dict, model: nn.Module) -> dict:
+    """HF Llama checkpoints use this model's names: nothing to adapt."""
+    return tensors
 
 
 def valid_tp_values(config) -> list[int]:

@@ -27,7 +27,7 @@ from nxd_core.workers import WorkerGroup, start_workers, worker_state
 from . import hub
 from .handles import ParallelEncoderModel, ParallelHandle, ParallelSeq2SeqModel, model_device
 from .inputs import check_below, check_mask, matching
-from .registry import family_module
+from .families import lookup as family_module
 
 _KEYS = itertools.count()
 

@@ -1,8 +1,7 @@
-"""The zoo: names users type -> model family and Hugging Face repo id."""
+"""The zoo: names users type -> model family and Hugging Face repo id (families.py: model_type -> family)."""
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,21 +46,7 @@ _MODELS = [
 ]
 MODELS: dict[str, ZooModel] = {m.name: m for m in _MODELS}
 
-# config.json's model_type -> the module that holds the family's parallel architecture.
-FAMILY_MODULES = {"llama": "nxd_models.llama", "bert": "nxd_models.bert", "t5": "nxd_models.t5"}
-
 
 def list_models() -> list[str]:
     return sorted(MODELS)
 
-
-def family_module(model_type: str, where: str = "the checkpoint"):
-    """The family module for a config's model_type, or a clear error for other architectures."""
-    for family, module in FAMILY_MODULES.items():
-        mod = importlib.import_module(module)
-        if model_type in mod.MODEL_TYPES:
-            return mod
-    raise ValueError(
-        f"{where} is a '{model_type}' model; from_pretrained_parallel supports the families "
-        f"{sorted(FAMILY_MODULES)} (zoo names: {', '.join(list_models())})"
-    )

@@ -33,8 +33,10 @@ from nxd_core import parallel_state as ps
 from nxd_core.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from nxd_core.sharding import ShardSpec, set_sharding, shard_tensor, tag_sharded_state
 
+# The family contract (nxd_models.families.Family).
 MODEL_TYPES = ("t5",)
 HANDLE = "seq2seq"
+KV_CACHE = True  # the decoder's self-attention
 # HF's own ignore list: an old export stored a cross-attention bias that T5 never uses.
 IGNORED_CHECKPOINT_NAMES = re.compile(r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$")
 # T5 has relative positions, so no maximum length; this is the decoder KV cache's default length.
