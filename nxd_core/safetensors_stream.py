@@ -22,6 +22,7 @@ DTYPE_NAMES = {
     torch.uint8: "U8", torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}  # a header's (or manifest's) "BF16" -> torch.bfloat16
 CHECKSUM = "crc32"
 
 
@@ -204,9 +205,6 @@ def check_complete(path) -> None:
         )
 
 
-_TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-
-
 def _read_fully(f, view: memoryview, path, block: int = 64 << 20) -> memoryview:
     """Fill `view` from the file's current position, in blocks; a file that ends first is truncated."""
     done = 0
@@ -238,7 +236,7 @@ def read_tensor(path, data_start: int, entry: dict, buffer: torch.Tensor | None 
     with open(path, "rb", buffering=0) as f:
         f.seek(data_start + begin)
         _read_fully(f, view, path)
-    return data.view(_TORCH_DTYPES[entry["dtype"]]).reshape(shape)
+    return data.view(TORCH_DTYPES[entry["dtype"]]).reshape(shape)
 
 
 def read_file(path, chunk: int = 64 << 20) -> tuple[dict, dict[str, torch.Tensor], str]:
@@ -272,5 +270,5 @@ def read_file(path, chunk: int = 64 << 20) -> tuple[dict, dict[str, torch.Tensor
     tensors = {}
     for name, entry in header.items():
         begin, end = entry["data_offsets"]
-        tensors[name] = data[begin:end].view(_TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        tensors[name] = data[begin:end].view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
     return metadata, tensors, f"{CHECKSUM}:{checksum:08x}"

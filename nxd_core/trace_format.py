@@ -16,16 +16,17 @@ manifest is written last: a folder without one is not a traced model.
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
 import torch
 from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX
 
+from . import checkpoint_format
+from .manifest_io import MANIFEST, read_json, write_json_atomically
+
 FORMAT = "nxd-zoo/traced-model"
 VERSION = 1
-MANIFEST = "manifest.json"
 
 
 class TracedModelError(RuntimeError):
@@ -66,10 +67,8 @@ def tensor_meta(tensor: torch.Tensor) -> dict:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """Write manifest.json atomically (a temporary file renamed over it): the folder's commit point."""
-    temporary = folder / f".{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=1))
-    os.replace(temporary, folder / MANIFEST)
+    """Write manifest.json atomically and durably (fsync'd, renamed over the old one): the folder's commit point."""
+    write_json_atomically(Path(folder) / MANIFEST, manifest)
 
 
 def read_manifest(folder, tp_degree: int | None = None) -> dict:
@@ -83,14 +82,12 @@ def read_manifest(folder, tp_degree: int | None = None) -> dict:
             f"{folder} is not a traced model: it has no {MANIFEST}. Write one with parallel_model_save(model, {str(folder)!r})"
             " (a save that was interrupted leaves no manifest: save again)"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TracedModelError(f"{path} is not valid JSON ({exc}): save the model again") from None
+    # A manifest that is not UTF-8 raises UnicodeDecodeError here, as it always has (only invalid JSON is caught).
+    manifest = read_json(path, TracedModelError, "save the model again", catch=json.JSONDecodeError)
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != FORMAT:
         hint = (" It is a sharded checkpoint: load it into a model with nxd_core.checkpoint.load, or trace a model from it."
-                if found == "nxd-zoo/sharded-checkpoint" else "")
+                if found == checkpoint_format.FORMAT else "")
         raise TracedModelError(f"{path} has format {found!r}, not a traced model ({FORMAT!r}).{hint}")
     if manifest.get("version") != VERSION:
         raise TracedModelError(

@@ -12,7 +12,6 @@ of the state land in that dict's tensors, shared by every bucket.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,8 @@ from torch import fx, nn
 
 from . import parallel_state as ps
 from . import shm_ops  # noqa: F401  (defines the nxd::shm_* operators that saved graphs may call)
-from .checkpoint import check_keys, open_full_checkpoint, tied_aliases
-from .sharding import ShardSpec, get_sharding, shard_tensor
+from .checkpoint_read import check_keys, open_full_weights, rank_slice, tied_aliases
+from .sharding import ShardSpec, get_sharding
 from .trace_format import TracedModelError, graph_file, tensor_meta, to_dtype, weights_file
 from .workers import return_freed_memory, worker_state
 
@@ -242,34 +241,13 @@ def release_shard(key: str) -> None:
 # -- replace weights -------------------------------------------------------------------------
 
 
-def _read_whole(full) -> torch.Tensor:
-    if isinstance(full, torch.Tensor):
-        return full
-    return full.read() if hasattr(full, "read") else full[:]
-
-
-def open_full_weights(path: str, model_key: str = "model") -> Mapping:
-    """name -> tensor (or lazy slice) of an unsharded checkpoint: safetensors file or HF directory,
-    or a torch file holding {model_key: state_dict} (read with weights_only=True)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(path) or str(path).endswith(".safetensors"):
-        return open_full_checkpoint(path)
-    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    state = data.get(model_key, data) if isinstance(data, dict) else None
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a state dict under '{model_key}'")
-    return state
-
-
 def rank_pieces(full: Mapping, weights: dict, rank: int, source: str) -> dict[str, torch.Tensor]:
     """This rank's slice of every weight of an unsharded state dict, through sharding.shard_tensor."""
     found = [k for k in full.keys() if k not in weights["aliases"]]
     pieces = {}
     for name in check_keys(weights["checkpoint_names"], found, source, strict=True):
         spec = weights["sharding"].get(name)
-        full_tensor = full[name]
-        pieces[name] = shard_tensor(full_tensor, ShardSpec.from_json(spec), rank, name) if spec else _read_whole(full_tensor)
+        pieces[name] = rank_slice(full[name], ShardSpec.from_json(spec) if spec else None, rank, name)
     return pieces
 
 
@@ -277,7 +255,7 @@ def replace_shard_weights(key: str, pieces: dict | None, path: str | None, weigh
     """Swap this rank's weights: given pieces, or its slices of the unsharded checkpoint at path."""
     shard = _shards()[key]
     if pieces is None:
-        pieces = rank_pieces(open_full_weights(path), weights, ps.get_tensor_model_parallel_rank(), path)
+        pieces = rank_pieces(open_full_weights(path, mmap=True), weights, ps.get_tensor_model_parallel_rank(), path)
     for name, piece in pieces.items():
         current = shard.tensors[name]
         if piece.shape != current.shape:
