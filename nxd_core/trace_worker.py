@@ -1,7 +1,8 @@
 """What each tensor parallel worker does for a traced model: export, run, save, load, replace weights.
 
-A worker keeps its shard of every traced model in `worker_state()` under the
-model's key. With weights inlined, a bucket's program is the exported module
+A worker keeps its shard of every traced model in `worker_state()` under
+`StateKey("traced", key)` (the model's key is the owner, so `drop_owned_by(key)`
+drops it too). With weights inlined, a bucket's program is the exported module
 (its weights inside). With weights separated, a bucket's program is the
 export of `forward(state, *inputs)` calling `torch.func.functional_call`, so
 the graph holds no tensor of the model: the rank's tensors (weights, then
@@ -27,9 +28,9 @@ from . import shm_ops  # noqa: F401  (defines the nxd::shm_* operators that save
 from .checkpoint_read import check_keys, open_full_weights, rank_slice, tied_aliases
 from .sharding import ShardSpec, get_sharding
 from .trace_format import TracedModelError, graph_file, tensor_meta, to_dtype, weights_file
-from .workers import return_freed_memory, worker_state
+from .workers import StateKey, return_freed_memory, worker_state
 
-_MODELS = "nxd_traced_models"
+_KIND = "traced"  # worker_state()[StateKey("traced", key)]: this rank's Shard of the traced model `key`
 # Operators whose string arguments name a process group: c10d's and ours (shm_ops.py).
 _COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "nxd")
 _TRACED_OUT_SPECS: list = []
@@ -87,8 +88,15 @@ class Shard:
         return self.runners[bucket]
 
 
-def _shards() -> dict:
-    return worker_state().setdefault(_MODELS, {})
+def _shard(key: str) -> Shard:
+    try:
+        return worker_state()[StateKey(_KIND, key)]
+    except KeyError:
+        raise KeyError(key) from None
+
+
+def _keep(key: str, shard: Shard) -> None:
+    worker_state()[StateKey(_KIND, key)] = shard
 
 
 def _tp_group_name() -> str | None:
@@ -156,7 +164,7 @@ def trace_shard(key: str, func, example_sets: list[tuple], inline: bool, compile
             program.example_inputs = None  # they would hold every weight
             programs.append(program)
             out_specs.append(pytree.treespec_dumps(_TRACED_OUT_SPECS[-1]))
-    _shards()[key] = Shard(programs, inline, compiled, _tp_group_name(), None if inline else tensors)
+    _keep(key, Shard(programs, inline, compiled, _tp_group_name(), None if inline else tensors))
     info = {
         "group_name": _tp_group_name(),
         "graph_hashes": [hashlib.sha256(p.graph_module.code.encode()).hexdigest() for p in programs],
@@ -180,7 +188,7 @@ def trace_shard(key: str, func, example_sets: list[tuple], inline: bool, compile
 
 def run_shard(key: str, bucket: int, inputs: list[torch.Tensor]):
     """Run one bucket's program; tp rank 0 returns the output's tensors (the others' would be the same)."""
-    shard = _shards()[key]
+    shard = _shard(key)
     runner = shard.runner(bucket)
     with torch.no_grad():
         out = runner(*inputs) if shard.inline else runner(shard.tensors, *inputs)
@@ -189,13 +197,13 @@ def run_shard(key: str, bucket: int, inputs: list[torch.Tensor]):
 
 def unsharded_digests(key: str, names: list[str]) -> dict[str, str]:
     """A checksum of each named tensor: the front end stores once those equal on every rank."""
-    tensors = _shards()[key].tensors
+    tensors = _shard(key).tensors
     return {n: hashlib.sha256(tensors[n].contiguous().view(-1).view(torch.uint8).numpy()).hexdigest() for n in names}
 
 
 def save_shard(key: str, folder: str, state_names: list[str], replicated: list[str]) -> None:
     """Write this rank's files. Separated: graphs and the `replicated` weights by rank 0 only."""
-    shard = _shards()[key]
+    shard = _shard(key)
     folder, rank = Path(folder), ps.get_tensor_model_parallel_rank()
     with warnings.catch_warnings():
         # torch warns about views (KV cache slices) when it packs inlined tensors; they are saved whole.
@@ -230,11 +238,11 @@ def load_shard(key: str, folder: str, manifest: dict, compiled: bool) -> None:
             raise TracedModelError(f"{path} lacks {len(missing)} weights the graphs need ({missing[:5]}...): save the model again")
         zeros = {n: torch.zeros(meta["shape"], dtype=to_dtype(meta["dtype"])) for n, meta in state.items()}
         tensors = {n: zeros[n] if n in zeros else weights[n] for n in manifest["weights"]["order"]}
-    _shards()[key] = Shard(programs, inline, compiled, manifest["group_name"], tensors)
+    _keep(key, Shard(programs, inline, compiled, manifest["group_name"], tensors))
 
 
 def release_shard(key: str) -> None:
-    if _shards().pop(key, None) is not None:
+    if worker_state().pop(StateKey(_KIND, key), None) is not None:
         return_freed_memory()
 
 
@@ -253,7 +261,7 @@ def rank_pieces(full: Mapping, weights: dict, rank: int, source: str) -> dict[st
 
 def replace_shard_weights(key: str, pieces: dict | None, path: str | None, weights: dict) -> None:
     """Swap this rank's weights: given pieces, or its slices of the unsharded checkpoint at path."""
-    shard = _shards()[key]
+    shard = _shard(key)
     if pieces is None:
         pieces = rank_pieces(open_full_weights(path, mmap=True), weights, ps.get_tensor_model_parallel_rank(), path)
     for name, piece in pieces.items():
