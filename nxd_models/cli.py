@@ -37,7 +37,7 @@ def _reshard(args) -> None:
 
 def _generate(args) -> None:
     from . import from_pretrained_parallel
-    from .handles import ParallelSeq2SeqModel
+    from .handles import ParallelEncoderModel, ParallelSeq2SeqModel
     from .inputs import check_generation
 
     # Checked before any worker starts: a bad value is an error line, not a load and a traceback.
@@ -55,7 +55,7 @@ def _generate(args) -> None:
         if isinstance(model, ParallelSeq2SeqModel):
             _generate_seq2seq(model, args)
             return
-        if not hasattr(model, "stream"):
+        if isinstance(model, ParallelEncoderModel):
             raise ValueError(f"{args.model} is an encoder ({model.config.model_type}), it does not generate: use `nxd classify`")
         if args.num_beams > 1:
             raise ValueError("--num-beams is for encoder-decoder models (T5); causal LMs decode greedily or by sampling")
@@ -108,12 +108,13 @@ def _generate_seq2seq(model, args) -> None:
 
 def _classify(args) -> None:
     from . import from_pretrained_parallel
+    from .handles import ParallelEncoderModel
 
     _check_positive(tp=args.tp)
     if args.text_pair and len(args.text_pair) != len(args.text):
         raise ValueError(f"give one --text-pair per --text ({len(args.text)} texts, {len(args.text_pair)} pairs)")
     with from_pretrained_parallel(args.model, tp=args.tp, max_batch_size=len(args.text)) as model:
-        if not hasattr(model, "classify"):
+        if not isinstance(model, ParallelEncoderModel):
             raise ValueError(f"{args.model} is not an encoder classifier (BERT); use `nxd generate` for generative models")
         results = model.classify(args.text, args.text_pair)
     for i, result in enumerate(results):

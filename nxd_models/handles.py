@@ -1,10 +1,12 @@
-"""What from_pretrained_parallel returns: a handle on shards that live in worker processes.
+"""Front end: what from_pretrained_parallel returns, a handle on shards that live in worker processes.
 
 `ParallelHandle` is what every family shares: the worker group, run(),
 the checkpoint's tokenizer and generation config, close(). Each task adds
-its calls on top: `ParallelModel` (causal LM, in parallel_model.py),
+its calls on top: `ParallelModel` (causal LM: logits, generate, stream),
 `ParallelEncoderModel` (BERT: logits or hidden states, classify) and
-`ParallelSeq2SeqModel` (T5: encode, logits, generate).
+`ParallelSeq2SeqModel` (T5: encode, logits, generate). Every call reaches the
+shards through `group.run` with a worker function of worker_ops.py or
+generation/worker/.
 """
 
 from __future__ import annotations
@@ -12,28 +14,19 @@ from __future__ import annotations
 import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from nxd_core import parallel_state as ps
-from nxd_core.workers import LocalGroup, return_freed_memory, worker_state
+from nxd_core.workers import LocalGroup, StateKey
 
-from .inputs import check_below, check_mask, check_vocabulary, matching, token_batch
+from .generation import generate as causal_generation
+from .generation import seq2seq as seq2seq_generation
+from .inputs import check_below, check_cache_position, check_mask, check_vocabulary, matching, token_batch
+from .worker_ops import forward, release
 
-
-def _release(key: int) -> None:
-    """Drop a model, its sessions and compiled steps from this worker."""
-    for name in [k for k in worker_state() if k == key or (isinstance(k, tuple) and key in k[1:])]:
-        worker_state().pop(name, None)
-    return_freed_memory()
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def on_device(device, *tensors):
-    return [t.to(device) if t is not None else None for t in tensors]
+if TYPE_CHECKING:
+    from nxd_core.workers import Group
 
 
 class SessionLock:
@@ -70,7 +63,7 @@ class ParallelHandle:
     # Causal LMs pad prompts on the left (new tokens follow every row); encoders on the right (absolute positions).
     padding_side = "right"
 
-    def __init__(self, group, key: int, config, path: Path, tp: int, dtype, max_batch_size: int, max_seq_len: int, owns_group: bool):
+    def __init__(self, group: Group, key: StateKey, config, path: Path, tp: int, dtype, max_batch_size: int, max_seq_len: int, owns_group: bool):
         self.group, self.config, self.path, self.tp, self.dtype = group, config, path, tp, dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._key, self._owns_group, self._closed = key, owns_group, False
@@ -87,14 +80,15 @@ class ParallelHandle:
         locks are taken in key order so that two threads can never wait on each other."""
         if self._closed:
             raise RuntimeError("this model is closed")
-        models = sorted({id(m): m for m in (self, *others) if m is not None}.values(), key=lambda m: m.key)
+        models = sorted({id(m): m for m in (self, *others) if m is not None}.values(), key=lambda m: m.key.owner)
         with ExitStack() as stack:
             for model in models:
-                stack.enter_context(model._session_lock.held(f"model {model.key} ({model.path.name})"))
+                stack.enter_context(model._session_lock.held(f"model {model.key.owner} ({model.path.name})"))
             yield
 
     @property
-    def key(self) -> int:
+    def key(self) -> StateKey:
+        """Where the shard lives in each worker's worker_state()."""
         return self._key
 
     @property
@@ -102,11 +96,11 @@ class ParallelHandle:
         """Under torchrun each rank's script wants its own copy of results; in driver mode one crosses back."""
         return isinstance(self.group, LocalGroup)
 
-    def run(self, fn, *args):
-        """fn(*args) on every rank that holds a shard; this process's (or rank 0's) result."""
+    def run(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on every rank that holds a shard; this process's (or rank 0's) result."""
         if self._closed:
             raise RuntimeError("this model is closed")
-        return self.group.run(fn, *args)[0]
+        return self.group.run(fn, *args, **kwargs)[0]
 
     @property
     def has_tokenizer(self) -> bool:
@@ -141,7 +135,7 @@ class ParallelHandle:
         if self._owns_group:
             self.group.close()
         elif not self.group.closed:
-            self.group.run(_release, self._key)
+            self.group.run(release, self._key)
 
     def _ids(self, input_ids, name: str = "input_ids") -> torch.Tensor:
         ids = token_batch(input_ids, name)
@@ -166,14 +160,38 @@ class ParallelHandle:
         )
 
 
+# -- causal LMs (Llama) ---------------------------------------------------------------------------
+
+
+class ParallelModel(ParallelHandle):
+    """A causal LM (Llama): logits, generate and stream."""
+
+    padding_side = "left"  # new tokens follow every row of a batch
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache_position=None) -> torch.Tensor:
+        """Full-vocabulary logits [batch, seq, vocab] (see the family's forward for the arguments)."""
+        input_ids = self._ids(input_ids)
+        if cache_position is not None:
+            cache_position = check_cache_position(cache_position, attention_mask, input_ids, self.max_batch_size, self.max_seq_len)
+        else:
+            attention_mask = check_mask(attention_mask, input_ids)
+            if input_ids.shape[1] > self.config.max_position_embeddings:
+                raise ValueError(f"{input_ids.shape[1]} tokens exceed this model's max_position_embeddings={self.config.max_position_embeddings}")
+        position_ids = matching(position_ids, input_ids, "position_ids")
+        with self.exclusive():
+            return self.run(forward, self.key, "__call__", self.every_rank, input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids, cache_position=cache_position)
+
+    def generate(self, prompts=None, **kwargs):
+        """Text or token generation; see nxd_models.generation.generate.generate for the arguments."""
+        return causal_generation.generate(self, prompts, **kwargs)
+
+    def stream(self, prompt, **kwargs):
+        """Text pieces for one prompt as they are generated."""
+        return causal_generation.stream(self, prompt, **kwargs)
+
+
 # -- encoders (BERT) ------------------------------------------------------------------------------
-
-
-def _encoder_forward(key: int, input_ids, attention_mask, token_type_ids, every_rank: bool):
-    model = worker_state()[key]
-    with torch.inference_mode():
-        out = model(*on_device(model_device(model), input_ids, attention_mask, token_type_ids)).cpu()
-    return out if every_rank or ps.get_tensor_model_parallel_rank() == 0 else None
 
 
 class ParallelEncoderModel(ParallelHandle):
@@ -189,7 +207,7 @@ class ParallelEncoderModel(ParallelHandle):
         token_type_ids = matching(token_type_ids, input_ids, "token_type_ids")
         check_below(token_type_ids, self.config.type_vocab_size, "token_type_ids", "the config's type_vocab_size")
         with self.exclusive():
-            return self.run(_encoder_forward, self.key, input_ids, attention_mask, token_type_ids, self.every_rank)
+            return self.run(forward, self.key, "__call__", self.every_rank, input_ids, attention_mask, token_type_ids)
 
     def encode_text(self, texts, text_pairs=None) -> dict:
         """The tokenizer's input_ids, attention_mask and token_type_ids for a text (or pair) or a batch of them."""
@@ -215,20 +233,6 @@ class ParallelEncoderModel(ParallelHandle):
 # -- encoder-decoders (T5) --------------------------------------------------------------------------
 
 
-def _seq2seq_forward(key: int, input_ids, attention_mask, decoder_input_ids, every_rank: bool):
-    model = worker_state()[key]
-    with torch.inference_mode():
-        out = model(*on_device(model_device(model), input_ids, attention_mask, decoder_input_ids)).cpu()
-    return out if every_rank or ps.get_tensor_model_parallel_rank() == 0 else None
-
-
-def _seq2seq_encode(key: int, input_ids, attention_mask, every_rank: bool):
-    model = worker_state()[key]
-    with torch.inference_mode():
-        out = model.encode(*on_device(model_device(model), input_ids, attention_mask)).cpu()
-    return out if every_rank or ps.get_tensor_model_parallel_rank() == 0 else None
-
-
 class ParallelSeq2SeqModel(ParallelHandle):
     """T5-style encoder-decoders: encode(), logits for given decoder inputs, and generate()."""
 
@@ -241,7 +245,7 @@ class ParallelSeq2SeqModel(ParallelHandle):
         """The encoder's last hidden states [batch, seq, d_model]."""
         inputs = self._inputs(input_ids, attention_mask)
         with self.exclusive():
-            return self.run(_seq2seq_encode, self.key, *inputs, self.every_rank)
+            return self.run(forward, self.key, "encode", self.every_rank, *inputs)
 
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None) -> torch.Tensor:
         """Full-vocabulary logits [batch, decoder_seq, vocab] for decoder_input_ids (teacher forcing)."""
@@ -252,16 +256,16 @@ class ParallelSeq2SeqModel(ParallelHandle):
         if decoder_input_ids.shape[0] != inputs[0].shape[0]:
             raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows but input_ids has {inputs[0].shape[0]}")
         with self.exclusive():
-            return self.run(_seq2seq_forward, self.key, *inputs, decoder_input_ids, self.every_rank)
+            return self.run(forward, self.key, "__call__", self.every_rank, *inputs, decoder_input_ids)
 
     def generate(self, prompts=None, **kwargs):
         """Greedy, sampling or beam search; see nxd_models.generation.seq2seq.generate for the arguments."""
-        from .generation.seq2seq import generate
-
-        return generate(self, prompts, **kwargs)
+        return seq2seq_generation.generate(self, prompts, **kwargs)
 
     def stream(self, prompt, **kwargs):
         """Text pieces for one prompt as they are generated (greedy or sampling)."""
-        from .generation.seq2seq import stream
+        return seq2seq_generation.stream(self, prompt, **kwargs)
 
-        return stream(self, prompt, **kwargs)
+
+# family.HANDLE -> the handle from_pretrained_parallel returns.
+HANDLES = {"causal": ParallelModel, "encoder": ParallelEncoderModel, "seq2seq": ParallelSeq2SeqModel}

@@ -12,16 +12,20 @@ import math
 import torch
 
 
+def as_rows(value, one_row: bool = True) -> torch.Tensor:
+    """value (a tensor or nested lists) as a tensor; with one_row, a single row [seq] as a batch of one [1, seq]."""
+    tensor = torch.as_tensor(value)
+    return tensor[None] if one_row and tensor.dim() == 1 else tensor
+
+
 def token_batch(ids, name: str = "input_ids") -> torch.Tensor:
     """ids (a tensor, a list of ints, or a list of equal-length lists) as a [batch, seq] long tensor."""
     try:
-        tensor = torch.as_tensor(ids)
+        tensor = as_rows(ids)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{name} must be token ids (a tensor or a list of ints, rows of equal length): {exc}") from None
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise ValueError(f"{name} must be integer token ids, got a {tensor.dtype} tensor")
-    if tensor.dim() == 1:
-        tensor = tensor[None]
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be [batch, seq] (or [seq]), got shape {list(tensor.shape)}")
     if tensor.shape[0] == 0 or tensor.shape[1] == 0:
@@ -40,9 +44,7 @@ def matching(tensor, ids: torch.Tensor, name: str, ids_name: str = "input_ids") 
     """An optional per-token tensor (attention_mask, token_type_ids, position_ids) of exactly ids' shape."""
     if tensor is None:
         return None
-    tensor = torch.as_tensor(tensor)
-    if tensor.dim() == 1 and ids.shape[0] == 1:
-        tensor = tensor[None]
+    tensor = as_rows(tensor, one_row=ids.shape[0] == 1)
     if tuple(tensor.shape) != tuple(ids.shape):
         raise ValueError(f"{name} has shape {list(tensor.shape)} but {ids_name} has shape {list(ids.shape)}: they must match")
     return tensor
@@ -58,6 +60,24 @@ def check_mask(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | N
     if empty:
         raise ValueError(f"row(s) {empty} of attention_mask mask out every token: each row needs at least one")
     return mask.long()
+
+
+def check_cache_position(cache_position, attention_mask, ids: torch.Tensor, max_batch_size: int, max_seq_len: int) -> torch.Tensor:
+    """KV-cache slot indices for ids ([seq], shared by the rows, or [batch, seq]) inside the cache, and a
+    mask over every slot written so far (prompt and cache, not just these tokens); the slots as a tensor."""
+    batch, seq = ids.shape
+    cache_position = torch.as_tensor(cache_position)
+    if cache_position.is_floating_point():
+        raise ValueError(f"cache_position must be integer slot indices, got {cache_position.dtype}")
+    if tuple(cache_position.shape) not in ((seq,), (batch, seq)):
+        raise ValueError(f"cache_position has shape {list(cache_position.shape)}; it needs one slot per token: [{seq}] or [{batch}, {seq}]")
+    check_below(cache_position, max_seq_len, "cache_position", f"the KV cache's max_seq_len={max_seq_len}")
+    if batch > max_batch_size:
+        raise ValueError(f"batch of {batch} exceeds the KV cache's max_batch_size={max_batch_size}")
+    mask = None if attention_mask is None else torch.as_tensor(attention_mask)
+    if mask is not None and (mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] > max_seq_len):
+        raise ValueError(f"attention_mask must be [batch={batch}, slots so far <= {max_seq_len}], got shape {list(mask.shape)}")
+    return cache_position
 
 
 def check_below(tensor: torch.Tensor | None, limit: int, name: str, what: str) -> None:

@@ -5,8 +5,8 @@ import torch
 
 from llama_fixtures import left_padded_batch, save_tiny_llama, save_tiny_tokenizer
 from nxd_models import from_pretrained_parallel
-from nxd_models.generation.sampling import SamplingParams
-from nxd_models.generation.speculative import SpeculativeSession, _accept
+from nxd_models.generation.worker.sampling import SamplingParams
+from nxd_models.generation.worker.speculative import SpeculativeSession, _accept
 
 
 @pytest.fixture(scope="module")

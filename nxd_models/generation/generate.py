@@ -1,8 +1,9 @@
 """The front end of generation: prompts in, text or token ids out, streamed if asked.
 
-The loop runs in the workers (runner.py). The front end sends the prompt once
-and then, only when it must look at tokens as they come (streaming, stop
-strings), asks for them a chunk at a time; otherwise one round trip does it all.
+The loop runs in the workers (worker/decoding.py, worker/speculative.py). The front end sends
+the prompt once and then asks for tokens a chunk at a time (`chunked_steps`, which the
+encoder-decoders' front end in seq2seq.py shares), so that it can look at them as they come
+(streaming, stop strings) and an interrupt is handled promptly.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Callable, Iterator
 import torch
 
 from ..inputs import check_generation, check_mask, check_vocabulary, is_token_ids, token_batch
-from . import runner, speculative
-from .sampling import SamplingParams
+from .worker import decoding, speculative
+from .worker.sampling import SamplingParams
 
 
 # Compiling the decode step takes seconds; below this many new tokens eager decoding finishes first.
@@ -30,7 +31,14 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)  # prompt/new token counts, seconds, tokens per second
 
 
-def _eos_ids(model, eos_token_id) -> list[int]:
+def result(rows: list[list[int]], texts: list[str] | None, stats: dict) -> GenerationResult:
+    """The result of a generation, its stats completed with the new tokens and their rate."""
+    new = sum(len(r) for r in rows)
+    stats.update(new_tokens=new, tokens_per_second=new / stats["seconds"] if stats.get("seconds") else 0.0)
+    return GenerationResult(tokens=rows, texts=texts, stats=stats)
+
+
+def eos_ids(model, eos_token_id) -> list[int]:
     if eos_token_id is None:
         generation_config = model.generation_config
         eos_token_id = getattr(generation_config, "eos_token_id", None) if generation_config else None
@@ -41,7 +49,7 @@ def _eos_ids(model, eos_token_id) -> list[int]:
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
-def _pad_id(model, eos: list[int]) -> int:
+def pad_id(model, eos: list[int]) -> int:
     generation_config = model.generation_config
     for candidate in (getattr(generation_config, "pad_token_id", None), getattr(model.config, "pad_token_id", None)):
         if candidate is not None:
@@ -108,6 +116,33 @@ def end_session(model, end, *keys) -> None:
         model.run(end, *keys)
 
 
+def chunked_steps(model, start: Callable[[int], list[list[int]]], resume: Callable[[int], tuple[list[list[int]], bool]],
+                  end: Callable, *, max_new_tokens: int, eos: list[int], chunk: int | None, stats: dict, prompt_tokens: int,
+                  draft_model=None) -> Iterator[list[list[int]]]:
+    """The session every generation runs in the workers, with the model (and a draft) held throughout:
+    start(first_chunk) prefills and returns the first tokens per row, resume(n) returns (up to n steps'
+    tokens per row, whether every row is done), and the worker function `end` ends the session."""
+    planner = ChunkPlanner(chunk)
+    with model.exclusive(draft_model):  # one session at a time per model (its KV cache is one)
+        began = time.perf_counter()
+        first = start(planner.next(0, 0.0))
+        stats.update(prompt_tokens=prompt_tokens, first_chunk_seconds=time.perf_counter() - began)
+        try:
+            yield first
+            done = max(len(r) for r in first) >= max_new_tokens or all_finished(first, eos)
+            steps_done, seconds = 0, 0.0  # decoding after the first chunk (prefill and compilation left out)
+            while not done:
+                n = planner.next(steps_done, seconds)
+                chunk_began = time.perf_counter()
+                tokens, done = resume(n)
+                steps_done, seconds = n, time.perf_counter() - chunk_began
+                if any(tokens):
+                    yield tokens
+        finally:
+            stats["seconds"] = time.perf_counter() - began
+            end_session(model, end, model.key)
+
+
 def steps(
     model,
     prompts=None,
@@ -153,40 +188,32 @@ def steps(
         )
     if draft_model is not None:
         _check_draft(model, draft_model, batch, prompt_len + max_new_tokens + extra, num_speculative_tokens)
-    eos = _eos_ids(model, eos_token_id)
-    planner = ChunkPlanner(chunk)
+    eos = eos_ids(model, eos_token_id)
     stats = stats if stats is not None else {}
-    with model.exclusive(draft_model):  # one session at a time per model (its KV cache is one)
-        start = time.perf_counter()
-        if draft_model is None:
-            session = runner
-            first_chunk = planner.next(0, 0.0)
-            first = model.run(runner.start, model.key, input_ids, attention_mask, params, seed, eos, _pad_id(model, eos), max_new_tokens, first_chunk, compile)
-            first = first.tolist()
-        else:
-            session = speculative
-            first = model.run(speculative.start, model.key, draft_model.key, input_ids, attention_mask, params, seed, eos, num_speculative_tokens, max_new_tokens, compile)
-            first = [[t] for t in first.tolist()]
-        stats.update(prompt_tokens=int(attention_mask.sum()), first_chunk_seconds=time.perf_counter() - start)
-        try:
-            yield first
-            done = max(len(r) for r in first) >= max_new_tokens or _all_finished(first, eos)
-            steps_done, seconds = 0, 0.0  # decoding after the first chunk (prefill and compilation left out)
-            while not done:
-                n = planner.next(steps_done, seconds)
-                began = time.perf_counter()
-                if draft_model is None:
-                    tokens, done = model.run(runner.resume, model.key, n)
-                    tokens = tokens.tolist()
-                else:
-                    tokens, done, histogram = model.run(speculative.resume, model.key, n)
-                    _acceptance_stats(stats, histogram, num_speculative_tokens)
-                steps_done, seconds = n, time.perf_counter() - began
-                if any(tokens):
-                    yield tokens
-        finally:
-            stats["seconds"] = time.perf_counter() - start
-            end_session(model, session.end, model.key)
+    if draft_model is None:
+        def start(first_chunk):
+            return model.run(decoding.start, model.key, input_ids, attention_mask, params, seed, eos, pad_id(model, eos),
+                             max_new_tokens, first_chunk, compile).tolist()
+
+        def resume(n):
+            tokens, done = model.run(decoding.resume, model.key, n)
+            return tokens.tolist(), done
+
+        end = decoding.end
+    else:
+        def start(first_chunk):  # a speculative session starts with the target's first token
+            first = model.run(speculative.start, model.key, draft_model.key, input_ids, attention_mask, params, seed, eos,
+                              num_speculative_tokens, max_new_tokens, compile)
+            return [[t] for t in first.tolist()]
+
+        def resume(rounds):
+            tokens, done, histogram = model.run(speculative.resume, model.key, rounds)
+            _acceptance_stats(stats, histogram, num_speculative_tokens)
+            return tokens, done
+
+        end = speculative.end
+    yield from chunked_steps(model, start, resume, end, max_new_tokens=max_new_tokens, eos=eos, chunk=chunk, stats=stats,
+                             prompt_tokens=int(attention_mask.sum()), draft_model=draft_model)
 
 
 def _check_draft(model, draft, batch: int, slots: int, k: int) -> None:
@@ -214,7 +241,7 @@ def _acceptance_stats(stats: dict, histogram: list[int], k: int) -> None:
     stats["tokens_per_round"] = sum((i + 1) * n for i, n in enumerate(histogram)) / rounds if rounds else 0.0
 
 
-def _all_finished(rows: list[list[int]], eos: list[int]) -> bool:
+def all_finished(rows: list[list[int]], eos: list[int]) -> bool:
     return bool(eos) and all(any(t in eos for t in row) for row in rows)
 
 
@@ -234,7 +261,7 @@ def generate(
     """
     streaming = callback is not None or bool(stop)
     stats: dict = {}
-    eos = _eos_ids(model, kwargs.get("eos_token_id"))
+    eos = eos_ids(model, kwargs.get("eos_token_id"))
     rows: list[list[int]] | None = None
     stopped: list[bool] = []
     produced = steps(model, prompts, max_new_tokens=max_new_tokens, chunk=1 if streaming else None, stats=stats, **kwargs)
@@ -249,9 +276,7 @@ def generate(
         texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         if stop:
             texts = [_cut_at_stop(t, stop) for t in texts]
-    new = sum(len(r) for r in rows)
-    stats.update(new_tokens=new, tokens_per_second=new / stats["seconds"] if stats.get("seconds") else 0.0)
-    return GenerationResult(tokens=rows, texts=texts, stats=stats)
+    return result(rows, texts, stats)
 
 
 def _take(model, tokens, rows, stopped, eos, stop, callback):
@@ -260,7 +285,7 @@ def _take(model, tokens, rows, stopped, eos, stop, callback):
         rows, stopped = [[] for _ in tokens], [False] * len(tokens)
     fresh = []
     for i, row in enumerate(tokens):
-        kept = [] if stopped[i] else _until_eos(row, eos, already=rows[i])
+        kept = [] if stopped[i] else until_eos(row, eos, already=rows[i])
         rows[i] += kept
         fresh.append(kept)
         if stop and not stopped[i] and any(s in model.tokenizer.decode(rows[i], skip_special_tokens=True) for s in stop):
@@ -270,7 +295,7 @@ def _take(model, tokens, rows, stopped, eos, stop, callback):
     return rows, stopped
 
 
-def _until_eos(row: list[int], eos: list[int], already: list[int]) -> list[int]:
+def until_eos(row: list[int], eos: list[int], already: list[int]) -> list[int]:
     """The tokens of a chunk up to and including the row's first end-of-sequence token."""
     if already and already[-1] in eos:
         return []
@@ -295,10 +320,10 @@ def text_pieces(model, produced: Iterator[list[list[int]]], stats: dict, eos_tok
     """The decoded text of one row's token chunks, piece by piece as whole characters arrive."""
     shown = ""
     tokens: list[int] = []
-    eos = _eos_ids(model, eos_token_id)
+    eos = eos_ids(model, eos_token_id)
     with closing(produced):
         for chunk in produced:
-            tokens += _until_eos(chunk[0], eos, already=tokens)
+            tokens += until_eos(chunk[0], eos, already=tokens)
             text = model.tokenizer.decode(tokens, skip_special_tokens=True)
             if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole characters
                 yield text[len(shown):]

@@ -1,121 +1,21 @@
-"""Encoder-decoder generation (T5): greedy and sampling here, beam search in beam.py.
+"""Encoder-decoder generation (T5), the front end: greedy and sampling a chunk at a time
+(generate.chunked_steps), beam search in one round trip.
 
-The workers encode the source once (the cross-attention K/V stay in the
-model), then decode one token per step into the preallocated self-attention
-KV cache. Every rank runs the same loop on the same gathered logits with the
-same seeded generator, so every rank picks the same tokens; only token ids
-go back to the front end.
+The workers (worker/seq2seq.py, worker/beam.py) encode the sources once and decode into the
+preallocated KV cache; only token ids come back.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import closing
-from dataclasses import dataclass
 from typing import Iterator
 
-import torch
-
-from nxd_core.workers import worker_state
-
 from ..inputs import check_generation
-from .generate import ChunkPlanner, GenerationResult, _all_finished, _eos_ids, _pad_id, _until_eos, encode_prompts, end_session, text_pieces
-from .runner import seeded_generator
-from .sampling import SamplingParams, next_tokens
-
-
-@dataclass
-class Seq2SeqSession:
-    slot: int  # the decoder KV-cache slot of the next token fed
-    last_tokens: torch.Tensor  # [batch], the tokens to feed next
-    finished: torch.Tensor  # [batch] bool
-    params: SamplingParams
-    generator: torch.Generator | None
-    eos: torch.Tensor
-    pad_token_id: int
-    remaining: int
-
-
-def start_decoding(model, input_ids, attention_mask, rows_per_source: int = 1) -> None:
-    """Encode the sources and keep the cross-attention K/V; each source feeds rows_per_source decoder rows (beams)."""
-    hidden = model.encode(input_ids, attention_mask)
-    if rows_per_source > 1:
-        hidden = hidden.repeat_interleave(rows_per_source, dim=0)
-        attention_mask = attention_mask.repeat_interleave(rows_per_source, dim=0)
-    model.start_decoding(hidden, attention_mask)
-
-
-def decode_one_token(model, tokens: torch.Tensor, slot: int) -> torch.Tensor:
-    """Feed one token per row at `slot`; return float32 logits [batch, vocab]."""
-    return model.decode(tokens[:, None], torch.tensor([slot], device=tokens.device))[:, -1].float()
-
-
-def _choose(session: Seq2SeqSession, logits: torch.Tensor) -> torch.Tensor:
-    tokens = next_tokens(logits, session.params, session.generator)
-    tokens = torch.where(session.finished, torch.full_like(tokens, session.pad_token_id), tokens)
-    session.finished |= torch.isin(tokens, session.eos)
-    session.last_tokens = tokens
-    session.remaining -= 1
-    return tokens
-
-
-def decode_n_tokens(model, session: Seq2SeqSession, n: int) -> torch.Tensor:
-    """Up to n more tokens per row, [batch, k]; stops early when every row has finished."""
-    produced = []
-    for _ in range(min(n, session.remaining)):
-        if bool(session.finished.all()):
-            break
-        logits = decode_one_token(model, session.last_tokens, session.slot)
-        session.slot += 1
-        produced.append(_choose(session, logits))
-    if not produced:
-        return torch.empty(session.last_tokens.shape[0], 0, dtype=torch.long)
-    return torch.stack(produced, dim=1)
-
-
-# -- what the front end calls on every rank ---------------------------------------------------
-
-
-def _session_key(key: int):
-    return ("seq2seq-session", key)
-
-
-def _device(model):
-    return next(model.parameters()).device
-
-
-def start(key: int, input_ids, attention_mask, params: SamplingParams, seed, eos: list[int], pad_token_id: int,
-          decoder_start_token_id: int, max_new_tokens: int, first_chunk: int):
-    """Encode, then decode up to first_chunk tokens; return them [batch, k]."""
-    model = worker_state()[key]
-    device = _device(model)
-    batch = input_ids.shape[0]
-    session = Seq2SeqSession(
-        slot=0, last_tokens=torch.full((batch,), decoder_start_token_id, dtype=torch.long, device=device),
-        finished=torch.zeros(batch, dtype=torch.bool, device=device), params=params,
-        generator=seeded_generator(params, seed, device), eos=torch.tensor(eos, dtype=torch.long, device=device),
-        pad_token_id=pad_token_id, remaining=max_new_tokens,
-    )
-    with torch.inference_mode():
-        start_decoding(model, input_ids.to(device), attention_mask.to(device))
-        tokens = decode_n_tokens(model, session, first_chunk)
-    worker_state()[_session_key(key)] = session
-    return tokens.cpu()
-
-
-def resume(key: int, n: int):
-    """Up to n more tokens of the session in flight, and whether every row has finished."""
-    session = worker_state()[_session_key(key)]
-    with torch.inference_mode():
-        tokens = decode_n_tokens(worker_state()[key], session, n)
-    return tokens.cpu(), bool(session.finished.all()) or session.remaining <= 0
-
-
-def end(key: int) -> None:
-    worker_state().pop(_session_key(key), None)
-
-
-# -- the front end ------------------------------------------------------------------------------
+from .generate import GenerationResult, chunked_steps, encode_prompts, eos_ids, pad_id, result, text_pieces, until_eos
+from .worker import beam
+from .worker import seq2seq as worker_seq2seq
+from .worker.sampling import SamplingParams
 
 
 def decoder_start_token_id(model) -> int:
@@ -148,28 +48,19 @@ def steps(model, prompts=None, *, input_ids=None, attention_mask=None, max_new_t
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     input_ids, attention_mask = encode_prompts(model, prompts, input_ids, attention_mask)
     _check_sizes(model, input_ids.shape[0], max_new_tokens)
-    eos = _eos_ids(model, eos_token_id)
-    planner = ChunkPlanner(chunk)
+    eos = eos_ids(model, eos_token_id)
     stats = stats if stats is not None else {}
-    with model.exclusive():  # one session at a time per model (its KV caches are one)
-        began = time.perf_counter()
-        first = model.run(start, model.key, input_ids, attention_mask, params, seed, eos, _pad_id(model, eos),
-                          decoder_start_token_id(model), max_new_tokens, planner.next(0, 0.0)).tolist()
-        stats.update(prompt_tokens=int(attention_mask.sum()), first_chunk_seconds=time.perf_counter() - began)
-        try:
-            yield first
-            done = max(len(r) for r in first) >= max_new_tokens or _all_finished(first, eos)
-            steps_done, seconds = 0, 0.0
-            while not done:
-                n = planner.next(steps_done, seconds)
-                chunk_began = time.perf_counter()
-                tokens, done = model.run(resume, model.key, n)
-                steps_done, seconds = n, time.perf_counter() - chunk_began
-                if tokens.shape[1]:
-                    yield tokens.tolist()
-        finally:
-            stats["seconds"] = time.perf_counter() - began
-            end_session(model, end, model.key)
+
+    def start(first_chunk):
+        return model.run(worker_seq2seq.start, model.key, input_ids, attention_mask, params, seed, eos, pad_id(model, eos),
+                         decoder_start_token_id(model), max_new_tokens, first_chunk).tolist()
+
+    def resume(n):
+        tokens, done = model.run(worker_seq2seq.resume, model.key, n)
+        return tokens.tolist(), done
+
+    yield from chunked_steps(model, start, resume, worker_seq2seq.end, max_new_tokens=max_new_tokens, eos=eos, chunk=chunk,
+                             stats=stats, prompt_tokens=int(attention_mask.sum()))
 
 
 def generate(model, prompts=None, *, max_new_tokens: int = 32, num_beams: int = 1, length_penalty: float = 1.0,
@@ -183,7 +74,7 @@ def generate(model, prompts=None, *, max_new_tokens: int = 32, num_beams: int = 
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     stats: dict = {}
-    eos = _eos_ids(model, kwargs.get("eos_token_id"))
+    eos = eos_ids(model, kwargs.get("eos_token_id"))
     if num_beams > 1:
         rows = _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences, eos, stats, **kwargs)
     else:
@@ -194,12 +85,10 @@ def generate(model, prompts=None, *, max_new_tokens: int = 32, num_beams: int = 
             for tokens in produced:
                 rows = rows or [[] for _ in tokens]
                 for row, new in zip(rows, tokens):
-                    row += _until_eos(new, eos, already=row)
+                    row += until_eos(new, eos, already=row)
         rows = rows or []
     texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in rows] if model.has_tokenizer else None
-    new = sum(len(r) for r in rows)
-    stats.update(new_tokens=new, tokens_per_second=new / stats["seconds"] if stats.get("seconds") else 0.0)
-    return GenerationResult(tokens=rows, texts=texts, stats=stats)
+    return result(rows, texts, stats)
 
 
 def _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences, eos, stats,
@@ -212,15 +101,13 @@ def _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_
     check_generation(max_new_tokens, 1.0, None, None)
     input_ids, attention_mask = encode_prompts(model, prompts, input_ids, attention_mask)
     _check_sizes(model, input_ids.shape[0] * num_beams, max_new_tokens)
-    from .beam import beam_search  # beam.py builds on this module's decoding steps
-
     began = time.perf_counter()
     with model.exclusive():
         rows, scores = model.run(
-            beam_search, model.key, input_ids, attention_mask, num_beams, max_new_tokens, eos, decoder_start_token_id(model), length_penalty, early_stopping, num_return_sequences,
+            beam.beam_search, model.key, input_ids, attention_mask, num_beams, max_new_tokens, eos, decoder_start_token_id(model), length_penalty, early_stopping, num_return_sequences,
         )
     stats.update(prompt_tokens=int(attention_mask.sum()), seconds=time.perf_counter() - began, sequence_scores=scores)
-    return [_until_eos(row, eos, already=[]) for row in rows]
+    return [until_eos(row, eos, already=[]) for row in rows]
 
 
 def stream(model, prompt, stats: dict | None = None, **kwargs) -> Iterator[str]:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from nxd_core.workers import worker_state
+from nxd_core.workers import StateKey, worker_state
 
+from ...worker_ops import device_of
 from .seq2seq import decode_one_token, start_decoding
 
 # HF's stand-in for "impossible": added to scores that must never be picked.
@@ -100,12 +101,12 @@ def search(model, input_ids, attention_mask, num_beams: int, max_new_tokens: int
     return finished[:, :, 1:], finished_scores, finished_lengths
 
 
-def beam_search(key: int, input_ids, attention_mask, num_beams: int, max_new_tokens: int, eos: list[int],
+def beam_search(key: StateKey, input_ids, attention_mask, num_beams: int, max_new_tokens: int, eos: list[int],
                 decoder_start_token_id: int, length_penalty: float, early_stopping, num_return_sequences: int):
     """What the front end calls on every rank: the best num_return_sequences hypotheses per source, as token
     lists (source-major), and their scores."""
     model = worker_state()[key]
-    device = next(model.parameters()).device
+    device = device_of(model)
     with torch.inference_mode():
         sequences, scores, lengths = search(
             model, input_ids.to(device), attention_mask.to(device), num_beams, max_new_tokens, eos,

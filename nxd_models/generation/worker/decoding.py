@@ -1,34 +1,57 @@
-"""Generation inside the workers: prefill, decode_one_token, decode_n_tokens.
+"""Causal LM generation inside the workers: prefill, decode_one_token, decode_n_tokens.
 
 Every rank runs the same loop on the same gathered logits with the same
 seeded generator, so every rank picks the same tokens; only token ids go
 back to the front end (tokens are tiny: every rank returns them, which is
 what a torchrun script on each rank needs). A `Session` holds one batch's progress between calls,
-next to the model and its KV cache in `worker_state()`.
+next to the model and its KV cache in `worker_state()`. decode_n_tokens is the loop of every
+session (seq2seq.py's too): a session says how it advances one step.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
-from nxd_core.workers import worker_state
+from nxd_core.workers import StateKey, worker_state
 
-from .sampling import SamplingParams, next_tokens
+from ...worker_ops import device_of, end_session, owned_key
+from .sampling import SamplingParams, choose, seeded_generator
+
+SESSION = "session"  # the worker_state() kind of a causal LM's generation in flight
+
+
+class Decoding(Protocol):
+    """What decode_n_tokens advances, one token per row per step."""
+
+    slot: int  # the KV-cache slot of the next token fed (shared by the rows)
+    last_tokens: torch.Tensor  # [batch], the tokens to feed next
+    finished: torch.Tensor  # [batch] bool
+    remaining: int  # tokens still allowed
+
+    def advance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed last_tokens at slot; (the next tokens [batch], the updated finished flags)."""
 
 
 @dataclass
 class Session:
     valid: torch.Tensor  # [batch, max_seq_len]: 0 on the prompt's left padding, 1 elsewhere (static shape)
-    slot: int  # the next KV-cache slot (shared by the rows)
-    last_tokens: torch.Tensor  # [batch], the tokens to feed next
-    finished: torch.Tensor  # [batch] bool
-    remaining: int  # tokens still allowed
+    slot: int
+    last_tokens: torch.Tensor
+    finished: torch.Tensor
+    remaining: int
     step: Callable  # (tokens, valid, cache_position, finished) -> (next tokens, finished): see decode_one_token
     steps_taken: int = 0
+
+    def advance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        position = torch.tensor([self.slot], device=self.valid.device)
+        with trusted_guards(self.steps_taken > 0):
+            chosen = self.step(self.last_tokens, self.valid, position, self.finished)
+        self.steps_taken += 1
+        return chosen
 
 
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -37,30 +60,22 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return model(input_ids, attention_mask=attention_mask, cache_position=slots, last_only=True)[:, -1]
 
 
-def choose(logits, finished, eos, pad_token_id: int, params: SamplingParams, generator=None):
-    """Each row's next token [batch] and the updated finished flags: finished rows get padding,
-    rows that choose an end-of-sequence token finish."""
-    tokens = next_tokens(logits, params, generator)
-    tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
-    return tokens, finished | torch.isin(tokens, eos)
-
-
 def decode_one_token(compute: Callable, tokens, valid, cache_position, finished, eos, pad_token_id: int, params: SamplingParams, generator=None):
     """Feed one token per row at cache_position ([1], shared by the rows) and choose the next ones.
     Shapes never change from step to step, so a compiled version compiles once."""
-    logits = compute(tokens[:, None], valid, None, cache_position, True)[:, -1]
+    logits = compute(tokens[:, None], valid, position_ids=None, cache_position=cache_position, last_only=True)[:, -1]
     return choose(logits, finished, eos, pad_token_id, params, generator)
 
 
-def compiled(key: int, name: str, function: Callable) -> Callable:
+def compiled(key: StateKey, name: str, function: Callable) -> Callable:
     """torch.compile(function), kept per model in the worker so that it compiles once."""
-    functions = worker_state().setdefault(("compiled", key), {})
+    functions = worker_state().setdefault(owned_key(key, "compiled"), {})
     if name not in functions:
         functions[name] = torch.compile(function, dynamic=False)
     return functions[name]
 
 
-def decode_step(model, key: int, compile: bool, eos, pad_token_id: int, params: SamplingParams, generator) -> Callable:
+def decode_step(model, key: StateKey, compile: bool, eos, pad_token_id: int, params: SamplingParams, generator) -> Callable:
     """The step a Session runs. Compiled greedy decoding compiles the whole step, token choice
     included; sampling draws from the seeded generator eagerly after a compiled forward."""
     if compile and not params.do_sample:
@@ -77,31 +92,19 @@ def trusted_guards(trusted: bool):
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=trusted)
 
 
-def decode_n_tokens(session: Session, n: int) -> torch.Tensor:
+def decode_n_tokens(session: Decoding, n: int) -> torch.Tensor:
     """Up to n more tokens per row, [batch, k]; stops early when every row has finished."""
     produced = []
     for _ in range(min(n, session.remaining)):
         if bool(session.finished.all()):
             break
-        position = torch.tensor([session.slot], device=session.valid.device)
-        with trusted_guards(session.steps_taken > 0):
-            session.last_tokens, session.finished = session.step(session.last_tokens, session.valid, position, session.finished)
-        session.steps_taken += 1
+        session.last_tokens, session.finished = session.advance()
         session.slot += 1
         session.remaining -= 1
         produced.append(session.last_tokens)
     if not produced:
         return torch.empty(session.last_tokens.shape[0], 0, dtype=torch.long)
     return torch.stack(produced, dim=1)
-
-
-def seeded_generator(params: SamplingParams, seed, device) -> torch.Generator | None:
-    """The same generator state on every rank (so every rank samples the same token); None for greedy."""
-    if not params.do_sample:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
-    return generator
 
 
 def validity_mask(attention_mask: torch.Tensor, max_seq_len: int) -> torch.Tensor:
@@ -115,14 +118,10 @@ def validity_mask(attention_mask: torch.Tensor, max_seq_len: int) -> torch.Tenso
 # -- what the front end calls on every rank ---------------------------------------------------
 
 
-def _session_key(key: int):
-    return ("session", key)
-
-
-def start(key: int, input_ids, attention_mask, params: SamplingParams, seed, eos: list[int], pad_token_id: int, max_new_tokens: int, first_chunk: int, compile: bool = False):
+def start(key: StateKey, input_ids, attention_mask, params: SamplingParams, seed, eos: list[int], pad_token_id: int, max_new_tokens: int, first_chunk: int, compile: bool = False):
     """Prefill, choose the first token, then decode up to first_chunk - 1 more; return the tokens [batch, k]."""
     model = worker_state()[key]
-    device = model.lm_head.weight.device
+    device = device_of(model)
     generator = seeded_generator(params, seed, device)
     batch, prompt_len = input_ids.shape
     attention_mask = attention_mask.to(device)
@@ -135,25 +134,23 @@ def start(key: int, input_ids, attention_mask, params: SamplingParams, seed, eos
             remaining=max_new_tokens - 1, step=decode_step(model, key, compile, eos, pad_token_id, params, generator),
         )
         rest = decode_n_tokens(session, first_chunk - 1)
-    worker_state()[_session_key(key)] = session
+    worker_state()[owned_key(key, SESSION)] = session
     return torch.cat([first[:, None], rest], dim=1).cpu()
 
 
-def resume(key: int, n: int):
+def resume(key: StateKey, n: int):
     """Up to n more tokens of the session in flight, and whether every row has finished."""
-    session = worker_state()[_session_key(key)]
+    return resume_session(key, SESSION, n)
+
+
+def resume_session(key: StateKey, kind: str, n: int):
+    """Up to n more tokens of the model's session of this kind in flight, and whether every row has finished."""
+    session = worker_state()[owned_key(key, kind)]
     with torch.inference_mode():
         tokens = decode_n_tokens(session, n)
     done = bool(session.finished.all()) or session.remaining <= 0
     return tokens.cpu(), done
 
 
-def end(key: int) -> None:
-    worker_state().pop(_session_key(key), None)
-
-
-def generate_on_neuron(prompt, target_model, draft_model=None, **kwargs):
-    """NxD's runner entry point, kept as a thin alias of target_model.generate."""
-    if draft_model is not None:
-        kwargs["draft_model"] = draft_model
-    return target_model.generate(prompt, **kwargs)
+def end(key: StateKey) -> None:
+    end_session(key, SESSION)

@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p.
+"""Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p
+(the front end builds SamplingParams; the workers choose).
 
 The warpers run in Hugging Face's order (temperature, then top-k, then top-p),
 so a seeded sampler draws from the same distribution as HF's `generate`.
@@ -54,3 +55,20 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if not params.do_sample:
         return logits.argmax(dim=-1)
     return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def choose(logits, finished, eos, pad_token_id: int, params: SamplingParams, generator=None):
+    """Each row's next token [batch] and the updated finished flags: finished rows get padding,
+    rows that choose an end-of-sequence token finish."""
+    tokens = next_tokens(logits, params, generator)
+    tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+    return tokens, finished | torch.isin(tokens, eos)
+
+
+def seeded_generator(params: SamplingParams, seed, device) -> torch.Generator | None:
+    """The same generator state on every rank (so every rank samples the same token); None for greedy."""
+    if not params.do_sample:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    return generator

@@ -23,10 +23,13 @@ from typing import Callable
 
 import torch
 
-from nxd_core.workers import worker_state
+from nxd_core.workers import StateKey, worker_state
 
-from .runner import compiled, prefill, seeded_generator, trusted_guards, validity_mask
-from .sampling import SamplingParams, next_tokens, probabilities
+from ...worker_ops import device_of, end_session, owned_key
+from .decoding import compiled, prefill, trusted_guards, validity_mask
+from .sampling import SamplingParams, next_tokens, probabilities, seeded_generator
+
+SESSION = "speculative"  # the worker_state() kind of a speculative generation in flight, owned by the target
 
 
 @dataclass
@@ -55,7 +58,7 @@ def _draft_tokens(session: SpeculativeSession):
     token, tokens, dists = session.last, [], []
     for j in range(session.k + 1):
         slots = (session.pos + j)[:, None]
-        logits = session.draft(token[:, None], session.valid, None, slots, True)[:, -1]
+        logits = session.draft(token[:, None], session.valid, position_ids=None, cache_position=slots, last_only=True)[:, -1]
         if j == session.k:
             break
         if session.params.do_sample:
@@ -95,7 +98,7 @@ def speculate_round(session: SpeculativeSession) -> list[list[int]]:
     drafted, q = _draft_tokens(session)
     fed = torch.cat([session.last[:, None], drafted], dim=1)
     slots = session.pos[:, None] + torch.arange(session.k + 1, device=fed.device)
-    target_logits = session.target(fed, session.valid, None, slots, False)
+    target_logits = session.target(fed, session.valid, position_ids=None, cache_position=slots, last_only=False)
     accepted, following = _accept(session, drafted, q, target_logits)
     # Finished rows keep their pointer (they rewrite the same slots), so they never outgrow the cache.
     session.pos += torch.where(session.finished, 0, accepted + 1)
@@ -125,14 +128,10 @@ def speculate_round(session: SpeculativeSession) -> list[list[int]]:
 # -- what the front end calls on every rank ---------------------------------------------------
 
 
-def _session_key(key: int):
-    return ("speculative", key)
-
-
-def start(target_key: int, draft_key: int, input_ids, attention_mask, params, seed, eos, k: int, max_new_tokens: int, compile: bool = False):
+def start(target_key: StateKey, draft_key: StateKey, input_ids, attention_mask, params, seed, eos, k: int, max_new_tokens: int, compile: bool = False):
     """Prefill both models; the first token comes from the target. Returns it per row."""
     target, draft = worker_state()[target_key], worker_state()[draft_key]
-    device = target.lm_head.weight.device
+    device = device_of(target)
     generator = seeded_generator(params, seed, device)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch, prompt_len = input_ids.shape
@@ -148,13 +147,13 @@ def start(target_key: int, draft_key: int, input_ids, attention_mask, params, se
         draft=compiled(draft_key, "compute", draft.compute) if compile else draft.compute,
         target=compiled(target_key, "compute", target.compute) if compile else target.compute,
     )
-    worker_state()[_session_key(target_key)] = session
+    worker_state()[owned_key(target_key, SESSION)] = session
     return first.cpu()
 
 
-def resume(target_key: int, rounds: int):
+def resume(target_key: StateKey, rounds: int):
     """Up to `rounds` rounds; returns (tokens gained per row, every row finished, acceptance histogram)."""
-    session = worker_state()[_session_key(target_key)]
+    session = worker_state()[owned_key(target_key, SESSION)]
     gained = [[] for _ in range(session.last.shape[0])]
     with torch.inference_mode():
         for _ in range(rounds):
@@ -168,5 +167,5 @@ def resume(target_key: int, rounds: int):
     return gained, bool(session.finished.all()), list(session.accepted)
 
 
-def end(target_key: int) -> None:
-    worker_state().pop(_session_key(target_key), None)
+def end(target_key: StateKey) -> None:
+    end_session(target_key, SESSION)

@@ -1,0 +1,120 @@
+"""Worker side of every handle: load a shard, run a forward pass, release a model.
+
+These functions run on every rank that holds a shard (the worker processes in driver mode, each
+rank's own process under torchrun); the front end (loading.py, handles.py) sends them by reference
+through `group.run`. Nothing here imports front-end code. What a model owns in `worker_state()`
+(the model, its generation sessions, its compiled steps) is keyed by `StateKey(kind, owner)` with
+the model's number as owner, so that release drops all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from nxd_core import parallel_state as ps
+from nxd_core.checkpoint import MANIFEST, check_keys, load, load_state_dict_from_full, open_full_checkpoint, read_manifest, tied_aliases
+from nxd_core.workers import StateKey, drop_owned_by, return_freed_memory, worker_state
+
+from .families import build_for_checkpoint
+
+
+def model_key(owner: int) -> StateKey:
+    """Where a model's shard lives in worker_state(); a handle's `key`."""
+    return StateKey("model", owner)
+
+
+def owned_key(key: StateKey, kind: str) -> StateKey:
+    """Where something the model at `key` owns lives (kind: "session", "compiled", ...)."""
+    return StateKey(kind, key.owner)
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def on_device(device, *tensors) -> list:
+    return [t.to(device) if t is not None else None for t in tensors]
+
+
+def load_shard(key: StateKey, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool,
+               replicated: bool = False) -> int:
+    """In each rank: build the shard on the meta device, stream in its slices, allocate the KV cache;
+    returns the shard's bytes. replicated: build and load a whole copy (tp=1) in every rank of the group."""
+    progress = progress and ps.get_tensor_model_parallel_rank() == 0
+    with ps.replicated() if replicated else contextlib.nullcontext():
+        return _build_and_load(key, path, dtype, max_batch_size, max_seq_len, device, progress)
+
+
+def _build_and_load(key: StateKey, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool) -> int:
+    config = AutoConfig.from_pretrained(path)
+    if (Path(path) / MANIFEST).exists():
+        manifest = read_manifest(path)
+        prefix = manifest["model_prefix"]
+        saved = [name[len(prefix):] for name in manifest["tensors"] if name.startswith(prefix)]
+        # Adapting to the saved names ties the model as the checkpoint was.
+        family, model, _ = build_for_checkpoint(config, dict.fromkeys(saved), dtype, device="meta")
+        # Tied names (T5's embed_tokens, a tied lm_head) are not stored: check the others, then load leniently.
+        aliases = tied_aliases(model)
+        check_keys([n for n in model.state_dict() if n not in aliases], saved, path)
+        load(path, model, sharded=True, strict=False)
+    else:
+        # Legacy names, heads the checkpoint has but the model lacks, tying: the family adapts them.
+        family, model, tensors = build_for_checkpoint(config, open_full_checkpoint(path), dtype, device="meta")
+        if progress:
+            tensors = _with_progress(tensors, f"loading {Path(path).name} at tp={ps.get_tensor_model_parallel_size()}")
+        load_state_dict_from_full(model, tensors, source=path)
+    model.to(device)
+    if family.KV_CACHE:
+        model.allocate_kv_cache(max_batch_size, max_seq_len)
+    model.eval()
+    worker_state()[key] = model
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+class _ProgressMapping(dict):
+    """A name -> tensor mapping that advances a progress bar as tensors are read."""
+
+    def __init__(self, tensors, bar):
+        super().__init__(tensors)
+        self._bar = bar
+
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        self._bar.update(1)
+        if self._bar.n == self._bar.total:
+            self._bar.close()
+        return value
+
+
+def _with_progress(tensors: dict, description: str):
+    from tqdm.auto import tqdm
+
+    return _ProgressMapping(tensors, tqdm(total=len(tensors), desc=description, unit="tensor", file=sys.stderr))
+
+
+def forward(key: StateKey, method: str, every_rank: bool, *args, **kwargs):
+    """model.<method>(*args, **kwargs) on this rank's shard ("__call__": its forward), the tensors moved
+    to the model's device; the output on the CPU. Every rank holds the same gathered output; in driver
+    mode one copy crosses back (every_rank: under torchrun each rank's script wants its own)."""
+    model = worker_state()[key]
+    device = device_of(model)
+    with torch.inference_mode():
+        args, values = on_device(device, *args), on_device(device, *kwargs.values())
+        out = getattr(model, method)(*args, **dict(zip(kwargs, values))).cpu()
+    return out if every_rank or ps.get_tensor_model_parallel_rank() == 0 else None
+
+
+def release(key: StateKey) -> None:
+    """Drop a model and all it owns (sessions, compiled steps) from this worker."""
+    drop_owned_by(key.owner)
+    return_freed_memory()
+
+
+def end_session(key: StateKey, kind: str) -> None:
+    """Forget the model's session of this kind (its KV cache stays, for the next one)."""
+    worker_state().pop(owned_key(key, kind), None)
