@@ -39,7 +39,7 @@ import torch.utils._pytree as pytree
 from . import trace_worker
 from .bucketing import BucketModelConfig
 from .trace_format import FORMAT, MANIFEST, VERSION, TracedModelError, files_of, read_manifest, tensor_meta, write_manifest
-from .workers import WorkerGroup
+from .workers import Group, WorkerGroup
 
 __all__ = [
     "parallel_model_trace", "parallel_model_save", "parallel_model_load", "TensorParallelModel",
@@ -50,7 +50,7 @@ __all__ = [
 class TensorParallelModel:
     """A traced tensor parallel model: call it with tensors, as the module it was traced from."""
 
-    def __init__(self, group: WorkerGroup, key: str, meta: dict, bucket_config: BucketModelConfig | None, owns_group: bool):
+    def __init__(self, group: Group, key: str, meta: dict, bucket_config: BucketModelConfig | None, owns_group: bool):
         self.group, self.key, self.meta = group, key, meta
         self.bucket_config = bucket_config
         self._owns_group = owns_group
@@ -187,7 +187,7 @@ def _example_sets(example_inputs, bucketed: bool) -> list[tuple]:
     return [_input_set(inputs, f"example_inputs[{i}]") for i, inputs in enumerate(example_inputs)]
 
 
-def _worker_group(tp_degree: int, workers: WorkerGroup | None) -> tuple[WorkerGroup, bool]:
+def _worker_group(tp_degree: int, workers: Group | None) -> tuple[Group, bool]:
     if workers is None:
         return WorkerGroup(tp_degree), True
     if workers.closed:
@@ -220,14 +220,15 @@ def parallel_model_trace(
     inline_weights_to_neff: bool = True,
     bucket_config: BucketModelConfig | None = None,
     compiled: bool = True,
-    workers: WorkerGroup | None = None,
+    workers: Group | None = None,
 ) -> TensorParallelModel:
     """Trace the model func() builds in each of tp_degree workers; return its front end.
 
     example_inputs: a tensor or tuple of tensors; with bucket_config, a list of
-    them, one per bucket in the kernel's bucket order. workers: a running
-    WorkerGroup(tp_degree) to use (it stays open); by default the model starts
-    its own and closes it with close().
+    them, one per bucket in the kernel's bucket order. workers: a running Group
+    of tp_degree ranks to use (a WorkerGroup(tp_degree), or start_workers' group
+    under torchrun; it stays open); by default the model starts its own
+    WorkerGroup and closes it with close().
     """
     if bucket_config is not None and inline_weights_to_neff:
         raise ValueError("bucket_config needs weights kept apart from the graphs: pass inline_weights_to_neff=False")
@@ -299,7 +300,7 @@ def parallel_model_load(
     path,
     tp_degree: int | None = None,
     compiled: bool = True,
-    workers: WorkerGroup | None = None,
+    workers: Group | None = None,
     bucket_config: BucketModelConfig | None = None,
 ) -> TensorParallelModel:
     """Load a folder parallel_model_save wrote into tp_degree workers (the saved tp; tp_degree, if

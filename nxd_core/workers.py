@@ -31,6 +31,7 @@ shut the group down within `error_grace` seconds.
 
 SPMD mode: under torchrun every rank runs the user's script; `start_workers`
 then returns a `LocalGroup` with the same interface that runs in-process.
+Both are a `Group` (the Protocol below): code that takes a group should take a Group.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import weakref
 from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import Callable, Protocol, Self, runtime_checkable
 
 import cloudpickle
 import torch
@@ -59,7 +61,7 @@ import torch.distributed as dist
 from . import parallel_state as ps
 from .worker_process import BEAT, CALL, REPLY, SHUTDOWN, STARTUP_REQUEST, StateKey, drop_owned_by, return_freed_memory, worker_state
 
-__all__ = ["WorkerGroup", "LocalGroup", "WorkerDied", "WorkerError", "start_workers", "worker_state", "StateKey", "drop_owned_by",
+__all__ = ["Group", "WorkerGroup", "LocalGroup", "WorkerDied", "WorkerError", "start_workers", "worker_state", "StateKey", "drop_owned_by",
            "return_freed_memory"]
 
 _HOST = "127.0.0.1"
@@ -120,6 +122,46 @@ def _interrupts_deferred():
         signal.signal(signal.SIGINT, previous)
         if caught:
             raise KeyboardInterrupt
+
+
+# -- the interface ------------------------------------------------------------------
+
+
+@runtime_checkable
+class Group(Protocol):
+    """A tensor parallel group that runs calls on its ranks: WorkerGroup (driver mode) or LocalGroup (torchrun).
+
+    `world_size` processes in TP groups of `tp`. A call returns one result for each
+    process it ran in, in rank order, and `pids` names those processes: every worker
+    in driver mode; under torchrun, this rank's own process (each rank's script makes
+    its own call), so `group.run(os.getpid) == group.pids` either way.
+    """
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def tp(self) -> int: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def pids(self) -> list[int]: ...
+
+    def run(self, fn: Callable, *args, **kwargs) -> list:
+        """fn(*args, **kwargs) on every rank; the results in rank order."""
+        ...
+
+    def run_per_rank(self, fn: Callable, args_per_rank: list[tuple], kwargs: dict | None = None) -> list:
+        """fn(*args_per_rank[r], **kwargs) on rank r (one tuple per rank, world_size of them); the results in rank order."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc) -> None: ...
 
 
 # -- the front end ------------------------------------------------------------------
@@ -470,7 +512,7 @@ def _rebuild_exception(rank: int, payload: dict) -> BaseException:
 
 
 class LocalGroup:
-    """WorkerGroup's interface for SPMD mode: every rank already runs this script, so calls run in-process."""
+    """A Group for SPMD mode: every rank already runs this script, so calls run in-process, on this rank only."""
 
     def __init__(self):
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -482,13 +524,21 @@ class LocalGroup:
         return self.run_per_rank(fn, [args], kwargs)
 
     def run_per_rank(self, fn, args_per_rank: list[tuple], kwargs: dict | None = None) -> list:
-        """This rank's own call: args_per_rank holds one tuple (this process is one rank)."""
-        if len(args_per_rank) != 1:
-            raise ValueError(f"in SPMD mode each rank runs its own call: need 1 argument tuple, got {len(args_per_rank)}")
+        """This rank's own call, with its tuple of args_per_rank: one per rank (world_size, as for a
+        WorkerGroup), or this rank's alone (one tuple). Returns [this rank's result]."""
+        if len(args_per_rank) == 1:
+            args = args_per_rank[0]
+        elif len(args_per_rank) == self.world_size:
+            args = args_per_rank[dist.get_rank()]
+        else:
+            raise ValueError(
+                f"in SPMD mode each rank runs its own call: need 1 argument tuple (this rank's) or {self.world_size} "
+                f"(one per rank), got {len(args_per_rank)}"
+            )
         with self._lock:
             if self._closed:
                 raise RuntimeError("this LocalGroup is closed")
-            return [fn(*args_per_rank[0], **(kwargs or {}))]
+            return [fn(*args, **(kwargs or {}))]
 
     @property
     def closed(self) -> bool:
@@ -513,7 +563,7 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def start_workers(tp: int, device: str = "cpu", **kwargs) -> WorkerGroup | LocalGroup:
+def start_workers(tp: int, device: str = "cpu", **kwargs) -> Group:
     """Driver mode: start a WorkerGroup of tp processes. Under torchrun: use its process group."""
     if dist.is_initialized() or launched_by_torchrun():
         if not dist.is_initialized():
