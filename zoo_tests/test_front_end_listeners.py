@@ -83,7 +83,10 @@ def test_stray_connections_during_start_up_do_not_break_it():
                 tried.add(path)
                 with socket.socket(socket.AF_UNIX) as s:
                     s.connect(path)
-                    s.sendall(os.urandom(64))
+                    try:
+                        s.sendall(os.urandom(64))
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # refused at once: what the group should do with a stranger
                 hits.append(path)
             time.sleep(0.005)
 
