@@ -21,7 +21,7 @@ length (slice them to the input's length); pooled outputs need nothing.
 
 inline_weights_to_neff=False keeps weights apart from graphs: one graph per
 bucket serves every rank (the model may hold no rank-dependent Python value
-in forward: DESIGN principle 4), each rank's weights are a safetensors file,
+in forward: docs/design.md, rule 4), each rank's weights are a safetensors file,
 and replace_weights swaps them without tracing again. The saved format is
 described in nxd_core/trace_format.py and docs/trace.md.
 """
@@ -242,7 +242,7 @@ def parallel_model_trace(
         if not inline_weights_to_neff and any(info["graph_hashes"] != infos[0]["graph_hashes"] for info in infos):
             raise ValueError(
                 "the ranks traced different graphs, so one graph cannot serve every rank: the model's forward uses a "
-                "rank-dependent Python value (keep such values in buffers, DESIGN principle 4), or trace with "
+                "rank-dependent Python value (keep such values in buffers: docs/design.md, rule 4), or trace with "
                 "inline_weights_to_neff=True"
             )
     except BaseException:
