@@ -14,19 +14,15 @@ from __future__ import annotations
 import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from nxd_core.workers import LocalGroup, StateKey
+from nxd_core.workers import Group, LocalGroup, StateKey
 
 from .generation import generate as causal_generation
 from .generation import seq2seq as seq2seq_generation
 from .inputs import check_below, check_cache_position, check_mask, check_vocabulary, matching, token_batch
 from .worker_ops import forward, release
-
-if TYPE_CHECKING:
-    from nxd_core.workers import Group
 
 
 class SessionLock:

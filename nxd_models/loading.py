@@ -13,22 +13,18 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig
 
 from nxd_core.checkpoint import MANIFEST, read_manifest
 from nxd_core.safetensors_stream import DTYPE_NAMES, check_complete
-from nxd_core.workers import start_workers
+from nxd_core.workers import Group, start_workers
 
 from . import hub
 from .families import lookup
 from .handles import HANDLES, ParallelHandle
 from .worker_ops import load_shard, model_key
-
-if TYPE_CHECKING:
-    from nxd_core.workers import Group
 
 _OWNERS = itertools.count()  # each loaded model's number: the owner of what it keeps in the workers
 _DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}  # a manifest's "BF16" -> torch.bfloat16
