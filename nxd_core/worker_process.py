@@ -1,7 +1,7 @@
 """What runs inside a worker process of a WorkerGroup (the front end is workers.py).
 
 The protocol on the control connection (a Unix socket to the front end):
-  front end -> worker:  (CALL, request_id, fn, args, kwargs)   cloudpickle
+  front end -> worker:  (CALL, request_id, cloudpickle of (fn, args, kwargs))   pickle
                         (SHUTDOWN,)
   worker -> front end:  (REPLY, request_id, "ok" | "error", payload)   pickle
                         (BEAT, request_id)   every `heartbeat_interval` s while a request runs
@@ -161,14 +161,15 @@ def main() -> None:
 
     while True:
         try:
-            message = cloudpickle.loads(conn.recv_bytes())
+            message = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             os._exit(1)  # the front end is gone
         if message[0] == SHUTDOWN:
             break
-        _, request, fn, args, kwargs = message
-        channel.busy(request)
+        _, request, call = message
+        channel.busy(request)  # heartbeats from here on, while the call unpickles and runs
         try:
+            fn, args, kwargs = cloudpickle.loads(call)
             result = fn(*args, **kwargs)
         except BaseException as exc:
             channel.reply(request, "error", error_payload(exc))

@@ -294,7 +294,10 @@ class WorkerGroup:
             if self._closed:
                 raise RuntimeError("this WorkerGroup is closed; start a new one")
             call = _Call(next(self._requests), range(self.world_size), _name(fn))
-            messages = [cloudpickle.dumps((CALL, call.request, fn, tuple(args), kwargs or {})) for args in args_per_rank]
+            # The call itself is pickled inside: a worker reads the request id first and beats while
+            # it unpickles the call (which may import modules for seconds on a loaded machine).
+            messages = [pickle.dumps((CALL, call.request, cloudpickle.dumps((fn, tuple(args), kwargs or {}))))
+                        for args in args_per_rank]
             with _interrupts_deferred():
                 self._send_all(messages, call)
             try:
@@ -425,7 +428,7 @@ class WorkerGroup:
                 return
             if acquired and all(p.poll() is None for p in self._procs):
                 for conn in self._conns:
-                    conn.send_bytes(cloudpickle.dumps((SHUTDOWN,)))
+                    conn.send_bytes(pickle.dumps((SHUTDOWN,)))
                 deadline = time.monotonic() + timeout
                 for proc in self._procs:
                     proc.wait(timeout=max(0.1, deadline - time.monotonic()))
