@@ -57,28 +57,29 @@ def _gloo_all_gather(out, x, group):
 def measure(sizes: list[int], dtype_name: str, max_calls: int = 2000) -> list[dict]:
     """In each worker: per size, microseconds per all-reduce and all-gather, ours and gloo."""
     import torch
+
+    return [_time_one_size(nbytes, getattr(torch, dtype_name), max_calls) for nbytes in sizes]
+
+
+def _time_one_size(nbytes: int, dtype, max_calls: int) -> dict:
+    import torch
     import torch.distributed as dist
 
     from nxd_core import parallel_state as ps
     from nxd_core.mappings import all_gather_tensor_model_parallel, all_reduce_tensor_model_parallel
 
-    dtype = getattr(torch, dtype_name)
     group = ps.get_tensor_model_parallel_group()
-    tp = ps.get_tensor_model_parallel_size()
-    rows = []
-    for nbytes in sizes:
-        x = torch.randn(max(1, nbytes // dtype.itemsize)).to(dtype)
-        gathered = torch.empty(tp * x.numel(), dtype=dtype)
-        calls = _calls_for(nbytes, max_calls)
-        rows.append({
-            "bytes": nbytes,
-            "collectives": ps.tp_collectives(),
-            "all_reduce_ours": _time_per_call(lambda: all_reduce_tensor_model_parallel(x), calls),
-            "all_reduce_gloo": _time_per_call(lambda: dist.all_reduce(x.clone(), group=group), calls),
-            "all_gather_ours": _time_per_call(lambda: all_gather_tensor_model_parallel(x), calls),
-            "all_gather_gloo": _time_per_call(lambda: _gloo_all_gather(gathered, x, group=group), calls),
-        })
-    return rows
+    x = torch.randn(max(1, nbytes // dtype.itemsize)).to(dtype)
+    gathered = torch.empty(ps.get_tensor_model_parallel_size() * x.numel(), dtype=dtype)
+    calls = _calls_for(nbytes, max_calls)
+    return {
+        "bytes": nbytes,
+        "collectives": ps.tp_collectives(),
+        "all_reduce_ours": _time_per_call(lambda: all_reduce_tensor_model_parallel(x), calls),
+        "all_reduce_gloo": _time_per_call(lambda: dist.all_reduce(x.clone(), group=group), calls),
+        "all_gather_ours": _time_per_call(lambda: all_gather_tensor_model_parallel(x), calls),
+        "all_gather_gloo": _time_per_call(lambda: _gloo_all_gather(gathered, x, group=group), calls),
+    }
 
 
 def _size(nbytes: int) -> str:
