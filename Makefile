@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel on this machine's disk; an unpinned torch would pull CUDA packages.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test test-slow demo venv clean
+.PHONY: test test-slow lint demo venv clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -m slow
+
+# ruff's settings are in pyproject.toml; `ruff format . && ruff check --fix .` applies them.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The bundled demo pair at tp=2, speculative decoding with the draft copied into each worker.
 DEMO_PROMPT := import os\n\n\nclass Reader:\n    def __init__(self, path):\n        

@@ -97,8 +97,10 @@ def main(argv=None) -> None:
 
     from nxd_core.workers import WorkerGroup
 
-    print(f"{os.cpu_count()} cores; {args.dtype}; microseconds per call, best of {BATCHES} batches; "
-          "gloo is torch.distributed on the same group\n")
+    print(
+        f"{os.cpu_count()} cores; {args.dtype}; microseconds per call, best of {BATCHES} batches; "
+        "gloo is torch.distributed on the same group\n"
+    )
     header = f"{'tp':>3s} {'size':>7s} | {'all-reduce ours':>15s} {'gloo':>9s} {'ratio':>6s} | {'all-gather ours':>15s} {'gloo':>9s} {'ratio':>6s}"
     print(header)
     print("-" * len(header))
@@ -110,9 +112,11 @@ def main(argv=None) -> None:
             worst = {key: max(r[i][key] for r in rows) * 1e6 for key in rows[0][i] if key.startswith("all_")}
             path = rows[0][i]["collectives"]
             ours = "" if path == "shm" else f" ({path})"
-            print(f"{tp:3d} {_size(nbytes):>7s} | {worst['all_reduce_ours']:12.1f}{ours:>3s} {worst['all_reduce_gloo']:9.1f} "
-                  f"{worst['all_reduce_ours'] / worst['all_reduce_gloo']:5.2f}x | {worst['all_gather_ours']:15.1f} "
-                  f"{worst['all_gather_gloo']:9.1f} {worst['all_gather_ours'] / worst['all_gather_gloo']:5.2f}x")
+            print(
+                f"{tp:3d} {_size(nbytes):>7s} | {worst['all_reduce_ours']:12.1f}{ours:>3s} {worst['all_reduce_gloo']:9.1f} "
+                f"{worst['all_reduce_ours'] / worst['all_reduce_gloo']:5.2f}x | {worst['all_gather_ours']:15.1f} "
+                f"{worst['all_gather_gloo']:9.1f} {worst['all_gather_ours'] / worst['all_gather_gloo']:5.2f}x"
+            )
 
 
 if __name__ == "__main__":

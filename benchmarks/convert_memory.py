@@ -85,10 +85,14 @@ def main(argv=None) -> None:
         print(f"disk sequential read (page cache evicted): {before / GiB:.2f} GiB/s before, {after / GiB:.2f} GiB/s after")
         throughput = weights / report["seconds"]
         growth = report["peak"] - report["baseline"]
-        print(f"convert to tp={args.tp}: {report['seconds']:.1f}s, {throughput / GiB:.2f} GiB/s "
-              f"= {throughput / bandwidth:.0%} of the disk's read bandwidth")
-        print(f"convert process RSS: baseline {report['baseline'] / GiB:.2f} GiB, peak {report['peak'] / GiB:.2f} GiB, "
-              f"growth {growth / GiB:.2f} GiB (target < 2 GiB)")
+        print(
+            f"convert to tp={args.tp}: {report['seconds']:.1f}s, {throughput / GiB:.2f} GiB/s "
+            f"= {throughput / bandwidth:.0%} of the disk's read bandwidth"
+        )
+        print(
+            f"convert process RSS: baseline {report['baseline'] / GiB:.2f} GiB, peak {report['peak'] / GiB:.2f} GiB, "
+            f"growth {growth / GiB:.2f} GiB (target < 2 GiB)"
+        )
         written = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
         print(f"wrote {written / GiB:.2f} GiB in {args.tp} shard files")
     finally:

@@ -71,6 +71,7 @@ def hf_decode_rate(path: Path, prompt: torch.Tensor, new_tokens: int) -> float:
 def ours(model, prompt, new_tokens, **kwargs) -> dict:
     """The stats of the fastest of REPEATS generations of new_tokens, with "decode_tokens_per_second"
     (prefill left out)."""
+
     def run(n):
         return model.generate(input_ids=prompt, max_new_tokens=n, eos_token_id=[], **kwargs).stats
 
@@ -88,8 +89,10 @@ def demo_pair(args) -> None:
     from nxd_models import from_pretrained_parallel
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.tp)
-    print(f"demo-llama at tp={args.tp} ({threads} threads per worker), demo-llama-draft copied into each worker, "
-          f"k={args.k}, {args.new_tokens} new tokens\n")
+    print(
+        f"demo-llama at tp={args.tp} ({threads} threads per worker), demo-llama-draft copied into each worker, "
+        f"k={args.k}, {args.new_tokens} new tokens\n"
+    )
     from nxd_core.workers import WorkerGroup
 
     with WorkerGroup(args.tp, threads_per_worker=threads) as group:
@@ -105,8 +108,10 @@ def demo_pair(args) -> None:
             spec = target.generate(DEMO_PROMPT, **common, draft_model=draft, num_speculative_tokens=args.k)
             assert spec.tokens == plain.tokens, "speculative greedy output must equal target-only greedy output"
             a, b = plain.stats["tokens_per_second"], spec.stats["tokens_per_second"]
-            print(f"{'compiled' if compile else 'eager':22s} {a:9.1f} t/s {b:9.1f} t/s {b / a:7.2f}x "
-                  f"{spec.stats['acceptance_rate']:10.0%}  {spec.stats['accepted_histogram']}")
+            print(
+                f"{'compiled' if compile else 'eager':22s} {a:9.1f} t/s {b:9.1f} t/s {b / a:7.2f}x "
+                f"{spec.stats['acceptance_rate']:10.0%}  {spec.stats['accepted_histogram']}"
+            )
         print("\n" + DEMO_PROMPT + plain.texts[0])
 
 
@@ -126,8 +131,11 @@ def tp_comparison(args, path: Path, prompt, slots: int, at_tp: tuple) -> None:
     single = eager_and_compiled(path, prompt, args.new_tokens, 1, args.threads or cores, slots, "auto")
     gloo = eager_and_compiled(path, prompt, args.new_tokens, args.tp, args.threads or max(1, cores // args.tp), slots, "gloo")
     print(f"\n{'decode tokens/s, same run':40s} {'eager':>8s} {'compiled':>9s} {'eager/tp1':>10s} {'compiled/tp1':>13s}")
-    for label, (eager, compiled) in (("tp=1", single), (f"tp={args.tp}, shared-memory collectives", at_tp),
-                                     (f"tp={args.tp}, gloo collectives", gloo)):
+    for label, (eager, compiled) in (
+        ("tp=1", single),
+        (f"tp={args.tp}, shared-memory collectives", at_tp),
+        (f"tp={args.tp}, gloo collectives", gloo),
+    ):
         print(f"{label:40s} {eager:8.1f} {compiled:9.1f} {eager / single[0]:9.2f}x {compiled / single[1]:12.2f}x")
 
 
@@ -159,8 +167,10 @@ def main(argv=None) -> None:
         prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
         threads = args.threads or max(1, (os.cpu_count() or 1) // args.tp)
         torch.set_num_threads(threads)
-        print(f"layout {args.layout}: {weight_bytes / 2 / 1e6:.0f}M parameters ({weight_bytes / GB:.2f} GB bf16), "
-              f"tp={args.tp}, {threads} threads, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens\n")
+        print(
+            f"layout {args.layout}: {weight_bytes / 2 / 1e6:.0f}M parameters ({weight_bytes / GB:.2f} GB bf16), "
+            f"tp={args.tp}, {threads} threads, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens\n"
+        )
 
         bandwidth = memory_bandwidth()
         roofline = bandwidth / (weight_bytes / args.tp)  # each rank reads its shard once per token
@@ -184,20 +194,29 @@ def main(argv=None) -> None:
             spec_same, spec_small = speculative["same"], speculative["small"]
 
         print(f"{'decode (prefill left out)':40s} {'tokens/s':>10s} {'vs HF eager':>12s}")
-        rows = [("HF generate (eager)", hf), ("ours, eager", eager["decode_tokens_per_second"]),
-                ("ours, compiled", compiled["decode_tokens_per_second"]),
-                (f"ours, speculative k={args.k}, draft = target", spec_same["decode_tokens_per_second"]),
-                (f"ours, speculative k={args.k}, {args.draft_layout} draft", spec_small["decode_tokens_per_second"])]
+        rows = [
+            ("HF generate (eager)", hf),
+            ("ours, eager", eager["decode_tokens_per_second"]),
+            ("ours, compiled", compiled["decode_tokens_per_second"]),
+            (f"ours, speculative k={args.k}, draft = target", spec_same["decode_tokens_per_second"]),
+            (f"ours, speculative k={args.k}, {args.draft_layout} draft", spec_small["decode_tokens_per_second"]),
+        ]
         for label, value in rows:
             print(f"{label:40s} {value:10.1f} {value / hf:11.2f}x")
         print(f"\n(compiling the decode step took {compile_seconds:.1f}s, once per model and batch size)")
-        print(f"memory bandwidth {bandwidth / GB:.1f} GB/s; roofline {roofline:.1f} tokens/s "
-              f"({weight_bytes / args.tp / GB:.3f} GB of weights per token per rank)")
-        print(f"ours compiled reaches {compiled['decode_tokens_per_second'] / roofline:.0%} of the roofline, "
-              f"ours eager {eager['decode_tokens_per_second'] / roofline:.0%}")
+        print(
+            f"memory bandwidth {bandwidth / GB:.1f} GB/s; roofline {roofline:.1f} tokens/s "
+            f"({weight_bytes / args.tp / GB:.3f} GB of weights per token per rank)"
+        )
+        print(
+            f"ours compiled reaches {compiled['decode_tokens_per_second'] / roofline:.0%} of the roofline, "
+            f"ours eager {eager['decode_tokens_per_second'] / roofline:.0%}"
+        )
         for label, stats in (("draft = target", spec_same), (f"{args.draft_layout} draft", spec_small)):
-            print(f"speculative, {label}: speedup {stats['decode_tokens_per_second'] / compiled['decode_tokens_per_second']:.2f}x over compiled "
-                  f"decoding, acceptance {stats['acceptance_rate']:.0%}, rounds that accepted 0..{args.k}: {stats['accepted_histogram']}")
+            print(
+                f"speculative, {label}: speedup {stats['decode_tokens_per_second'] / compiled['decode_tokens_per_second']:.2f}x over compiled "
+                f"decoding, acceptance {stats['acceptance_rate']:.0%}, rounds that accepted 0..{args.k}: {stats['accepted_histogram']}"
+            )
         if args.tp > 1:
             at_tp = (eager["decode_tokens_per_second"], compiled["decode_tokens_per_second"])
             tp_comparison(args, work / "target", prompt, slots, at_tp)

@@ -75,8 +75,10 @@ def load_ours(path: Path, tp: int) -> dict:
     finally:
         group.close()
     return {
-        "start": started - start, "load": loaded - started,
-        "peaks": [m["peak"] for m in memory], "growth": [m["peak"] - b["rss"] for m, b in zip(memory, baseline)],
+        "start": started - start,
+        "load": loaded - started,
+        "peaks": [m["peak"] for m in memory],
+        "growth": [m["peak"] - b["rss"] for m, b in zip(memory, baseline)],
     }
 
 
@@ -114,7 +116,9 @@ def main(argv=None) -> None:
             weights = sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))
         else:
             weights = write_random_llama(hf_dir, args.layout)
-        print(f"{args.source or 'layout ' + args.layout}: {weights / GiB:.2f} GiB of bf16 weights; tp={args.tp}; page cache evicted before each load\n")
+        print(
+            f"{args.source or 'layout ' + args.layout}: {weights / GiB:.2f} GiB of bf16 weights; tp={args.tp}; page cache evicted before each load\n"
+        )
 
         evict_from_page_cache(hf_dir)
         code = HF_CHILD.format(bench=str(Path(__file__).parent), source=str(hf_dir))

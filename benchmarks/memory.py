@@ -34,8 +34,16 @@ T5_LAYOUTS = {
     "base": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
     "large": dict(vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16),
     "3b": dict(vocab_size=32128, d_model=1024, d_kv=128, d_ff=16384, num_layers=24, num_heads=32),
-    "flan-xl": dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
-                    feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "flan-xl": dict(
+        vocab_size=32128,
+        d_model=2048,
+        d_kv=64,
+        d_ff=5120,
+        num_layers=24,
+        num_heads=32,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    ),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

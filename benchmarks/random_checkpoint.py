@@ -18,21 +18,63 @@ from nxd_core.safetensors_stream import SafetensorsWriter, nbytes
 
 LAYOUTS = {
     # Llama-2-7B: hidden 4096, 32 layers, 32 heads, vocab 32000 (~13.5 GB in bf16)
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
     # TinyLlama-1.1B (GQA, 4 KV heads)
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
     # ~20M parameters: per-step overhead dominates decoding
-    "20m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1024),
+    "20m": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=1024,
+    ),
     # a smaller draft with the same vocabulary
-    "draft": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024),
-    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                  num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048),
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=1000, max_position_embeddings=256),
+    "draft": dict(
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=1024,
+    ),
+    "small": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=1000,
+        max_position_embeddings=256,
+    ),
 }
 
 

@@ -78,8 +78,13 @@ def main() -> None:
     args = parser.parse_args()
 
     config = BertConfig(
-        vocab_size=30522, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        intermediate_size=args.intermediate or 4 * args.hidden, max_position_embeddings=max(512, args.seq), num_labels=2,
+        vocab_size=30522,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        intermediate_size=args.intermediate or 4 * args.hidden,
+        max_position_embeddings=max(512, args.seq),
+        num_labels=2,
     )
     generator = torch.Generator().manual_seed(0)
     inputs = (
@@ -101,8 +106,9 @@ def main() -> None:
             _, seconds = timed(workers.run, import_model_code)
             rows.append(("worker imports (transformers)", f"{seconds:.2f} s"))
             for inline, label in ((True, "inlined"), (False, "separated")):
-                model, seconds = timed(parallel_model_trace, build, inputs, tp_degree=args.tp,
-                                       inline_weights_to_neff=inline, workers=workers)
+                model, seconds = timed(
+                    parallel_model_trace, build, inputs, tp_degree=args.tp, inline_weights_to_neff=inline, workers=workers
+                )
                 rows.append((f"trace, weights {label}", f"{seconds:.2f} s"))
                 _, seconds = timed(parallel_model_save, model, workdir / label)
                 rows.append((f"save, weights {label}", f"{seconds:.2f} s"))

@@ -25,7 +25,7 @@ not saved: pass bucket_config to parallel_model_load again):
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -61,7 +61,7 @@ class BucketModelConfig:
         return getattr(kernel, "__qualname__", None) or getattr(kernel, "qualified_name", None) or type(kernel).__name__
 
     @classmethod
-    def from_json(cls, data: dict) -> "BucketModelConfig":
+    def from_json(cls, data: dict) -> BucketModelConfig:
         kinds = {k.__name__: k for k in (SequenceLengthKernel, PositionKernel)}
         if data.get("kind") not in kinds:
             raise ValueError(f"unknown bucket kernel {data.get('kind')!r}: known ones are {sorted(kinds)}")
@@ -121,15 +121,19 @@ class SequenceLengthKernel:
         size = self.buckets[index]
         padded = []
         for i, tensor in enumerate(tensors):
-            chosen = i in self.inputs if self.inputs is not None else (
-                tensor.dim() > self.dim and tensor.shape[self.dim] == length
-            )
+            chosen = i in self.inputs if self.inputs is not None else (tensor.dim() > self.dim and tensor.shape[self.dim] == length)
             padded.append(_pad(tensor, self.dim, size, self.pad_value, self.side) if chosen else tensor)
         return padded, torch.tensor([index])
 
     def to_json(self) -> dict:
-        return {"kind": type(self).__name__, "buckets": self.buckets, "dim": self.dim, "pad_value": self.pad_value,
-                "side": self.side, "inputs": self.inputs}
+        return {
+            "kind": type(self).__name__,
+            "buckets": self.buckets,
+            "dim": self.dim,
+            "pad_value": self.pad_value,
+            "side": self.side,
+            "inputs": self.inputs,
+        }
 
 
 class PositionKernel:
@@ -151,11 +155,15 @@ class PositionKernel:
         if index is None:
             raise _too_long("position", position, self.buckets)
         size = self.buckets[index]
-        padded = [
-            _pad(t, self.dim, size, self.pad_value, "right") if i in self.pad_inputs else t for i, t in enumerate(tensors)
-        ]
+        padded = [_pad(t, self.dim, size, self.pad_value, "right") if i in self.pad_inputs else t for i, t in enumerate(tensors)]
         return padded, torch.tensor([index])
 
     def to_json(self) -> dict:
-        return {"kind": type(self).__name__, "buckets": self.buckets, "position_input": self.position_input,
-                "pad_inputs": self.pad_inputs, "dim": self.dim, "pad_value": self.pad_value}
+        return {
+            "kind": type(self).__name__,
+            "buckets": self.buckets,
+            "position_input": self.position_input,
+            "pad_inputs": self.pad_inputs,
+            "dim": self.dim,
+            "pad_value": self.pad_value,
+        }

@@ -28,9 +28,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -39,24 +39,65 @@ from torch import nn
 
 from . import parallel_state as ps
 from .checkpoint_format import (
-    FORMAT, MANIFEST, VERSION, CheckpointError, _begin, _commit, _decode, _drop_tensors, _encode, _manifest, _new_save_id,
-    _rank_file, _tensor_entry, _write_rank_file, read_manifest, read_rank_file, remove_failed_save, verify_rank_file,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    CheckpointError,
+    _begin,
+    _commit,
+    _decode,
+    _drop_tensors,
+    _encode,
+    _manifest,
+    _new_save_id,
+    _rank_file,
+    _tensor_entry,
+    _write_rank_file,
+    read_manifest,
+    read_rank_file,
+    remove_failed_save,
+    verify_rank_file,
 )
 from .checkpoint_read import (
-    _LazySlice, _assign, _describe_names, _load_unsharded, _read_whole, check_keys, load_state_dict_from_full,
-    open_full_checkpoint, open_full_weights, rank_slice, tied_aliases,
+    _assign,
+    _describe_names,
+    _LazySlice,
+    _load_unsharded,
+    _read_whole,
+    check_keys,
+    load_state_dict_from_full,
+    open_full_checkpoint,
+    open_full_weights,
+    rank_slice,
+    tied_aliases,
 )
 from .safetensors_stream import TORCH_DTYPES, SafetensorsWriter, nbytes, read_header
 from .sharding import ShardedView, ShardSpec, get_sharding, local_shape
 
 __all__ = [
     # operations
-    "save", "load", "consolidate", "reshard", "convert_to_sharded", "write_sharded", "retarget_specs",
+    "save",
+    "load",
+    "consolidate",
+    "reshard",
+    "convert_to_sharded",
+    "write_sharded",
+    "retarget_specs",
     # the format (checkpoint_format.py)
-    "FORMAT", "VERSION", "MANIFEST", "CheckpointError", "read_manifest", "read_rank_file", "verify_rank_file",
+    "FORMAT",
+    "VERSION",
+    "MANIFEST",
+    "CheckpointError",
+    "read_manifest",
+    "read_rank_file",
+    "verify_rank_file",
     "remove_failed_save",
     # reading full checkpoints (checkpoint_read.py)
-    "check_keys", "tied_aliases", "load_state_dict_from_full", "open_full_checkpoint", "open_full_weights",
+    "check_keys",
+    "tied_aliases",
+    "load_state_dict_from_full",
+    "open_full_checkpoint",
+    "open_full_weights",
 ]
 
 
@@ -128,7 +169,9 @@ def _every_rank_succeeded(save_dir: Path, save_id: str, outcome: tuple) -> list:
         error.add_note(f"the save to {save_dir} was abandoned and its partial files removed; the previous checkpoint is intact")
         raise error
     rank, message = failures[0]
-    raise CheckpointError(f"the save to {save_dir} failed on tp rank {rank} ({message}); its partial files were removed and the previous checkpoint is intact")
+    raise CheckpointError(
+        f"the save to {save_dir} failed on tp rank {rank} ({message}); its partial files were removed and the previous checkpoint is intact"
+    )
 
 
 def _broadcast_from_tp_rank0(value):
@@ -259,10 +302,7 @@ def write_sharded(
     finally:
         for thread in threads:
             thread.shutdown(wait=True, cancel_futures=True)
-    ranks = [
-        {"file": file, "bytes": (out_dir / file).stat().st_size, "checksum": checksum}
-        for file, checksum in zip(files, checksums)
-    ]
+    ranks = [{"file": file, "bytes": (out_dir / file).stat().st_size, "checksum": checksum} for file, checksum in zip(files, checksums)]
     manifest = _manifest(save_id, tp, model_prefix, entries, ranks)
     try:
         _commit(out_dir, manifest)
@@ -312,7 +352,7 @@ def load(load_dir, model: nn.Module | None = None, model_key: str = "model", sha
 
 def _load_into_model(model: nn.Module, tensors: dict, file: str, manifest: dict, strict: bool) -> None:
     prefix = manifest["model_prefix"]
-    saved = {name[len(prefix):]: meta for name, meta in manifest["tensors"].items() if name.startswith(prefix)}
+    saved = {name[len(prefix) :]: meta for name, meta in manifest["tensors"].items() if name.startswith(prefix)}
     targets = model.state_dict(keep_vars=True)
     for name in check_keys(targets, saved, file, strict):
         meta, target = saved[name], targets[name]
@@ -343,10 +383,11 @@ def _model_views(load_dir, manifest: dict) -> tuple[dict, dict, list[str]]:
             continue
         dtype = TORCH_DTYPES[meta["dtype"]]
         spec = ShardSpec.from_json(meta["sharding"]) if meta["sharding"] else None
-        short = name[len(prefix):]
+        short = name[len(prefix) :]
         if spec is None:
             views[short] = _LazySlice(files[0], name, data_start, header[name])
         else:
+
             def read_piece(rank, start, stop, name=name, dim=spec.dim):
                 index = (slice(None),) * dim + (slice(start, stop),)
                 with safe_open(files[rank], framework="pt") as handle:
@@ -380,8 +421,7 @@ def consolidate(load_dir, out_dir, max_shard_size: int = 5 << 30) -> list[str]:
         groups[-1].append(name)
         size += tensor_bytes
     names = (
-        ["model.safetensors"] if len(groups) == 1
-        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        ["model.safetensors"] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     )
     for file, group in zip(names, groups):
         tmp = out_dir / f"{file}.partial"
@@ -434,8 +474,15 @@ def reshard(load_dir, out_dir, tp: int) -> dict:
     return write_sharded(out_dir, tp, views, new_specs, tree=tree, model_prefix=manifest["model_prefix"])
 
 
-def convert_to_sharded(source, out_dir, tp: int, specs: Mapping[str, ShardSpec | None], dtype: torch.dtype | None = None,
-                       progress: Callable[[int], None] | None = None, ignore: Callable[[str], bool] | None = None) -> dict:
+def convert_to_sharded(
+    source,
+    out_dir,
+    tp: int,
+    specs: Mapping[str, ShardSpec | None],
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
+    ignore: Callable[[str], bool] | None = None,
+) -> dict:
     """Convert an unsharded checkpoint (HF directory or .safetensors file) to a sharded one for `tp`.
 
     `specs` maps every tensor name to its ShardSpec (any tp: it is retargeted)

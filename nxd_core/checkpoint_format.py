@@ -17,8 +17,8 @@ import math
 import secrets
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
@@ -31,7 +31,13 @@ VERSION = 1
 _MANIFEST_KEYS = ("save_id", "tp", "model_prefix", "checksum", "tensors", "ranks")
 
 __all__ = [
-    "FORMAT", "VERSION", "MANIFEST", "CheckpointError", "read_manifest", "verify_rank_file", "read_rank_file",
+    "FORMAT",
+    "VERSION",
+    "MANIFEST",
+    "CheckpointError",
+    "read_manifest",
+    "verify_rank_file",
+    "read_rank_file",
     "remove_failed_save",
 ]
 
@@ -68,7 +74,7 @@ def _encode(obj, path: str, tensors: dict):
 
 def _decode(node, read_tensor: Callable[[str], object]):
     if isinstance(node, dict):
-        (kind, value), = node.items()
+        ((kind, value),) = node.items()
         if kind == "tensor":
             return read_tensor(value)
         if kind == "dict":
@@ -85,7 +91,7 @@ def _decode(node, read_tensor: Callable[[str], object]):
 def _drop_tensors(node, names: set):
     """The tree with references to `names` replaced by None."""
     if isinstance(node, dict):
-        (kind, value), = node.items()
+        ((kind, value),) = node.items()
         if kind == "tensor":
             return None if value in names else node
         if kind == "dict":
@@ -141,7 +147,8 @@ def remove_failed_save(save_dir: Path, save_id: str) -> None:
 def _tensor_entry(layout: str, dtype: torch.dtype, shape, spec: ShardSpec | None) -> dict:
     """A tensor's line in the manifest; `shape` is the full (unsharded) shape, None for rank_local."""
     return {
-        "layout": layout, "dtype": DTYPE_NAMES[dtype],
+        "layout": layout,
+        "dtype": DTYPE_NAMES[dtype],
         "shape": list(shape) if shape is not None else None,
         "sharding": spec.to_json() if spec else None,
     }
@@ -149,8 +156,14 @@ def _tensor_entry(layout: str, dtype: torch.dtype, shape, spec: ShardSpec | None
 
 def _manifest(save_id: str, tp: int, model_prefix: str, tensors: dict, ranks: list[dict]) -> dict:
     return {
-        "format": FORMAT, "version": VERSION, "save_id": save_id, "tp": tp,
-        "model_prefix": model_prefix, "checksum": "crc32", "tensors": tensors, "ranks": ranks,
+        "format": FORMAT,
+        "version": VERSION,
+        "save_id": save_id,
+        "tp": tp,
+        "model_prefix": model_prefix,
+        "checksum": "crc32",
+        "tensors": tensors,
+        "ranks": ranks,
     }
 
 
@@ -213,8 +226,7 @@ def _check_rank_file(load_dir, manifest: dict, rank: int) -> Path:
     size = path.stat().st_size
     if size != entry["bytes"]:
         raise CheckpointError(
-            f"truncated or damaged shard file {path}: {size} bytes, the manifest records {entry['bytes']}; "
-            "restore it or save again"
+            f"truncated or damaged shard file {path}: {size} bytes, the manifest records {entry['bytes']}; restore it or save again"
         )
     return path
 

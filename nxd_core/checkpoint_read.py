@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors import safe_open
@@ -160,9 +160,7 @@ def open_full_checkpoint(path) -> dict:
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
             if not files:
-                raise FileNotFoundError(
-                    f"no safetensors weights in {path}: expected model.safetensors or model.safetensors.index.json"
-                )
+                raise FileNotFoundError(f"no safetensors weights in {path}: expected model.safetensors or model.safetensors.index.json")
         paths = [str(path / f) for f in files]
     elif path.suffix == ".safetensors":
         if not path.exists():

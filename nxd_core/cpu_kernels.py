@@ -53,8 +53,12 @@ def prepare() -> bool:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     try:
         load(
-            name="nxd_bf16_linear", sources=[str(_SOURCE)], is_python_module=False,
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
+            name="nxd_bf16_linear",
+            sources=[str(_SOURCE)],
+            is_python_module=False,
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
         )
     except Exception as error:  # no compiler, no ninja: decoding still works, on ATen
         warnings.warn(f"nxd-zoo's bf16 CPU kernel could not be built ({error}); using torch's F.linear", stacklevel=2)

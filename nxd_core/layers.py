@@ -13,7 +13,7 @@ checkpoint later).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -171,9 +171,7 @@ class RowParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.input_is_parallel = input_is_parallel
         tp = ps.get_tensor_model_parallel_size()
-        self.spec = _spec(
-            "RowParallelLinear", "input_size", dim=1, full_size=input_size, tp=tp, max_parts=max_parts, unit=unit, pad=pad
-        )
+        self.spec = _spec("RowParallelLinear", "input_size", dim=1, full_size=input_size, tp=tp, max_parts=max_parts, unit=unit, pad=pad)
         weight_init, bias_init = _linear_inits(init_method, input_size)
         self.weight = _sharded_parameter((output_size, input_size), self.spec, weight_init, dtype, device)
         self.bias = _sharded_parameter((output_size,), None, bias_init, dtype, device) if bias else None
@@ -259,9 +257,7 @@ def resolve_device(device) -> torch.device:
         try:
             import torch_xla.core.xla_model as xm
         except ImportError as exc:
-            raise ImportError(
-                'device="xla" needs torch-xla (or torch-neuronx on AWS Neuron): pip install "nxd-zoo[xla]"'
-            ) from exc
+            raise ImportError('device="xla" needs torch-xla (or torch-neuronx on AWS Neuron): pip install "nxd-zoo[xla]"') from exc
         return xm.xla_device()
     return torch.device(device)
 

@@ -30,8 +30,7 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
     """numerator / denominator, or a clear error naming both and the valid choices."""
     if numerator % denominator != 0:
         raise ValueError(
-            f"{what} {numerator} is not divisible by tensor parallel size {denominator}; "
-            f"valid tp values are {divisors(numerator)}"
+            f"{what} {numerator} is not divisible by tensor parallel size {denominator}; valid tp values are {divisors(numerator)}"
         )
     return numerator // denominator
 
@@ -136,7 +135,7 @@ def tp_shared_memory_group() -> str | None:
 
 
 def tp_collectives() -> str:
-    """"shm" or "backend": which collectives the TP group uses (chosen by initialize_model_parallel)."""
+    """ "shm" or "backend": which collectives the TP group uses (chosen by initialize_model_parallel)."""
     return "shm" if _TP_SHM_GROUP is not None else "backend"
 
 

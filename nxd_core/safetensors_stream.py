@@ -17,10 +17,18 @@ import zlib
 import torch
 
 DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
 }
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}  # a header's (or manifest's) "BF16" -> torch.bfloat16
 CHECKSUM = "crc32"
@@ -93,9 +101,7 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, dtype, shape = self._order[self._next]
         if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{self.path}: expected {expected_name} {dtype} {list(shape)}, got {name} {tensor.dtype} {list(tensor.shape)}"
-            )
+            raise ValueError(f"{self.path}: expected {expected_name} {dtype} {list(shape)}, got {name} {tensor.dtype} {list(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._emit(memoryview(data))
         self._next += 1
@@ -200,9 +206,7 @@ def check_complete(path) -> None:
     except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc}); download or write it again") from None
     if size < 8 + length + end:
-        raise ValueError(
-            f"{path} is truncated: {size} bytes, but its header describes {8 + length + end}; download or write it again"
-        )
+        raise ValueError(f"{path} is truncated: {size} bytes, but its header describes {8 + length + end}; download or write it again")
 
 
 def _read_fully(f, view: memoryview, path, block: int = 64 << 20) -> memoryview:
@@ -216,7 +220,9 @@ def _read_fully(f, view: memoryview, path, block: int = 64 << 20) -> memoryview:
     return view
 
 
-def read_tensor(path, data_start: int, entry: dict, buffer: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def read_tensor(
+    path, data_start: int, entry: dict, buffer: torch.Tensor | None = None, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     """A whole tensor, or rows [start, stop) of its first dim, with plain sequential reads.
 
     No mmap: the data is really in memory when this returns, and the GIL is

@@ -75,14 +75,14 @@ class ShardSpec:
         start = min(self.part_of(rank) * self.shard_size, self.full_size)
         return start, min(start + self.shard_size, self.full_size)
 
-    def with_tp(self, tp: int) -> "ShardSpec":
+    def with_tp(self, tp: int) -> ShardSpec:
         return replace(self, tp=tp)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "ShardSpec":
+    def from_json(cls, data: dict) -> ShardSpec:
         return cls(**data)
 
 
@@ -104,9 +104,7 @@ def shard_tensor(full, spec: ShardSpec, rank: int, name: str = "tensor") -> torc
     """
     shape = _full_shape(full)
     if spec.dim >= len(shape) or shape[spec.dim] != spec.full_size:
-        raise ValueError(
-            f"{name}: expected size {spec.full_size} along dim {spec.dim}, got shape {list(shape)}"
-        )
+        raise ValueError(f"{name}: expected size {spec.full_size} along dim {spec.dim}, got shape {list(shape)}")
     start, stop = spec.bounds(rank)
     index = (slice(None),) * spec.dim + (slice(start, stop),)
     piece = full[index]

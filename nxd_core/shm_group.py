@@ -94,8 +94,7 @@ def attach(group, timeout: timedelta | None = None) -> bool:
         torch.ops.nxd_shm.detach(name)
         if rank == 0:
             reason = failures[0] if failures else "rank 0 could not create the segment"
-            warnings.warn(f"shared-memory collectives unavailable for this tensor parallel group ({reason}); using gloo",
-                          stacklevel=3)
+            warnings.warn(f"shared-memory collectives unavailable for this tensor parallel group ({reason}); using gloo", stacklevel=3)
         return False
     _SEGMENTS[name] = segment[0]
     return True

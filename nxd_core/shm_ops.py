@@ -94,11 +94,9 @@ def load() -> bool:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     name, flags = _build_flags()
     try:
-        load_extension(name=name, sources=[str(_SOURCE)], is_python_module=False, extra_cflags=flags,
-                       extra_ldflags=["-lrt"], verbose=False)
+        load_extension(name=name, sources=[str(_SOURCE)], is_python_module=False, extra_cflags=flags, extra_ldflags=["-lrt"], verbose=False)
     except Exception as error:  # no compiler, no ninja: the process group's collectives still work
-        warnings.warn(f"nxd-zoo's shared-memory collectives could not be built ({error}); "
-                      "tensor parallel groups use gloo", stacklevel=2)
+        warnings.warn(f"nxd-zoo's shared-memory collectives could not be built ({error}); tensor parallel groups use gloo", stacklevel=2)
         _unavailable = True
         return False
     _loaded = True

@@ -42,8 +42,12 @@ from .trace_format import FORMAT, MANIFEST, VERSION, TracedModelError, files_of,
 from .workers import Group, WorkerGroup
 
 __all__ = [
-    "parallel_model_trace", "parallel_model_save", "parallel_model_load", "TensorParallelModel",
-    "BucketModelConfig", "TracedModelError",
+    "parallel_model_trace",
+    "parallel_model_save",
+    "parallel_model_load",
+    "TensorParallelModel",
+    "BucketModelConfig",
+    "TracedModelError",
 ]
 
 
@@ -110,15 +114,12 @@ class TensorParallelModel:
         """
         self._check_open()
         if self.inline_weights_to_neff:
-            raise ValueError(
-                "replace_weights needs weights kept apart from the graphs: trace with inline_weights_to_neff=False"
-            )
+            raise ValueError("replace_weights needs weights kept apart from the graphs: trace with inline_weights_to_neff=False")
         info = self.meta["weights"]
         if isinstance(weights, (str, Path)):
             args = [(self.key, None, str(weights), info)] * self.tp_degree
         else:
-            args = [(self.key, trace_worker.rank_pieces(weights, info, rank, "state dict"), None, info)
-                    for rank in range(self.tp_degree)]
+            args = [(self.key, trace_worker.rank_pieces(weights, info, rank, "state dict"), None, info) for rank in range(self.tp_degree)]
         self.group.run_per_rank(trace_worker.replace_shard_weights, args)
 
     def _check_open(self) -> None:
@@ -256,8 +257,7 @@ def parallel_model_trace(
         "inline_weights_to_neff": inline_weights_to_neff,
         "group_name": infos[0]["group_name"],
         "buckets": [
-            {"inputs": [tensor_meta(t) for t in inputs], "output": spec}
-            for inputs, spec in zip(example_sets, infos[0]["out_specs"])
+            {"inputs": [tensor_meta(t) for t in inputs], "output": spec} for inputs, spec in zip(example_sets, infos[0]["out_specs"])
         ],
         "bucket_kernel": bucket_config.to_json() if bucket_config else None,
         "bucket_kernel_name": bucket_config.kernel_name if bucket_config else None,

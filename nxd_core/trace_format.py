@@ -86,8 +86,11 @@ def read_manifest(folder, tp_degree: int | None = None) -> dict:
     manifest = read_json(path, TracedModelError, "save the model again", catch=json.JSONDecodeError)
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != FORMAT:
-        hint = (" It is a sharded checkpoint: load it into a model with nxd_core.checkpoint.load, or trace a model from it."
-                if found == checkpoint_format.FORMAT else "")
+        hint = (
+            " It is a sharded checkpoint: load it into a model with nxd_core.checkpoint.load, or trace a model from it."
+            if found == checkpoint_format.FORMAT
+            else ""
+        )
         raise TracedModelError(f"{path} has format {found!r}, not a traced model ({FORMAT!r}).{hint}")
     if manifest.get("version") != VERSION:
         raise TracedModelError(
@@ -121,6 +124,7 @@ def read_manifest(folder, tp_degree: int | None = None) -> dict:
 
 def check_graph_file(path: Path) -> None:
     """Refuse a .pt2 whose loading would unpickle (pickled tensors, custom objects, example inputs)."""
+
     def refuse(what: str):
         raise TracedModelError(
             f"{path} holds {what}, which loading would unpickle; parallel_model_save never writes that. "

@@ -49,20 +49,31 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Callable, Protocol, Self, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 import cloudpickle
 import torch
 import torch.distributed as dist
 
 from . import parallel_state as ps
-from .worker_process import BEAT, CALL, REPLY, SHUTDOWN, STARTUP_REQUEST, StateKey, drop_owned_by, return_freed_memory, worker_state
+from .worker_process import BEAT, CALL, SHUTDOWN, STARTUP_REQUEST, StateKey, drop_owned_by, return_freed_memory, worker_state
 
-__all__ = ["Group", "WorkerGroup", "LocalGroup", "WorkerDied", "WorkerError", "start_workers", "worker_state", "StateKey", "drop_owned_by",
-           "return_freed_memory"]
+__all__ = [
+    "Group",
+    "WorkerGroup",
+    "LocalGroup",
+    "WorkerDied",
+    "WorkerError",
+    "start_workers",
+    "worker_state",
+    "StateKey",
+    "drop_owned_by",
+    "return_freed_memory",
+]
 
 _HOST = "127.0.0.1"
 _SMALL_MESSAGE = 64 << 10  # fits a socket's buffer: sent without waiting on the receiver
@@ -222,14 +233,23 @@ class WorkerGroup:
             environment.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())  # gloo's listeners: loopback only
             for rank in range(world_size):
                 config = dict(
-                    rank=rank, world_size=world_size, tp=tp, device=device, backend=self.backend,
-                    threads=threads, control=control, store=(_HOST, self._store.port),
-                    collective_timeout=collective_timeout, collectives=collectives,
-                    heartbeat_interval=min(1.0, heartbeat_timeout / 5), sys_path=list(sys.path),
+                    rank=rank,
+                    world_size=world_size,
+                    tp=tp,
+                    device=device,
+                    backend=self.backend,
+                    threads=threads,
+                    control=control,
+                    store=(_HOST, self._store.port),
+                    collective_timeout=collective_timeout,
+                    collectives=collectives,
+                    heartbeat_interval=min(1.0, heartbeat_timeout / 5),
+                    sys_path=list(sys.path),
                 )
                 proc = subprocess.Popen(
                     [sys.executable, "-c", "from nxd_core.worker_process import main; main()"],
-                    stdin=subprocess.PIPE, env=environment,
+                    stdin=subprocess.PIPE,
+                    env=environment,
                     start_new_session=True,  # a terminal's Ctrl-C reaches the front end only
                 )
                 proc.stdin.write(pickle.dumps(config))  # the config travels on stdin, never on the command line
@@ -251,7 +271,7 @@ class WorkerGroup:
                 raise TimeoutError(f"worker processes did not connect within {timeout:.0f}s")
             try:
                 sock, _ = self._listener.accept()
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 continue
             pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
             rank = pids.get(pid)
@@ -296,8 +316,7 @@ class WorkerGroup:
             call = _Call(next(self._requests), range(self.world_size), _name(fn))
             # The call itself is pickled inside: a worker reads the request id first and beats while
             # it unpickles the call (which may import modules for seconds on a loaded machine).
-            messages = [pickle.dumps((CALL, call.request, cloudpickle.dumps((fn, tuple(args), kwargs or {}))))
-                        for args in args_per_rank]
+            messages = [pickle.dumps((CALL, call.request, cloudpickle.dumps((fn, tuple(args), kwargs or {})))) for args in args_per_rank]
             with _interrupts_deferred():
                 self._send_all(messages, call)
             try:
@@ -330,7 +349,9 @@ class WorkerGroup:
                 self._raise_if_dead(f"sending {call.what}")
                 if time.monotonic() > deadline:
                     self._shutdown()
-                    raise WorkerDied(f"worker rank {rank} (pid {self._procs[rank].pid}) did not take the arguments of {call.what}; the group was shut down")
+                    raise WorkerDied(
+                        f"worker rank {rank} (pid {self._procs[rank].pid}) did not take the arguments of {call.what}; the group was shut down"
+                    )
         if errors:
             raise errors[0]
 

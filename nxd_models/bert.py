@@ -274,7 +274,7 @@ def adapt_checkpoint(tensors: dict, model: nn.Module) -> dict:
         for pattern, replacement in _LEGACY_NAMES:
             name = pattern.sub(replacement, name)
         if isinstance(model, ParallelBertModel) and name.startswith("bert."):
-            name = name[len("bert."):]  # a task checkpoint loaded as the bare encoder
+            name = name[len("bert.") :]  # a task checkpoint loaded as the bare encoder
         if name in wanted or not re.match(r"(bert\.)?pooler\.|cls\.|classifier\.", name):
             adapted[name] = tensor
     return adapted

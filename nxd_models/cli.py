@@ -7,8 +7,14 @@ import sys
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def _convert(args) -> None:
@@ -51,7 +57,9 @@ def _generate(args) -> None:
         raise ValueError("the prompt is empty: give --prompt some text")
 
     dtype = DTYPES[args.dtype] if args.dtype else None
-    with from_pretrained_parallel(args.model, tp=args.tp, dtype=dtype, max_seq_len=args.max_seq_len, max_batch_size=args.num_beams) as model:
+    with from_pretrained_parallel(
+        args.model, tp=args.tp, dtype=dtype, max_seq_len=args.max_seq_len, max_batch_size=args.num_beams
+    ) as model:
         if isinstance(model, ParallelSeq2SeqModel):
             _generate_seq2seq(model, args)
             return
@@ -169,9 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-compile", action="store_true", help="decode eagerly (by default long generations use torch.compile)")
     p.add_argument("--draft", help="a smaller model with the same tokenizer, for speculative decoding")
-    p.add_argument("--draft-tp", type=int, default=1,
-                   help="1 (default): a whole copy of the draft in every worker, no collectives in its steps; "
-                        "or the target's --tp to shard it too (for drafts too big to copy)")
+    p.add_argument(
+        "--draft-tp",
+        type=int,
+        default=1,
+        help="1 (default): a whole copy of the draft in every worker, no collectives in its steps; "
+        "or the target's --tp to shard it too (for drafts too big to copy)",
+    )
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--num-beams", type=int, default=1, help="beam search (encoder-decoders such as T5)")
     p.set_defaults(run=_generate)

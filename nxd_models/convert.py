@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from nxd_core.checkpoint import tied_aliases, convert_to_sharded, open_full_checkpoint
+from nxd_core.checkpoint import convert_to_sharded, open_full_checkpoint, tied_aliases
 from nxd_core.sharding import sharding_specs
 
 from . import hub
@@ -52,7 +52,11 @@ def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, pr
         total = sum(1 for _ in specs)
         bar = tqdm(total=total, desc=f"converting to tp={tp}", unit="tensor")
     manifest = convert_to_sharded(
-        source, out_dir, tp, specs, dtype=dtype,
+        source,
+        out_dir,
+        tp,
+        specs,
+        dtype=dtype,
         progress=(lambda _: bar.update(1)) if bar else None,
         # Heads the checkpoint has but the model lacks (a pre-training checkpoint's pooler) are left out.
         ignore=lambda name: bool(family.IGNORED_CHECKPOINT_NAMES.search(name)) or name not in taken,

@@ -59,7 +59,9 @@ class ParallelHandle:
     # Causal LMs pad prompts on the left (new tokens follow every row); encoders on the right (absolute positions).
     padding_side = "right"
 
-    def __init__(self, group: Group, key: StateKey, config, path: Path, tp: int, dtype, max_batch_size: int, max_seq_len: int, owns_group: bool):
+    def __init__(
+        self, group: Group, key: StateKey, config, path: Path, tp: int, dtype, max_batch_size: int, max_seq_len: int, owns_group: bool
+    ):
         self.group, self.config, self.path, self.tp, self.dtype = group, config, path, tp, dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._key, self._owns_group, self._closed = key, owns_group, False
@@ -172,11 +174,21 @@ class ParallelModel(ParallelHandle):
         else:
             attention_mask = check_mask(attention_mask, input_ids)
             if input_ids.shape[1] > self.config.max_position_embeddings:
-                raise ValueError(f"{input_ids.shape[1]} tokens exceed this model's max_position_embeddings={self.config.max_position_embeddings}")
+                raise ValueError(
+                    f"{input_ids.shape[1]} tokens exceed this model's max_position_embeddings={self.config.max_position_embeddings}"
+                )
         position_ids = matching(position_ids, input_ids, "position_ids")
         with self.exclusive():
-            return self.run(forward, self.key, "__call__", self.every_rank, input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids, cache_position=cache_position)
+            return self.run(
+                forward,
+                self.key,
+                "__call__",
+                self.every_rank,
+                input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache_position=cache_position,
+            )
 
     def generate(self, prompts=None, **kwargs):
         """Text or token generation; see nxd_models.generation.generate.generate for the arguments."""

@@ -165,9 +165,7 @@ class ParallelLlamaModel(nn.Module):
     def __init__(self, config, dtype, device):
         super().__init__()
         self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device, pad=True)
-        self.layers = nn.ModuleList(
-            ParallelLlamaDecoderLayer(config, i, dtype, device) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(ParallelLlamaDecoderLayer(config, i, dtype, device) for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
         self.rotary_emb = LlamaRotaryEmbedding(config)
 

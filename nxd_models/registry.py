@@ -20,7 +20,9 @@ class ZooModel:
 
 _MODELS = [
     ZooModel("demo-llama", "llama", "", "bundled 5M-parameter Llama trained on Python's stdlib (tp 1/2/4)", DEMO_MODELS / "demo-llama"),
-    ZooModel("demo-llama-draft", "llama", "", "bundled 1.5M-parameter draft for demo-llama (same tokenizer)", DEMO_MODELS / "demo-llama-draft"),
+    ZooModel(
+        "demo-llama-draft", "llama", "", "bundled 1.5M-parameter draft for demo-llama (same tokenizer)", DEMO_MODELS / "demo-llama-draft"
+    ),
     ZooModel("llama-2-7b", "llama", "meta-llama/Llama-2-7b-hf", "Llama-2 7B base"),
     ZooModel("llama-2-7b-chat", "llama", "meta-llama/Llama-2-7b-chat-hf", "Llama-2 7B chat"),
     ZooModel("llama-2-13b", "llama", "meta-llama/Llama-2-13b-hf", "Llama-2 13B base"),
@@ -30,7 +32,12 @@ _MODELS = [
     ZooModel("tinyllama-1.1b", "llama", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "TinyLlama 1.1B chat (GQA, 4 KV heads)"),
     ZooModel("llama-3-8b", "llama", "meta-llama/Meta-Llama-3-8B", "Llama-3 8B base (GQA, rope_theta 500000)"),
     ZooModel("llama-3.2-1b", "llama", "meta-llama/Llama-3.2-1B", "Llama-3.2 1B (llama3 rope scaling, tied embeddings)"),
-    ZooModel("bert-base-cased-finetuned-mrpc", "bert", "google-bert/bert-base-cased-finetuned-mrpc", "BERT base cased, paraphrase classifier (MRPC)"),
+    ZooModel(
+        "bert-base-cased-finetuned-mrpc",
+        "bert",
+        "google-bert/bert-base-cased-finetuned-mrpc",
+        "BERT base cased, paraphrase classifier (MRPC)",
+    ),
     ZooModel("bert-base-uncased", "bert", "google-bert/bert-base-uncased", "BERT base uncased, masked LM"),
     ZooModel("bert-base-cased", "bert", "google-bert/bert-base-cased", "BERT base cased, masked LM"),
     ZooModel("bert-large-uncased", "bert", "google-bert/bert-large-uncased", "BERT large uncased, masked LM"),
@@ -49,4 +56,3 @@ MODELS: dict[str, ZooModel] = {m.name: m for m in _MODELS}
 
 def list_models() -> list[str]:
     return sorted(MODELS)
-

@@ -264,7 +264,11 @@ class ParallelT5ForConditionalGeneration(nn.Module):
         for block in self.decoder.block:
             cross = block.layer[1]
             cross.cross_k, cross.cross_v = cross.EncDecAttention.project_kv(encoder_hidden)
-        keep = torch.ones(batch, seq, dtype=torch.bool, device=encoder_hidden.device) if attention_mask is None else attention_mask.to(torch.bool)
+        keep = (
+            torch.ones(batch, seq, dtype=torch.bool, device=encoder_hidden.device)
+            if attention_mask is None
+            else attention_mask.to(torch.bool)
+        )
         self.cross_bias = _additive(keep[:, None, None, :], encoder_hidden.dtype)
 
     def reorder_cache(self, rows: torch.Tensor) -> None:

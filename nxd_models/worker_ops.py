@@ -41,8 +41,9 @@ def on_device(device, *tensors) -> list:
     return [t.to(device) if t is not None else None for t in tensors]
 
 
-def load_shard(key: StateKey, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool,
-               replicated: bool = False) -> int:
+def load_shard(
+    key: StateKey, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool, replicated: bool = False
+) -> int:
     """In each rank: build the shard on the meta device, stream in its slices, allocate the KV cache;
     returns the shard's bytes. replicated: build and load a whole copy (tp=1) in every rank of the group."""
     progress = progress and ps.get_tensor_model_parallel_rank() == 0
@@ -55,7 +56,7 @@ def _build_and_load(key: StateKey, path: str, dtype, max_batch_size: int, max_se
     if (Path(path) / MANIFEST).exists():
         manifest = read_manifest(path)
         prefix = manifest["model_prefix"]
-        saved = [name[len(prefix):] for name in manifest["tensors"] if name.startswith(prefix)]
+        saved = [name[len(prefix) :] for name in manifest["tensors"] if name.startswith(prefix)]
         # Adapting to the saved names ties the model as the checkpoint was.
         family, model, _ = build_for_checkpoint(config, dict.fromkeys(saved), dtype, device="meta")
         # Tied names (T5's embed_tokens, a tied lm_head) are not stored: check the others, then load leniently.

@@ -40,10 +40,8 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "nxd_models" / "demo_models"
 TARGET_NAME, DRAFT_NAME = "demo-llama", "demo-llama-draft"
 
 # Head counts divide by 2 and 4 so both run at tp=2 and tp=4.
-TARGET_ARCH = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768,
-                   num_attention_heads=8, num_key_value_heads=4)
-DRAFT_ARCH = dict(hidden_size=128, num_hidden_layers=2, intermediate_size=384,
-                  num_attention_heads=4, num_key_value_heads=4)
+TARGET_ARCH = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=8, num_key_value_heads=4)
+DRAFT_ARCH = dict(hidden_size=128, num_hidden_layers=2, intermediate_size=384, num_attention_heads=4, num_key_value_heads=4)
 
 # Generated tables, English prose and test suites say little about everyday Python.
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "encodings", "pydoc_data", "__pycache__"}
@@ -78,8 +76,7 @@ def stdlib_files(max_files: int | None, seed: int) -> list[Path]:
     """The standard library's .py files (no tests), in a seeded but machine-independent order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
-        p for p in root.rglob("*.py")
-        if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]) and not p.name.startswith("test_")
+        p for p in root.rglob("*.py") if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]) and not p.name.startswith("test_")
     )
     random.Random(seed).shuffle(files)
     return files[:max_files] if max_files else files
@@ -102,26 +99,38 @@ def train_tokenizer(texts: list[str], vocab_size: int, context: int, seed: int) 
     """A sentencepiece BPE over the code, wrapped as a LlamaTokenizer; returns it and tokenizer.model's bytes."""
     # Sentences of a few lines each, so that newline is an ordinary piece that can merge ("):\n").
     lines = [line for text in texts for line in text.split("\n")]
-    chunks = ["\n".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
+    chunks = ["\n".join(lines[i : i + 8]) for i in range(0, len(lines), 8)]
     random.Random(seed).shuffle(chunks)
     spm.set_random_generator_seed(seed)  # the trainer samples sentences
     model = tempfile.SpooledTemporaryFile()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(chunks), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        sentence_iterator=iter(chunks),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
         byte_fallback=True,  # any text encodes, unseen characters as bytes
         # Keep spaces as they are: runs of indentation become whole pieces and round-trip.
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, add_dummy_prefix=False,
-        normalization_rule_name="identity", split_digits=True,
-        character_coverage=0.9995, hard_vocab_limit=False, input_sentence_size=400_000,
-        unk_id=UNK, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_sentence_length=16384,
-        num_threads=1, minloglevel=2,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        split_digits=True,
+        character_coverage=0.9995,
+        hard_vocab_limit=False,
+        input_sentence_size=400_000,
+        unk_id=UNK,
+        bos_id=BOS,
+        eos_id=EOS,
+        pad_id=PAD,
+        max_sentence_length=16384,
+        num_threads=1,
+        minloglevel=2,
     )
     model.seek(0)
     proto = model.read()
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "tokenizer.model").write_bytes(proto)
-        tok = LlamaTokenizer.from_pretrained(d, add_prefix_space=False, legacy=False, pad_token="<pad>",
-                                             model_max_length=context)
+        tok = LlamaTokenizer.from_pretrained(d, add_prefix_space=False, legacy=False, pad_token="<pad>", model_max_length=context)
     return tok, proto
 
 
@@ -146,9 +155,14 @@ def encode_corpus(tok: LlamaTokenizer, texts: list[str]) -> torch.Tensor:
 def make_model(arch: dict, vocab_size: int, context: int, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, max_position_embeddings=context, rope_theta=10000.0,
+        vocab_size=vocab_size,
+        max_position_embeddings=context,
+        rope_theta=10000.0,
         tie_word_embeddings=False,  # the output head is the same cost either way; untied trains better
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, **arch,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        **arch,
     )
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
 
@@ -159,14 +173,14 @@ def count_params(model: torch.nn.Module) -> int:
 
 def random_batch(ids: torch.Tensor, batch: int, context: int, gen: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(ids) - context - 1, (batch,), generator=gen)
-    return torch.stack([ids[s:s + context + 1] for s in starts.tolist()])
+    return torch.stack([ids[s : s + context + 1] for s in starts.tolist()])
 
 
 def val_windows(ids: torch.Tensor, context: int, n: int) -> torch.Tensor:
     """Non-overlapping windows spread evenly over the held-out stream (the same ones every time)."""
     n = max(1, min(n, (len(ids) - 1) // (context + 1)))
     stride = (len(ids) - context - 1) // n
-    return torch.stack([ids[i * stride:i * stride + context + 1] for i in range(n)])
+    return torch.stack([ids[i * stride : i * stride + context + 1] for i in range(n)])
 
 
 def lm_loss(model: LlamaForCausalLM, window: torch.Tensor) -> torch.Tensor:
@@ -177,8 +191,7 @@ def lm_loss(model: LlamaForCausalLM, window: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: LlamaForCausalLM, windows: torch.Tensor, batch: int) -> float:
     model.eval()
-    losses = [lm_loss(model, windows[i:i + batch]).item() * len(windows[i:i + batch])
-              for i in range(0, len(windows), batch)]
+    losses = [lm_loss(model, windows[i : i + batch]).item() * len(windows[i : i + batch]) for i in range(0, len(windows), batch)]
     model.train()
     return sum(losses) / len(windows)
 
@@ -217,8 +230,9 @@ def train(model, train_ids, windows, args, lr: float, minutes: float, name: str)
 
 
 def report(name: str, model, loss: float, when: str) -> None:
-    print(f"{name} ({count_params(model) / 1e6:.2f}M params) validation loss {when}: "
-          f"{loss:.3f} (perplexity {math.exp(loss):.1f})", flush=True)
+    print(
+        f"{name} ({count_params(model) / 1e6:.2f}M params) validation loss {when}: {loss:.3f} (perplexity {math.exp(loss):.1f})", flush=True
+    )
 
 
 @torch.no_grad()
@@ -227,7 +241,7 @@ def greedy_acceptance(target, draft, windows: torch.Tensor, batch: int) -> float
     target.eval(), draft.eval()
     same = total = 0
     for i in range(0, len(windows), batch):
-        x = windows[i:i + batch, :-1]
+        x = windows[i : i + batch, :-1]
         same += (target(input_ids=x).logits.argmax(-1) == draft(input_ids=x).logits.argmax(-1)).sum().item()
         total += x.numel()
     return same / total
@@ -261,21 +275,25 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     files = stdlib_files(args.max_files, args.seed)
-    val_texts, train_texts = read_texts(files[:args.val_files]), read_texts(files[args.val_files:])
-    print(f"corpus: {len(train_texts)} train / {len(val_texts)} validation stdlib files "
-          f"from {sysconfig.get_paths()['stdlib']}", flush=True)
+    val_texts, train_texts = read_texts(files[: args.val_files]), read_texts(files[args.val_files :])
+    print(f"corpus: {len(train_texts)} train / {len(val_texts)} validation stdlib files from {sysconfig.get_paths()['stdlib']}", flush=True)
 
     tok, proto = train_tokenizer(train_texts, args.tokenizer_vocab, args.context, args.seed)
     check_round_trip(tok)
     train_ids, val_ids = encode_corpus(tok, train_texts), encode_corpus(tok, val_texts)
     windows = val_windows(val_ids, args.context, args.eval_windows)
-    print(f"tokenizer: {len(tok)} pieces; {len(train_ids):,} train / {len(val_ids):,} validation tokens; "
-          f"uniform loss {math.log(len(tok)):.3f}", flush=True)
+    print(
+        f"tokenizer: {len(tok)} pieces; {len(train_ids):,} train / {len(val_ids):,} validation tokens; "
+        f"uniform loss {math.log(len(tok)):.3f}",
+        flush=True,
+    )
 
     dirs = {TARGET_NAME: args.out / TARGET_NAME, DRAFT_NAME: args.out / DRAFT_NAME}
     models = {}
-    for name, arch, lr, minutes in [(TARGET_NAME, TARGET_ARCH, args.target_lr, args.target_minutes),
-                                    (DRAFT_NAME, DRAFT_ARCH, args.draft_lr, args.draft_minutes)]:
+    for name, arch, lr, minutes in [
+        (TARGET_NAME, TARGET_ARCH, args.target_lr, args.target_minutes),
+        (DRAFT_NAME, DRAFT_ARCH, args.draft_lr, args.draft_minutes),
+    ]:
         model = make_model(arch, len(tok), args.context, args.seed)
         report(name, model, evaluate(model, windows, args.batch_size), "before")
         report(name, model, train(model, train_ids, windows, args, lr, minutes, name), "after")

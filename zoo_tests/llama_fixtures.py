@@ -6,8 +6,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 BASE = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
-    num_key_value_heads=8, max_position_embeddings=128, initializer_range=0.1, rms_norm_eps=1e-5,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=128,
+    initializer_range=0.1,
+    rms_norm_eps=1e-5,
 )
 
 CONFIGS = {
@@ -20,8 +27,12 @@ CONFIGS = {
     "rope-linear": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
     "rope-llama3": {
         "rope_parameters": {
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32, "rope_theta": 500000.0,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "rope_theta": 500000.0,
         }
     },
 }
@@ -50,8 +61,16 @@ def save_tiny_tokenizer(directory: Path, vocab_size: int = 128) -> None:
 
     lines = [line for line in inspect.getsource(os).splitlines() if line.strip()]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_prefix=str(directory / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
     )
     (directory / "tokenizer.vocab").unlink()
     config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}

@@ -6,9 +6,19 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 BASE = dict(
-    vocab_size=96, d_model=32, d_kv=8, d_ff=50, num_layers=2, num_decoder_layers=2, num_heads=4,
-    relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    vocab_size=96,
+    d_model=32,
+    d_kv=8,
+    d_ff=50,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    dropout_rate=0.0,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
 )
 # d_ff=50 is padded at tp 4. initializer_factor and seed are picked so that greedy outputs vary
 # (at 1.0 tiny T5s decode into one repeated token) and beam search differs from greedy.
@@ -46,8 +56,16 @@ def save_tiny_t5_tokenizer(directory: Path, vocab_size: int = 96) -> None:
 
     lines = [line for line in inspect.getsource(os).splitlines() if line.strip()]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(directory / "spiece"), vocab_size=vocab_size,
-        model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_prefix=str(directory / "spiece"),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
     )
     (directory / "spiece.vocab").unlink()
     model = spm.SentencePieceProcessor(model_file=str(directory / "spiece.model"))

@@ -23,7 +23,12 @@ def test_convert_memory_prints_rss_and_bandwidth(tmp_path):
 
 def test_load_prints_hf_and_parallel_rows(tmp_path):
     out = _run("load.py", "--layout", "tiny", "--tp", "2", "--workdir", str(tmp_path))
-    for row in ("HF from_pretrained", "from_pretrained_parallel, HF directory", "from_pretrained_parallel, nxd convert output", "warm page cache"):
+    for row in (
+        "HF from_pretrained",
+        "from_pretrained_parallel, HF directory",
+        "from_pretrained_parallel, nxd convert output",
+        "warm page cache",
+    ):
         assert row in out
 
 

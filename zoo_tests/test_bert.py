@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from bert_fixtures import HEADS, save_tiny_bert, tiny_batch
 from safetensors.torch import load_file, save_file
 
-from bert_fixtures import HEADS, save_tiny_bert, tiny_batch
 from nxd_models import from_pretrained_parallel
 from nxd_models.handles import ParallelEncoderModel
 
@@ -69,11 +69,15 @@ def test_legacy_names_and_pretraining_heads_load(tp_runner, checkpoints, tmp_pat
     path, reference = checkpoints["BertForMaskedLM"]
     state = load_file(path / "model.safetensors")
     renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in state.items()}
-    renamed.update({
-        "bert.pooler.dense.weight": torch.zeros(32, 32), "bert.pooler.dense.bias": torch.zeros(32),
-        "cls.seq_relationship.weight": torch.zeros(2, 32), "cls.seq_relationship.bias": torch.zeros(2),
-        "cls.predictions.decoder.bias": state["cls.predictions.bias"].clone(),
-    })
+    renamed.update(
+        {
+            "bert.pooler.dense.weight": torch.zeros(32, 32),
+            "bert.pooler.dense.bias": torch.zeros(32),
+            "cls.seq_relationship.weight": torch.zeros(2, 32),
+            "cls.seq_relationship.bias": torch.zeros(2),
+            "cls.predictions.decoder.bias": state["cls.predictions.bias"].clone(),
+        }
+    )
     for name in ("config.json", "vocab.txt", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((path / name).read_bytes())
     save_file(renamed, tmp_path / "model.safetensors")
@@ -92,13 +96,28 @@ def test_nxd_classify_prints_label_and_probabilities(checkpoints, capsys):
     from nxd_models.cli import main
 
     path, reference = checkpoints["BertForSequenceClassification"]
-    args = ["classify", str(path), "--tp", "2", "--text", "the dog sat", "--text-pair", "the cat sat", "--text", "a red cat", "--text-pair", "a blue dog"]
+    args = [
+        "classify",
+        str(path),
+        "--tp",
+        "2",
+        "--text",
+        "the dog sat",
+        "--text-pair",
+        "the cat sat",
+        "--text",
+        "a red cat",
+        "--text-pair",
+        "a blue dog",
+    ]
     assert main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("the dog sat | the cat sat\t")
     from transformers import AutoTokenizer
 
-    encoded = AutoTokenizer.from_pretrained(path)(["the dog sat", "a red cat"], ["the cat sat", "a blue dog"], return_tensors="pt", padding=True)
+    encoded = AutoTokenizer.from_pretrained(path)(
+        ["the dog sat", "a red cat"], ["the cat sat", "a blue dog"], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         expected = reference(**encoded).logits.softmax(-1)
     for line, row in zip(lines, expected):

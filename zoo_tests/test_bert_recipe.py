@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from bert_fixtures import tiny_batch, tiny_bert_config
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from transformers import BertForSequenceClassification
 
-from bert_fixtures import tiny_batch, tiny_bert_config
 from nxd_core import parallel_state as ps
 from nxd_core.checkpoint import load, load_state_dict_from_full
 from nxd_core.grads import average_data_parallel_gradients, clip_grad_norm
@@ -47,9 +47,7 @@ def train(config, init_state, dataset, parallel: bool, steps=20, batch_size=4, m
     load_state_dict_from_full(model, init_state)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sampler = DistributedSampler(
-        dataset, num_replicas=ps.get_data_parallel_size(), rank=ps.get_data_parallel_rank(), shuffle=True, seed=0
-    )
+    sampler = DistributedSampler(dataset, num_replicas=ps.get_data_parallel_size(), rank=ps.get_data_parallel_rank(), shuffle=True, seed=0)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
     losses, norms, epoch = [], [], 0
     while len(losses) < steps:

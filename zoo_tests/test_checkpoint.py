@@ -12,13 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from bert_fixtures import tiny_batch, tiny_bert_config
 from safetensors.torch import load_file
 from torch import nn
 from transformers import BertForSequenceClassification
 
-from bert_fixtures import tiny_batch, tiny_bert_config
 from nxd_core.checkpoint import (
-    CheckpointError, consolidate, convert_to_sharded, load, load_state_dict_from_full, reshard, save,
+    CheckpointError,
+    consolidate,
+    convert_to_sharded,
+    load,
+    load_state_dict_from_full,
+    reshard,
+    save,
 )
 from nxd_core.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from nxd_core.sharding import sharding_specs

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from llama_fixtures import save_tiny_llama
 from safetensors.torch import load_file
 
-from llama_fixtures import save_tiny_llama
 from nxd_models import from_pretrained_parallel
 from nxd_models.cli import main
 
@@ -75,14 +75,17 @@ def _one_error_line(capsys, rc, expected):
     assert expected in err[0], err[0]
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
-    (["--max-new-tokens", "-5"], "max_new_tokens must be an integer >= 1, got -5"),
-    (["--temperature", "nan"], "temperature must be a finite number > 0"),
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--top-k", "0"], "top_k must be an integer >= 1"),
-    (["--tp", "0"], "--tp must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
+        (["--max-new-tokens", "-5"], "max_new_tokens must be an integer >= 1, got -5"),
+        (["--temperature", "nan"], "temperature must be a finite number > 0"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-k", "0"], "top_k must be an integer >= 1"),
+        (["--tp", "0"], "--tp must be >= 1"),
+    ],
+)
 def test_generate_bad_values_are_one_error_line(capsys, argv, expected):
     _one_error_line(capsys, main(["generate", "demo-llama-draft", "--prompt", "x", *argv]), expected)
 

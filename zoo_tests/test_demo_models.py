@@ -32,8 +32,9 @@ def _script():
 @pytest.fixture(scope="module")
 def models():
     """Both models in fp32 (upcast from the stored bf16) and the shared tokenizer, offline."""
-    loaded = {path.name: LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
-              for path in (TARGET, DRAFT)}
+    loaded = {
+        path.name: LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval() for path in (TARGET, DRAFT)
+    }
     return loaded, AutoTokenizer.from_pretrained(TARGET, local_files_only=True)
 
 
@@ -112,8 +113,22 @@ def test_tp_2_matches_hugging_face_and_speculates_with_the_draft(tp_runner, mode
 
 
 def test_training_script_runs_end_to_end(tmp_path):
-    args = ["--steps", "2", "--tokenizer-vocab", "400", "--max-files", "12", "--val-files", "2",
-            "--context", "64", "--eval-windows", "2", "--out", str(tmp_path)]
+    args = [
+        "--steps",
+        "2",
+        "--tokenizer-vocab",
+        "400",
+        "--max-files",
+        "12",
+        "--val-files",
+        "2",
+        "--context",
+        "64",
+        "--eval-windows",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "validation loss after" in out.stdout and "greedy acceptance" in out.stdout

@@ -37,7 +37,8 @@ def cuda_mlp_error():
 
     reference = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)).cuda()
     parallel = nn.Sequential(
-        ColumnParallelLinear(16, 32, gather_output=False, device="cuda"), nn.GELU(),
+        ColumnParallelLinear(16, 32, gather_output=False, device="cuda"),
+        nn.GELU(),
         RowParallelLinear(32, 16, input_is_parallel=True, device="cuda"),
     )
     load_state_dict_from_full(parallel, reference.state_dict())

@@ -35,7 +35,7 @@ def _tcp_listeners(pids) -> list[tuple[str, int]]:
                 if width == 8:
                     text = socket.inet_ntop(socket.AF_INET, raw[::-1])
                 else:  # four little-endian words
-                    text = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+                    text = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4)))
                 found.append((text, int(port, 16)))
     return found
 

@@ -13,15 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_workers import _wait_gone
 
 from nxd_core.workers import WorkerDied, WorkerGroup
 from nxd_models import from_pretrained_parallel
-from test_workers import _wait_gone
 
 DEMO = Path(__file__).parent.parent / "nxd_models" / "demo_models"
 TARGET, DRAFT = DEMO / "demo-llama", DEMO / "demo-llama-draft"
-PROMPTS = ["def f(", "import os\nimport sys\n", "class Reader:\n", "for i in range(", "return self.", "    if x is None:",
-           "with open(path) as", "print("]
+PROMPTS = [
+    "def f(",
+    "import os\nimport sys\n",
+    "class Reader:\n",
+    "for i in range(",
+    "return self.",
+    "    if x is None:",
+    "with open(path) as",
+    "print(",
+]
 
 
 @pytest.fixture(scope="module")
@@ -224,17 +232,20 @@ def test_a_mask_of_another_shape_is_refused(demo, shape):
         model.generate(input_ids=ids, attention_mask=torch.ones(shape, dtype=torch.long), max_new_tokens=4)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
-    (dict(max_new_tokens=-5), "max_new_tokens must be an integer >= 1"),
-    (dict(temperature=math.nan), "temperature must be a finite number > 0"),
-    (dict(temperature=math.inf, do_sample=True), "temperature must be a finite number > 0"),
-    (dict(temperature=0.0), "temperature must be a finite number > 0"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(top_p=1.5, do_sample=True), r"top_p must be in \(0, 1\]"),
-    (dict(top_k=0), "top_k must be an integer >= 1"),
-    (dict(num_speculative_tokens=0, draft_model="draft"), "num_speculative_tokens must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+        (dict(max_new_tokens=-5), "max_new_tokens must be an integer >= 1"),
+        (dict(temperature=math.nan), "temperature must be a finite number > 0"),
+        (dict(temperature=math.inf, do_sample=True), "temperature must be a finite number > 0"),
+        (dict(temperature=0.0), "temperature must be a finite number > 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5, do_sample=True), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=0), "top_k must be an integer >= 1"),
+        (dict(num_speculative_tokens=0, draft_model="draft"), "num_speculative_tokens must be >= 1"),
+    ],
+)
 def test_bad_generation_arguments_are_refused(demo, tp_runner, kwargs, message):
     model, _ = demo
     if kwargs.get("draft_model") == "draft":
@@ -247,8 +258,9 @@ def test_bad_generation_arguments_are_refused(demo, tp_runner, kwargs, message):
             kwargs["draft_model"].close()
 
 
-@pytest.mark.parametrize("prompts, message", [("", "has no tokens"), ([], "no prompts"), ([""], "has no tokens"),
-                                              (["a", 3], "prompts must be strings")])
+@pytest.mark.parametrize(
+    "prompts, message", [("", "has no tokens"), ([], "no prompts"), ([""], "has no tokens"), (["a", 3], "prompts must be strings")]
+)
 def test_empty_or_odd_prompts_are_refused(demo, prompts, message):
     model, _ = demo
     with pytest.raises(ValueError, match=message):

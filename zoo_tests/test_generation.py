@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from llama_fixtures import left_padded_batch, save_tiny_llama, save_tiny_tokenizer
+
 from nxd_models import from_pretrained_parallel
 
 
@@ -18,7 +18,7 @@ def checkpoint(tmp_path_factory):
 def _hf_new_tokens(reference, ids, mask, **kwargs):
     with torch.no_grad():
         out = reference.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, **kwargs)
-    return out[:, ids.shape[1]:]
+    return out[:, ids.shape[1] :]
 
 
 def _padded(rows, width, pad=0):
@@ -56,7 +56,9 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tp_runner, checkpoint):
     path, _ = checkpoint
     ids, mask = left_padded_batch()
     with from_pretrained_parallel(path, tp=2, max_batch_size=3, max_seq_len=40, workers=tp_runner.workers(2), progress=False) as model:
-        draw = lambda seed, **kw: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=True, seed=seed, eos_token_id=[], **kw).tokens  # noqa: E731
+        draw = lambda seed, **kw: (
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=True, seed=seed, eos_token_id=[], **kw).tokens
+        )  # noqa: E731
         first, again, other = draw(7, temperature=1.5), draw(7, temperature=1.5), draw(8, temperature=1.5)
         assert first == again and first != other
         greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[]).tokens

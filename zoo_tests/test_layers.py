@@ -148,7 +148,9 @@ def padded_layer_error(kind):
         ParallelEmbedding(30, 8)
 
 
-@pytest.mark.parametrize("kind, size, valid", [("column", 10, "[1, 2, 5, 10]"), ("row", 10, "[1, 2, 5, 10]"), ("embedding", 30, "[1, 2, 3, 5, 6, 10, 15, 30]")])
+@pytest.mark.parametrize(
+    "kind, size, valid", [("column", 10, "[1, 2, 5, 10]"), ("row", 10, "[1, 2, 5, 10]"), ("embedding", 30, "[1, 2, 3, 5, 6, 10, 15, 30]")]
+)
 def test_size_that_tp_does_not_divide_is_a_clear_error(tp_runner, kind, size, valid):
     with pytest.raises(ValueError) as info:
         tp_runner.run(4, padded_layer_error, kind)
@@ -166,7 +168,8 @@ def padded_training_case():
     """A padded Column -> sigmoid -> Row stack: padding would leak into outputs if it ever trained."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        ColumnParallelLinear(8, 10, gather_output=False, pad=True), nn.Sigmoid(),
+        ColumnParallelLinear(8, 10, gather_output=False, pad=True),
+        nn.Sigmoid(),
         RowParallelLinear(10, 8, input_is_parallel=True, pad=True),
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.5)

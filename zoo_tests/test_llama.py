@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from llama_fixtures import CONFIGS, save_tiny_llama
+
 from nxd_models import from_pretrained_parallel
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -76,10 +76,7 @@ def test_prefill_then_decode_with_kv_cache_equals_full_forward(tp_runner, checkp
     with from_pretrained_parallel(path, tp=tp, max_batch_size=2, max_seq_len=16, workers=tp_runner.workers(tp), progress=False) as model:
         full = model(ids, attention_mask=mask)
         prefill = model(ids[:, :5], attention_mask=mask[:, :5], cache_position=torch.arange(5))
-        steps = [
-            model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache_position=torch.tensor([t]))
-            for t in range(5, 12)
-        ]
+        steps = [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache_position=torch.tensor([t])) for t in range(5, 12)]
     stepped = torch.cat([prefill, *steps], dim=1)
     real = mask.bool()
     assert (stepped[real] - full[real]).abs().max().item() < 1e-5
@@ -121,8 +118,15 @@ def test_torchrun_two_nodes_joined_by_c10d_rendezvous(checkpoints, tmp_path):
     endpoint = f"127.0.0.1:{_free_port()}"
     nodes = [
         _torchrun(
-            "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=nxd-test",
-            str(SCRIPTS / "torchrun_llama.py"), str(path), "2", str(tmp_path),
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}",
+            "--rdzv-id=nxd-test",
+            str(SCRIPTS / "torchrun_llama.py"),
+            str(path),
+            "2",
+            str(tmp_path),
         )
         for _ in range(2)
     ]

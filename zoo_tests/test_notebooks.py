@@ -12,10 +12,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from llama_fixtures import save_tiny_llama, save_tiny_tokenizer
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell
-
-from llama_fixtures import save_tiny_llama, save_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -35,8 +34,7 @@ def execute(path: Path, parameters: dict | None = None, cwd: Path | None = None,
         cell.source += "\n# overridden by the test\n" + "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
     # The kernel must be this venv's Python (jupyter_client starts "python3" kernels with sys.executable).
     notebook.cells.insert(0, new_code_cell(f"import sys\nassert sys.executable == {sys.executable!r}, sys.executable"))
-    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(cwd or path.parent)}})
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd or path.parent)}})
     client.execute()
     return notebook
 
@@ -57,8 +55,16 @@ def demo_pair_available() -> bool:
 def tiny_llama_pair(root: Path) -> dict:
     """Notebook 3's parameters for a tiny random target and draft sharing one tokenizer."""
     save_tiny_llama(root / "target", "gqa", initializer_range=0.2)
-    save_tiny_llama(root / "draft", "gqa", seed=1, initializer_range=0.2, num_hidden_layers=1, hidden_size=32,
-                    num_attention_heads=4, num_key_value_heads=2)
+    save_tiny_llama(
+        root / "draft",
+        "gqa",
+        seed=1,
+        initializer_range=0.2,
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     for model in ("target", "draft"):
         save_tiny_tokenizer(root / model)
     return {"MODEL": str(root / "target"), "DRAFT": str(root / "draft"), "MAX_NEW_TOKENS": 24}
@@ -71,9 +77,9 @@ def test_notebooks_are_built_by_the_script_and_stored_without_outputs():
         stored = nbformat.read(NOTEBOOKS / name, as_version=4)
         nbformat.validate(stored)
         built = builder.build(name)
-        assert [(c.cell_type, c.source, c.metadata.get("tags")) for c in stored.cells] == \
-            [(c.cell_type, c.source, c.metadata.get("tags")) for c in built.cells], \
-            f"{name} differs from notebooks/build_notebooks.py: run `python notebooks/build_notebooks.py`"
+        assert [(c.cell_type, c.source, c.metadata.get("tags")) for c in stored.cells] == [
+            (c.cell_type, c.source, c.metadata.get("tags")) for c in built.cells
+        ], f"{name} differs from notebooks/build_notebooks.py: run `python notebooks/build_notebooks.py`"
         code = [c for c in stored.cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in code), f"{name} is stored with outputs"
         assert sum("parameters" in c.metadata.get("tags", []) for c in stored.cells) == 1
@@ -91,8 +97,11 @@ def test_notebook_runs(name, tmp_path, record_property):
         else:
             parameters = tiny_llama_pair(tmp_path / "models")
             record_property("models", "tiny random Llama pair (demo pair not installed)")
-            warnings.warn("notebook 3 ran with a tiny random Llama pair: the demo pair (demo-llama, demo-llama-draft) "
-                          "is not installed or not registered", stacklevel=1)
+            warnings.warn(
+                "notebook 3 ran with a tiny random Llama pair: the demo pair (demo-llama, demo-llama-draft) "
+                "is not installed or not registered",
+                stacklevel=1,
+            )
     run_dir = tmp_path / "cwd"
     run_dir.mkdir()
     notebook = execute(NOTEBOOKS / name, parameters, cwd=run_dir)

@@ -191,8 +191,7 @@ def test_two_groups_at_once_have_their_own_segments_and_leave_none():
         assert all(s[0] and s[0] == s[1] for s in segments) and segments[0][0] != segments[1][0]
         assert [_segments_of(pid) for pid in first_ranks] == [[], []]  # unlinked once every rank mapped them
         results = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, groups[i].run(_sums, 10.0 * i, 2000)))
-                   for i in range(2)]
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, groups[i].run(_sums, 10.0 * i, 2000))) for i in range(2)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -278,8 +277,13 @@ def test_a_killed_rank_is_reported_by_the_others_within_seconds(tmp_path):
     world = 4
     environment = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
     ranks = [
-        subprocess.Popen([sys.executable, str(SCRIPTS / "shm_rank.py"), str(r), str(world), str(tmp_path / "init")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+        subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "shm_rank.py"), str(r), str(world), str(tmp_path / "init")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+        )
         for r in range(world)
     ]
     try:

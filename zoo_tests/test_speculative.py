@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from llama_fixtures import left_padded_batch, save_tiny_llama, save_tiny_tokenizer
+
 from nxd_models import from_pretrained_parallel
 from nxd_models.generation.worker.sampling import SamplingParams
 from nxd_models.generation.worker.speculative import SpeculativeSession, _accept
@@ -14,7 +14,16 @@ def pair(tmp_path_factory):
     """A target and a smaller random draft with the same vocabulary."""
     root = tmp_path_factory.mktemp("spec")
     save_tiny_llama(root / "target", "gqa", initializer_range=0.2)
-    save_tiny_llama(root / "draft", "gqa", seed=1, initializer_range=0.2, num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    save_tiny_llama(
+        root / "draft",
+        "gqa",
+        seed=1,
+        initializer_range=0.2,
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     for model in ("target", "draft"):
         save_tiny_tokenizer(root / model)
     return root / "target", root / "draft"
@@ -27,14 +36,20 @@ def test_speculative_greedy_equals_greedy(tp_runner, pair, tp, draft_kind):
     workers = tp_runner.workers(tp)
     ids, mask = left_padded_batch()
     load = dict(tp=tp, max_batch_size=3, max_seq_len=48, workers=workers, progress=False)
-    with from_pretrained_parallel(target_path, **load) as target, \
-            from_pretrained_parallel(target_path if draft_kind == "draft = target" else draft_path, **load) as draft:
+    with (
+        from_pretrained_parallel(target_path, **load) as target,
+        from_pretrained_parallel(target_path if draft_kind == "draft = target" else draft_path, **load) as draft,
+    ):
         for rows in (slice(0, 1), slice(0, 3)):
             plain = target.generate(input_ids=ids[rows], attention_mask=mask[rows], max_new_tokens=24, eos_token_id=[])
             for k in (1, 4):
                 spec = target.generate(
-                    input_ids=ids[rows], attention_mask=mask[rows], max_new_tokens=24, eos_token_id=[],
-                    draft_model=draft, num_speculative_tokens=k,
+                    input_ids=ids[rows],
+                    attention_mask=mask[rows],
+                    max_new_tokens=24,
+                    eos_token_id=[],
+                    draft_model=draft,
+                    num_speculative_tokens=k,
                 )
                 assert spec.tokens == plain.tokens, (k, rows)
                 histogram = spec.stats["accepted_histogram"]
@@ -51,16 +66,20 @@ def test_replicated_draft_beside_a_sharded_target(tp_runner, pair):
     ids, mask = left_padded_batch()
     workers = tp_runner.workers(2)
     common = dict(max_batch_size=3, max_seq_len=48, workers=workers, progress=False)
-    with from_pretrained_parallel(target_path, tp=2, **common) as target, \
-            from_pretrained_parallel(draft_path, tp=1, **common) as draft, \
-            from_pretrained_parallel(draft_path, tp=2, **common) as sharded_draft:
+    with (
+        from_pretrained_parallel(target_path, tp=2, **common) as target,
+        from_pretrained_parallel(draft_path, tp=1, **common) as draft,
+        from_pretrained_parallel(draft_path, tp=2, **common) as sharded_draft,
+    ):
         assert draft.run(_draft_shapes, draft.key) == _full_shapes(draft_path)
         assert sharded_draft.run(_draft_shapes, sharded_draft.key) != _full_shapes(draft_path)
         plain = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
-        replicated = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[],
-                                     draft_model=draft, num_speculative_tokens=3)
-        sharded = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[],
-                                  draft_model=sharded_draft, num_speculative_tokens=3)
+        replicated = target.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], draft_model=draft, num_speculative_tokens=3
+        )
+        sharded = target.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], draft_model=sharded_draft, num_speculative_tokens=3
+        )
     assert replicated.tokens == plain.tokens
     assert replicated.stats["accepted_histogram"] == sharded.stats["accepted_histogram"]  # the same draft, two layouts
 
@@ -84,10 +103,28 @@ def test_compiled_speculative_greedy_equals_greedy(tp_runner, pair, tp=2):
     load = dict(tp=tp, max_batch_size=3, max_seq_len=48, workers=tp_runner.workers(tp), progress=False)
     with from_pretrained_parallel(target_path, **load) as target, from_pretrained_parallel(draft_path, **load) as draft:
         plain = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], compile=False)
-        spec = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[],
-                               draft_model=draft, num_speculative_tokens=3, compile=True)
-        sampled = [target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, seed=5,
-                                   draft_model=draft, num_speculative_tokens=3, compile=True).tokens for _ in range(2)]
+        spec = target.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=24,
+            eos_token_id=[],
+            draft_model=draft,
+            num_speculative_tokens=3,
+            compile=True,
+        )
+        sampled = [
+            target.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=12,
+                do_sample=True,
+                seed=5,
+                draft_model=draft,
+                num_speculative_tokens=3,
+                compile=True,
+            ).tokens
+            for _ in range(2)
+        ]
     assert spec.tokens == plain.tokens
     assert spec.stats["acceptance_rate"] < 1 and sum(spec.stats["accepted_histogram"]) > 0
     assert sampled[0] == sampled[1]
@@ -98,10 +135,18 @@ def test_speculative_sampling_is_seeded_and_respects_eos(tp_runner, pair):
     load = dict(tp=2, max_batch_size=3, max_seq_len=48, workers=tp_runner.workers(2), progress=False)
     ids, mask = left_padded_batch()
     with from_pretrained_parallel(target_path, **load) as target, from_pretrained_parallel(draft_path, **load) as draft:
-        draw = lambda seed, **kw: target.generate(  # noqa: E731
-            input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=True, seed=seed,
-            draft_model=draft, num_speculative_tokens=3, **kw,
-        ).tokens
+        draw = lambda seed, **kw: (
+            target.generate(  # noqa: E731
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=20,
+                do_sample=True,
+                seed=seed,
+                draft_model=draft,
+                num_speculative_tokens=3,
+                **kw,
+            ).tokens
+        )
         first = draw(5, eos_token_id=[])
         assert first == draw(5, eos_token_id=[]) and first != draw(6, eos_token_id=[])
         assert all(len(row) == 20 for row in first)
@@ -112,8 +157,10 @@ def test_speculative_sampling_is_seeded_and_respects_eos(tp_runner, pair):
 
 def test_draft_must_share_the_worker_group(tp_runner, pair):
     target_path, draft_path = pair
-    with from_pretrained_parallel(target_path, tp=1, progress=False, workers=tp_runner.workers(1), max_seq_len=48) as target, \
-            from_pretrained_parallel(draft_path, tp=1, progress=False, max_seq_len=48) as draft:
+    with (
+        from_pretrained_parallel(target_path, tp=1, progress=False, workers=tp_runner.workers(1), max_seq_len=48) as target,
+        from_pretrained_parallel(draft_path, tp=1, progress=False, max_seq_len=48) as draft,
+    ):
         with pytest.raises(ValueError, match="load it with workers=target.group"):
             target.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4, draft_model=draft)
 
@@ -128,8 +175,16 @@ def test_rejection_sampler_draws_from_the_target_distribution():
     drafted = torch.multinomial(q0, draws * k, replacement=True, generator=generator).view(draws, k)
     target_logits = torch.stack([p0.log(), p0.log(), p0.log()])[None].expand(draws, k + 1, 5)
     session = SpeculativeSession(
-        valid=None, pos=None, last=None, finished=None, emitted=None, params=SamplingParams(do_sample=True),
-        generator=generator, eos=torch.tensor([]), k=k, max_new_tokens=8,
+        valid=None,
+        pos=None,
+        last=None,
+        finished=None,
+        emitted=None,
+        params=SamplingParams(do_sample=True),
+        generator=generator,
+        eos=torch.tensor([]),
+        k=k,
+        max_new_tokens=8,
     )
     accepted, following = _accept(session, drafted, q, target_logits)
     first = torch.where(accepted > 0, drafted[:, 0], following)

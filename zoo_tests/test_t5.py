@@ -4,12 +4,12 @@ encoder outputs, teacher-forced logits, greedy and beam search generations, for 
 import pytest
 import torch
 from safetensors.torch import load_file
+from t5_fixtures import padded_batch, save_tiny_t5, save_tiny_t5_tokenizer
 
 from nxd_core.sharding import get_sharding
 from nxd_models import from_pretrained_parallel
 from nxd_models.cli import main
 from nxd_models.handles import ParallelSeq2SeqModel
-from t5_fixtures import padded_batch, save_tiny_t5, save_tiny_t5_tokenizer
 
 BEAMS = {  # (name, generate kwargs): HF's defaults, then length penalty, early stopping and several returns
     "beam3": dict(max_new_tokens=12, num_beams=3),
@@ -38,7 +38,9 @@ def checkpoints(tmp_path_factory):
         with torch.no_grad():
             out = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
             expected = {
-                "encoder": out.encoder_last_hidden_state, "logits": out.logits, "decoder_ids": decoder_ids,
+                "encoder": out.encoder_last_hidden_state,
+                "logits": out.logits,
+                "decoder_ids": decoder_ids,
                 "greedy": [_cut(r[1:]) for r in reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)],
             }
             for name, kwargs in BEAMS.items():
@@ -87,7 +89,9 @@ def test_sampling_is_seeded_like_hf_and_top_k_1_is_greedy(tp_runner, checkpoints
     with torch.no_grad():  # HF draws from the global generator: seeded the same way, the same draws
         hf = [_cut(r[1:]) for r in reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, **warpers)]
     with from_pretrained_parallel(path, tp=2, max_batch_size=3, max_seq_len=16, workers=tp_runner.workers(2), progress=False) as model:
-        draw = lambda seed, **kw: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, seed=seed, **kw).tokens  # noqa: E731
+        draw = lambda seed, **kw: (
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, seed=seed, **kw).tokens
+        )  # noqa: E731
         assert draw(5, **warpers) == hf and hf != expected["greedy"]
         first, again, other = draw(7, temperature=1.5), draw(7, temperature=1.5), draw(8, temperature=1.5)
         assert first == again and first != other
@@ -125,7 +129,9 @@ def test_relative_bias_is_sharded_by_head_and_converts(tp_runner, checkpoints, t
     ids, mask = padded_batch()
     assert main(["convert", str(path), "--tp", "2", "--out", str(tmp_path / "tp2")]) == 0
     assert main(["reshard", str(tmp_path / "tp2"), str(tmp_path / "tp4"), "--tp", "4"]) == 0
-    with from_pretrained_parallel(tmp_path / "tp4", tp=4, max_batch_size=3, max_seq_len=16, workers=tp_runner.workers(4), progress=False) as sharded:
+    with from_pretrained_parallel(
+        tmp_path / "tp4", tp=4, max_batch_size=3, max_seq_len=16, workers=tp_runner.workers(4), progress=False
+    ) as sharded:
         assert _close(sharded(ids, mask, expected["decoder_ids"]), expected["logits"])
     assert main(["consolidate", str(tmp_path / "tp4"), str(tmp_path / "full")]) == 0
     merged = load_file(tmp_path / "full" / "model.safetensors")
@@ -154,7 +160,9 @@ def test_nxd_generate_prints_the_output_and_speed(checkpoints, capsys):
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt = "def walk(top, topdown=True):"
     with torch.no_grad():
-        expected = tokenizer.decode(reference.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=8, num_beams=2)[0], skip_special_tokens=True)
+        expected = tokenizer.decode(
+            reference.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=8, num_beams=2)[0], skip_special_tokens=True
+        )
     assert main(["generate", str(path), "--tp", "2", "--prompt", prompt, "--max-new-tokens", "8", "--num-beams", "2"]) == 0
     out = capsys.readouterr()
     assert out.out.strip() == expected.strip() and expected.strip()

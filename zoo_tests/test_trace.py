@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from bert_fixtures import tiny_bert_config
+from llama_fixtures import save_tiny_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import BertForSequenceClassification
 
-from bert_fixtures import tiny_bert_config
-from llama_fixtures import save_tiny_llama
 from nxd_core.bucketing import BucketModelConfig, PositionKernel, SequenceLengthKernel
 from nxd_core.trace import TracedModelError, parallel_model_load, parallel_model_save, parallel_model_trace
 from nxd_core.trace_format import folder_size
@@ -82,7 +82,13 @@ def run_fresh(folder: Path, calls: list[tuple], out_dir: Path, eager: bool = Fal
     """Load the folder in a fresh process and run the calls there; each call's first output."""
     inputs = {f"{c}.{p}": t.contiguous() for c, call in enumerate(calls) for p, t in enumerate(call)}
     save_file(inputs, out_dir / "inputs.safetensors")
-    args = [sys.executable, str(SCRIPTS / "trace_load_and_run.py"), str(folder), str(out_dir / "inputs.safetensors"), str(out_dir / "out.json")]
+    args = [
+        sys.executable,
+        str(SCRIPTS / "trace_load_and_run.py"),
+        str(folder),
+        str(out_dir / "inputs.safetensors"),
+        str(out_dir / "out.json"),
+    ]
     done = subprocess.run(args + (["--eager"] if eager else []), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.tensor(o) for o in json.loads((out_dir / "out.json").read_text())["outputs"]]
@@ -136,8 +142,15 @@ def test_bucketing_over_sequence_lengths(tp_runner, bert, tmp_path):
     bucket_config = BucketModelConfig(SequenceLengthKernel([128, 512]))
     calls = [random_inputs(length, seed=length) for length in (20, 128, 300)]
     expected = [hf_logits(reference, call) for call in calls]
-    with parallel_model_trace(get_model, examples, tp_degree=2, inline_weights_to_neff=False, bucket_config=bucket_config,
-                              workers=tp_runner.workers(2), compiled=False) as model:
+    with parallel_model_trace(
+        get_model,
+        examples,
+        tp_degree=2,
+        inline_weights_to_neff=False,
+        bucket_config=bucket_config,
+        workers=tp_runner.workers(2),
+        compiled=False,
+    ) as model:
         assert model.bucket_shapes == [[[2, 128]] * 3, [[2, 512]] * 3]
         for call, want in zip(calls, expected):
             assert (model(*call).logits - want).abs().max().item() < TOL
@@ -163,8 +176,13 @@ def test_separated_weights_are_smaller_and_replaceable(tp_runner, bert, tmp_path
     with parallel_model_trace(get_model, PARAPHRASE, tp_degree=2, inline_weights_to_neff=False, workers=workers, compiled=False) as model:
         parallel_model_save(model, tmp_path / "separated")
         files = sorted(str(p.relative_to(tmp_path / "separated")) for p in (tmp_path / "separated").rglob("*") if p.is_file())
-        assert files == ["graphs/bucket_00.pt2", "manifest.json", "weights/rank_00.safetensors", "weights/rank_01.safetensors",
-                         "weights/replicated.safetensors"]
+        assert files == [
+            "graphs/bucket_00.pt2",
+            "manifest.json",
+            "weights/rank_00.safetensors",
+            "weights/rank_01.safetensors",
+            "weights/replicated.safetensors",
+        ]
         with safe_open(tmp_path / "separated" / "weights" / "replicated.safetensors", "pt") as replicated:
             assert "bert.embeddings.word_embeddings.weight" in replicated.keys()  # the recipe shards attention only
         with safe_open(tmp_path / "separated" / "weights" / "rank_01.safetensors", "pt") as rank_file:
@@ -210,9 +228,10 @@ class Decoder(torch.nn.Module):
 
 
 def llama_get_model(path, max_seq):
+    from transformers import AutoConfig
+
     from nxd_core.checkpoint import load
     from nxd_models.llama import build
-    from transformers import AutoConfig
 
     model = build(AutoConfig.from_pretrained(path))
     load(path, model, sharded=False)
@@ -269,8 +288,9 @@ def test_llama_context_and_token_programs_share_the_kv_cache(tp_runner, tmp_path
     ]
     get_model = functools.partial(llama_get_model, str(tmp_path / "llama"), 64)
     workers = tp_runner.workers(2)
-    with parallel_model_trace(get_model, examples, tp_degree=2, inline_weights_to_neff=False, bucket_config=kernel,
-                              workers=workers, compiled=compiled) as model:
+    with parallel_model_trace(
+        get_model, examples, tp_degree=2, inline_weights_to_neff=False, bucket_config=kernel, workers=workers, compiled=compiled
+    ) as model:
         assert greedy(model, prompt, new_tokens) == expected
         parallel_model_save(model, tmp_path / "decoder")
     manifest = json.loads((tmp_path / "decoder" / "manifest.json").read_text())
@@ -317,8 +337,13 @@ def test_trace_argument_errors(bert):
     with pytest.raises(ValueError, match="inline_weights_to_neff=False"):
         parallel_model_trace(get_model, [PARAPHRASE], tp_degree=2, bucket_config=bucket_config)
     with pytest.raises(ValueError, match=r"sends example_inputs\[0\] .* to bucket 1"):
-        parallel_model_trace(get_model, [random_inputs(512, 0), random_inputs(128, 0)], tp_degree=2,
-                             inline_weights_to_neff=False, bucket_config=bucket_config)
+        parallel_model_trace(
+            get_model,
+            [random_inputs(512, 0), random_inputs(128, 0)],
+            tp_degree=2,
+            inline_weights_to_neff=False,
+            bucket_config=bucket_config,
+        )
 
 
 def test_graph_files_that_would_unpickle_are_refused(guide_folder, tmp_path):

@@ -145,7 +145,9 @@ def test_same_code_runs_under_torchrun(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     out = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node=2", str(SCRIPTS / "spmd_check.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]

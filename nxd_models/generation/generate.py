@@ -9,16 +9,15 @@ encoder-decoders' front end in seq2seq.py shares), so that it can look at them a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
 from ..inputs import check_generation, check_mask, check_vocabulary, is_token_ids, token_batch
 from .worker import decoding, speculative
 from .worker.sampling import SamplingParams
-
 
 # Compiling the decode step takes seconds; below this many new tokens eager decoding finishes first.
 COMPILE_FROM_TOKENS = 64
@@ -116,9 +115,19 @@ def end_session(model, end, *keys) -> None:
         model.run(end, *keys)
 
 
-def chunked_steps(model, start: Callable[[int], list[list[int]]], resume: Callable[[int], tuple[list[list[int]], bool]],
-                  end: Callable, *, max_new_tokens: int, eos: list[int], chunk: int | None, stats: dict, prompt_tokens: int,
-                  draft_model=None) -> Iterator[list[list[int]]]:
+def chunked_steps(
+    model,
+    start: Callable[[int], list[list[int]]],
+    resume: Callable[[int], tuple[list[list[int]], bool]],
+    end: Callable,
+    *,
+    max_new_tokens: int,
+    eos: list[int],
+    chunk: int | None,
+    stats: dict,
+    prompt_tokens: int,
+    draft_model=None,
+) -> Iterator[list[list[int]]]:
     """The session every generation runs in the workers, with the model (and a draft) held throughout:
     start(first_chunk) prefills and returns the first tokens per row, resume(n) returns (up to n steps'
     tokens per row, whether every row is done), and the worker function `end` ends the session."""
@@ -179,7 +188,9 @@ def steps(
     batch, prompt_len = input_ids.shape
     extra = num_speculative_tokens if draft_model is not None else 0
     if batch > model.max_batch_size:
-        raise ValueError(f"batch of {batch} prompts exceeds max_batch_size={model.max_batch_size}; load the model with a larger max_batch_size")
+        raise ValueError(
+            f"batch of {batch} prompts exceeds max_batch_size={model.max_batch_size}; load the model with a larger max_batch_size"
+        )
     if prompt_len + max_new_tokens + extra > model.max_seq_len:
         speculation = f" + {extra} speculative slots" if extra else ""
         raise ValueError(
@@ -191,9 +202,21 @@ def steps(
     eos = eos_ids(model, eos_token_id)
     stats = stats if stats is not None else {}
     if draft_model is None:
+
         def start(first_chunk):
-            return model.run(decoding.start, model.key, input_ids, attention_mask, params, seed, eos, pad_id(model, eos),
-                             max_new_tokens, first_chunk, compile).tolist()
+            return model.run(
+                decoding.start,
+                model.key,
+                input_ids,
+                attention_mask,
+                params,
+                seed,
+                eos,
+                pad_id(model, eos),
+                max_new_tokens,
+                first_chunk,
+                compile,
+            ).tolist()
 
         def resume(n):
             tokens, done = model.run(decoding.resume, model.key, n)
@@ -201,9 +224,21 @@ def steps(
 
         end = decoding.end
     else:
+
         def start(first_chunk):  # a speculative session starts with the target's first token
-            first = model.run(speculative.start, model.key, draft_model.key, input_ids, attention_mask, params, seed, eos,
-                              num_speculative_tokens, max_new_tokens, compile)
+            first = model.run(
+                speculative.start,
+                model.key,
+                draft_model.key,
+                input_ids,
+                attention_mask,
+                params,
+                seed,
+                eos,
+                num_speculative_tokens,
+                max_new_tokens,
+                compile,
+            )
             return [[t] for t in first.tolist()]
 
         def resume(rounds):
@@ -212,8 +247,18 @@ def steps(
             return tokens, done
 
         end = speculative.end
-    yield from chunked_steps(model, start, resume, end, max_new_tokens=max_new_tokens, eos=eos, chunk=chunk, stats=stats,
-                             prompt_tokens=int(attention_mask.sum()), draft_model=draft_model)
+    yield from chunked_steps(
+        model,
+        start,
+        resume,
+        end,
+        max_new_tokens=max_new_tokens,
+        eos=eos,
+        chunk=chunk,
+        stats=stats,
+        prompt_tokens=int(attention_mask.sum()),
+        draft_model=draft_model,
+    )
 
 
 def _check_draft(model, draft, batch: int, slots: int, k: int) -> None:
@@ -229,7 +274,9 @@ def _check_draft(model, draft, batch: int, slots: int, k: int) -> None:
             "a draft must share the target's tokenizer"
         )
     if batch > draft.max_batch_size or slots > draft.max_seq_len:
-        raise ValueError(f"the draft's KV cache (max_batch_size={draft.max_batch_size}, max_seq_len={draft.max_seq_len}) is too small for this request")
+        raise ValueError(
+            f"the draft's KV cache (max_batch_size={draft.max_batch_size}, max_seq_len={draft.max_seq_len}) is too small for this request"
+        )
     if k < 1:
         raise ValueError(f"num_speculative_tokens must be >= 1, got {k}")
 
@@ -326,6 +373,6 @@ def text_pieces(model, produced: Iterator[list[list[int]]], stats: dict, eos_tok
             tokens += until_eos(chunk[0], eos, already=tokens)
             text = model.tokenizer.decode(tokens, skip_special_tokens=True)
             if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole characters
-                yield text[len(shown):]
+                yield text[len(shown) :]
                 shown = text
     stats["new_tokens"] = len(tokens)

@@ -8,8 +8,8 @@ preallocated KV cache; only token ids come back.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import closing
-from typing import Iterator
 
 from ..inputs import check_generation
 from .generate import GenerationResult, chunked_steps, encode_prompts, eos_ids, pad_id, result, text_pieces, until_eos
@@ -39,9 +39,22 @@ def _check_sizes(model, rows: int, max_new_tokens: int) -> None:
         )
 
 
-def steps(model, prompts=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
-          temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-          eos_token_id=None, chunk: int | None = None, stats: dict | None = None) -> Iterator[list[list[int]]]:
+def steps(
+    model,
+    prompts=None,
+    *,
+    input_ids=None,
+    attention_mask=None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id=None,
+    chunk: int | None = None,
+    stats: dict | None = None,
+) -> Iterator[list[list[int]]]:
     """New tokens as they are made, per row (greedy or sampling); chunk = decode steps per round trip
     (by default about a quarter of a second's worth: see generate.ChunkPlanner)."""
     check_generation(max_new_tokens, temperature, top_k, top_p)
@@ -52,19 +65,48 @@ def steps(model, prompts=None, *, input_ids=None, attention_mask=None, max_new_t
     stats = stats if stats is not None else {}
 
     def start(first_chunk):
-        return model.run(worker_seq2seq.start, model.key, input_ids, attention_mask, params, seed, eos, pad_id(model, eos),
-                         decoder_start_token_id(model), max_new_tokens, first_chunk).tolist()
+        return model.run(
+            worker_seq2seq.start,
+            model.key,
+            input_ids,
+            attention_mask,
+            params,
+            seed,
+            eos,
+            pad_id(model, eos),
+            decoder_start_token_id(model),
+            max_new_tokens,
+            first_chunk,
+        ).tolist()
 
     def resume(n):
         tokens, done = model.run(worker_seq2seq.resume, model.key, n)
         return tokens.tolist(), done
 
-    yield from chunked_steps(model, start, resume, worker_seq2seq.end, max_new_tokens=max_new_tokens, eos=eos, chunk=chunk,
-                             stats=stats, prompt_tokens=int(attention_mask.sum()))
+    yield from chunked_steps(
+        model,
+        start,
+        resume,
+        worker_seq2seq.end,
+        max_new_tokens=max_new_tokens,
+        eos=eos,
+        chunk=chunk,
+        stats=stats,
+        prompt_tokens=int(attention_mask.sum()),
+    )
 
 
-def generate(model, prompts=None, *, max_new_tokens: int = 32, num_beams: int = 1, length_penalty: float = 1.0,
-             early_stopping: bool | str = False, num_return_sequences: int = 1, **kwargs) -> GenerationResult:
+def generate(
+    model,
+    prompts=None,
+    *,
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
+    **kwargs,
+) -> GenerationResult:
     """Generate for a batch of sources (text with the checkpoint's tokenizer, or input_ids/attention_mask).
 
     num_beams=1: greedy, or sampling with do_sample/temperature/top_k/top_p/seed.
@@ -76,7 +118,9 @@ def generate(model, prompts=None, *, max_new_tokens: int = 32, num_beams: int = 
     stats: dict = {}
     eos = eos_ids(model, kwargs.get("eos_token_id"))
     if num_beams > 1:
-        rows = _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences, eos, stats, **kwargs)
+        rows = _beam_rows(
+            model, prompts, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences, eos, stats, **kwargs
+        )
     else:
         if num_return_sequences != 1:
             raise ValueError("num_return_sequences > 1 needs beam search (num_beams >= num_return_sequences)")
@@ -91,8 +135,22 @@ def generate(model, prompts=None, *, max_new_tokens: int = 32, num_beams: int = 
     return result(rows, texts, stats)
 
 
-def _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences, eos, stats,
-               input_ids=None, attention_mask=None, eos_token_id=None, do_sample: bool = False, **unused):
+def _beam_rows(
+    model,
+    prompts,
+    max_new_tokens,
+    num_beams,
+    length_penalty,
+    early_stopping,
+    num_return_sequences,
+    eos,
+    stats,
+    input_ids=None,
+    attention_mask=None,
+    eos_token_id=None,
+    do_sample: bool = False,
+    **unused,
+):
     unsupported = sorted(unused) + (["do_sample"] if do_sample else [])
     if unsupported:
         raise ValueError(f"beam search is deterministic here: {', '.join(unsupported)} cannot be combined with num_beams > 1")
@@ -104,7 +162,17 @@ def _beam_rows(model, prompts, max_new_tokens, num_beams, length_penalty, early_
     began = time.perf_counter()
     with model.exclusive():
         rows, scores = model.run(
-            beam.beam_search, model.key, input_ids, attention_mask, num_beams, max_new_tokens, eos, decoder_start_token_id(model), length_penalty, early_stopping, num_return_sequences,
+            beam.beam_search,
+            model.key,
+            input_ids,
+            attention_mask,
+            num_beams,
+            max_new_tokens,
+            eos,
+            decoder_start_token_id(model),
+            length_penalty,
+            early_stopping,
+            num_return_sequences,
         )
     stats.update(prompt_tokens=int(attention_mask.sum()), seconds=time.perf_counter() - began, sequence_scores=scores)
     return [until_eos(row, eos, already=[]) for row in rows]

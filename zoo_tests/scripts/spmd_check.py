@@ -31,13 +31,17 @@ def mlp_error():
 group = start_workers(tp=2)
 (error,) = group.run(mlp_error)
 rank = torch.distributed.get_rank()
-Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps({
-    "rank": rank,
-    "local_group": isinstance(group, LocalGroup),
-    "tp": ps.get_tensor_model_parallel_size(),
-    "tp_rank": ps.get_tensor_model_parallel_rank(),
-    "collectives": ps.tp_collectives(),
-    "error": error,
-}))
+Path(sys.argv[1], f"rank{rank}.json").write_text(
+    json.dumps(
+        {
+            "rank": rank,
+            "local_group": isinstance(group, LocalGroup),
+            "tp": ps.get_tensor_model_parallel_size(),
+            "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "collectives": ps.tp_collectives(),
+            "error": error,
+        }
+    )
+)
 group.close()
 torch.distributed.destroy_process_group()

@@ -32,7 +32,9 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(tensor, index, dim=1)
 
 
-def _improvement_possible(unsatisfied, running_scores, finished_scores, is_finished, length, max_new_tokens, early_stopping, length_penalty):
+def _improvement_possible(
+    unsatisfied, running_scores, finished_scores, is_finished, length, max_new_tokens, early_stopping, length_penalty
+):
     """Can the best running beam still beat the worst finished one? (HF's _check_early_stop_heuristic)"""
     best_length = max_new_tokens if early_stopping == "never" and length_penalty > 0.0 else length
     best_possible = running_scores[:, :1] / (best_length**length_penalty)
@@ -40,8 +42,17 @@ def _improvement_possible(unsatisfied, running_scores, finished_scores, is_finis
     return unsatisfied & (best_possible > worst_finished).any(dim=-1, keepdim=True)
 
 
-def search(model, input_ids, attention_mask, num_beams: int, max_new_tokens: int, eos: list[int], start_id: int,
-           length_penalty: float = 1.0, early_stopping: bool | str = False):
+def search(
+    model,
+    input_ids,
+    attention_mask,
+    num_beams: int,
+    max_new_tokens: int,
+    eos: list[int],
+    start_id: int,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+):
     """(sequences [batch, num_beams, max_new_tokens], scores [batch, num_beams], lengths [batch, num_beams]),
     finished hypotheses best first."""
     batch, device = input_ids.shape[0], input_ids.device
@@ -101,16 +112,33 @@ def search(model, input_ids, attention_mask, num_beams: int, max_new_tokens: int
     return finished[:, :, 1:], finished_scores, finished_lengths
 
 
-def beam_search(key: StateKey, input_ids, attention_mask, num_beams: int, max_new_tokens: int, eos: list[int],
-                decoder_start_token_id: int, length_penalty: float, early_stopping, num_return_sequences: int):
+def beam_search(
+    key: StateKey,
+    input_ids,
+    attention_mask,
+    num_beams: int,
+    max_new_tokens: int,
+    eos: list[int],
+    decoder_start_token_id: int,
+    length_penalty: float,
+    early_stopping,
+    num_return_sequences: int,
+):
     """What the front end calls on every rank: the best num_return_sequences hypotheses per source, as token
     lists (source-major), and their scores."""
     model = worker_state()[key]
     device = device_of(model)
     with torch.inference_mode():
         sequences, scores, lengths = search(
-            model, input_ids.to(device), attention_mask.to(device), num_beams, max_new_tokens, eos,
-            decoder_start_token_id, length_penalty, early_stopping,
+            model,
+            input_ids.to(device),
+            attention_mask.to(device),
+            num_beams,
+            max_new_tokens,
+            eos,
+            decoder_start_token_id,
+            length_penalty,
+            early_stopping,
         )
     sequences, scores, lengths = (t[:, :num_return_sequences].flatten(0, 1).cpu() for t in (sequences, scores, lengths))
     rows = [seq[:n].tolist() for seq, n in zip(sequences, lengths.tolist())]

@@ -11,8 +11,9 @@ session (seq2seq.py's too): a session says how it advances one step.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -60,7 +61,9 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return model(input_ids, attention_mask=attention_mask, cache_position=slots, last_only=True)[:, -1]
 
 
-def decode_one_token(compute: Callable, tokens, valid, cache_position, finished, eos, pad_token_id: int, params: SamplingParams, generator=None):
+def decode_one_token(
+    compute: Callable, tokens, valid, cache_position, finished, eos, pad_token_id: int, params: SamplingParams, generator=None
+):
     """Feed one token per row at cache_position ([1], shared by the rows) and choose the next ones.
     Shapes never change from step to step, so a compiled version compiles once."""
     logits = compute(tokens[:, None], valid, position_ids=None, cache_position=cache_position, last_only=True)[:, -1]
@@ -118,7 +121,18 @@ def validity_mask(attention_mask: torch.Tensor, max_seq_len: int) -> torch.Tenso
 # -- what the front end calls on every rank ---------------------------------------------------
 
 
-def start(key: StateKey, input_ids, attention_mask, params: SamplingParams, seed, eos: list[int], pad_token_id: int, max_new_tokens: int, first_chunk: int, compile: bool = False):
+def start(
+    key: StateKey,
+    input_ids,
+    attention_mask,
+    params: SamplingParams,
+    seed,
+    eos: list[int],
+    pad_token_id: int,
+    max_new_tokens: int,
+    first_chunk: int,
+    compile: bool = False,
+):
     """Prefill, choose the first token, then decode up to first_chunk - 1 more; return the tokens [batch, k]."""
     model = worker_state()[key]
     device = device_of(model)
@@ -130,8 +144,12 @@ def start(key: StateKey, input_ids, attention_mask, params: SamplingParams, seed
         logits = prefill(model, input_ids.to(device), attention_mask)
         first, finished = choose(logits, torch.zeros(batch, dtype=torch.bool, device=device), eos, pad_token_id, params, generator)
         session = Session(
-            valid=validity_mask(attention_mask, model.max_seq_len), slot=prompt_len, last_tokens=first, finished=finished,
-            remaining=max_new_tokens - 1, step=decode_step(model, key, compile, eos, pad_token_id, params, generator),
+            valid=validity_mask(attention_mask, model.max_seq_len),
+            slot=prompt_len,
+            last_tokens=first,
+            finished=finished,
+            remaining=max_new_tokens - 1,
+            step=decode_step(model, key, compile, eos, pad_token_id, params, generator),
         )
         rest = decode_n_tokens(session, first_chunk - 1)
     worker_state()[owned_key(key, SESSION)] = session

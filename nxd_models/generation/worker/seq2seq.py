@@ -56,17 +56,32 @@ def decode_one_token(model, tokens: torch.Tensor, slot: int) -> torch.Tensor:
 # -- what the front end calls on every rank ---------------------------------------------------
 
 
-def start(key: StateKey, input_ids, attention_mask, params: SamplingParams, seed, eos: list[int], pad_token_id: int,
-          decoder_start_token_id: int, max_new_tokens: int, first_chunk: int):
+def start(
+    key: StateKey,
+    input_ids,
+    attention_mask,
+    params: SamplingParams,
+    seed,
+    eos: list[int],
+    pad_token_id: int,
+    decoder_start_token_id: int,
+    max_new_tokens: int,
+    first_chunk: int,
+):
     """Encode, then decode up to first_chunk tokens; return them [batch, k]."""
     model = worker_state()[key]
     device = device_of(model)
     batch = input_ids.shape[0]
     session = Seq2SeqSession(
-        model=model, slot=0, last_tokens=torch.full((batch,), decoder_start_token_id, dtype=torch.long, device=device),
-        finished=torch.zeros(batch, dtype=torch.bool, device=device), params=params,
-        generator=seeded_generator(params, seed, device), eos=torch.tensor(eos, dtype=torch.long, device=device),
-        pad_token_id=pad_token_id, remaining=max_new_tokens,
+        model=model,
+        slot=0,
+        last_tokens=torch.full((batch,), decoder_start_token_id, dtype=torch.long, device=device),
+        finished=torch.zeros(batch, dtype=torch.bool, device=device),
+        params=params,
+        generator=seeded_generator(params, seed, device),
+        eos=torch.tensor(eos, dtype=torch.long, device=device),
+        pad_token_id=pad_token_id,
+        remaining=max_new_tokens,
     )
     with torch.inference_mode():
         start_decoding(model, input_ids.to(device), attention_mask.to(device))

@@ -18,8 +18,8 @@ slots) and are overwritten next round.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -128,7 +128,18 @@ def speculate_round(session: SpeculativeSession) -> list[list[int]]:
 # -- what the front end calls on every rank ---------------------------------------------------
 
 
-def start(target_key: StateKey, draft_key: StateKey, input_ids, attention_mask, params, seed, eos, k: int, max_new_tokens: int, compile: bool = False):
+def start(
+    target_key: StateKey,
+    draft_key: StateKey,
+    input_ids,
+    attention_mask,
+    params,
+    seed,
+    eos,
+    k: int,
+    max_new_tokens: int,
+    compile: bool = False,
+):
     """Prefill both models; the first token comes from the target. Returns it per row."""
     target, draft = worker_state()[target_key], worker_state()[draft_key]
     device = device_of(target)
@@ -141,9 +152,17 @@ def start(target_key: StateKey, draft_key: StateKey, input_ids, attention_mask, 
         prefill(draft, input_ids, attention_mask)
     eos = torch.tensor(eos, dtype=torch.long, device=device)
     session = SpeculativeSession(
-        valid=valid, pos=torch.full((batch,), prompt_len, device=device), last=first,
-        finished=torch.isin(first, eos) | (max_new_tokens <= 1), emitted=torch.ones(batch, dtype=torch.long, device=device),
-        params=params, generator=generator, eos=eos, k=k, max_new_tokens=max_new_tokens, accepted=[0] * (k + 1),
+        valid=valid,
+        pos=torch.full((batch,), prompt_len, device=device),
+        last=first,
+        finished=torch.isin(first, eos) | (max_new_tokens <= 1),
+        emitted=torch.ones(batch, dtype=torch.long, device=device),
+        params=params,
+        generator=generator,
+        eos=eos,
+        k=k,
+        max_new_tokens=max_new_tokens,
+        accepted=[0] * (k + 1),
         draft=compiled(draft_key, "compute", draft.compute) if compile else draft.compute,
         target=compiled(target_key, "compute", target.compute) if compile else target.compute,
     )
