@@ -28,7 +28,7 @@ from . import shm_ops  # noqa: F401  (defines the nxd::shm_* operators that save
 from .checkpoint_read import check_keys, open_full_weights, rank_slice, tied_aliases
 from .sharding import ShardSpec, get_sharding
 from .trace_format import TracedModelError, graph_file, tensor_meta, to_dtype, weights_file
-from .workers import StateKey, return_freed_memory, worker_state
+from .worker_process import StateKey, return_freed_memory, worker_state
 
 _KIND = "traced"  # worker_state()[StateKey("traced", key)]: this rank's Shard of the traced model `key`
 # Operators whose string arguments name a process group: c10d's and ours (shm_ops.py).

@@ -18,7 +18,7 @@ from transformers import AutoConfig
 
 from nxd_core import parallel_state as ps
 from nxd_core.checkpoint import MANIFEST, check_keys, load, load_state_dict_from_full, open_full_checkpoint, read_manifest, tied_aliases
-from nxd_core.workers import StateKey, drop_owned_by, return_freed_memory, worker_state
+from nxd_core.worker_process import StateKey, drop_owned_by, return_freed_memory, worker_state
 
 from .families import build_for_checkpoint
 

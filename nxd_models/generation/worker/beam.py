@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from nxd_core.workers import StateKey, worker_state
+from nxd_core.worker_process import StateKey, worker_state
 
 from ...worker_ops import device_of
 from .seq2seq import decode_one_token, start_decoding

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from nxd_core.workers import StateKey, worker_state
+from nxd_core.worker_process import StateKey, worker_state
 
 from ...worker_ops import device_of, end_session, owned_key
 from .sampling import SamplingParams, choose, seeded_generator

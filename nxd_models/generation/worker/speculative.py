@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nxd_core.workers import StateKey, worker_state
+from nxd_core.worker_process import StateKey, worker_state
 
 from ...worker_ops import device_of, end_session, owned_key
 from .decoding import compiled, prefill, trusted_guards, validity_mask
