@@ -170,7 +170,9 @@ class ParallelModel(ParallelHandle):
         """Full-vocabulary logits [batch, seq, vocab] (see the family's forward for the arguments)."""
         input_ids = self._ids(input_ids)
         if cache_position is not None:
-            cache_position = check_cache_position(cache_position, attention_mask, input_ids, self.max_batch_size, self.max_seq_len)
+            cache_position, attention_mask = check_cache_position(
+                cache_position, attention_mask, input_ids, self.max_batch_size, self.max_seq_len
+            )
         else:
             attention_mask = check_mask(attention_mask, input_ids)
             if input_ids.shape[1] > self.config.max_position_embeddings:

@@ -62,9 +62,11 @@ def check_mask(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor | N
     return mask.long()
 
 
-def check_cache_position(cache_position, attention_mask, ids: torch.Tensor, max_batch_size: int, max_seq_len: int) -> torch.Tensor:
+def check_cache_position(
+    cache_position, attention_mask, ids: torch.Tensor, max_batch_size: int, max_seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KV-cache slot indices for ids ([seq], shared by the rows, or [batch, seq]) inside the cache, and a
-    mask over every slot written so far (prompt and cache, not just these tokens); the slots as a tensor."""
+    mask over every slot written so far (prompt and cache, not just these tokens); both as tensors."""
     batch, seq = ids.shape
     cache_position = torch.as_tensor(cache_position)
     if cache_position.is_floating_point():
@@ -77,7 +79,7 @@ def check_cache_position(cache_position, attention_mask, ids: torch.Tensor, max_
     mask = None if attention_mask is None else torch.as_tensor(attention_mask)
     if mask is not None and (mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] > max_seq_len):
         raise ValueError(f"attention_mask must be [batch={batch}, slots so far <= {max_seq_len}], got shape {list(mask.shape)}")
-    return cache_position
+    return cache_position, mask
 
 
 def check_below(tensor: torch.Tensor | None, limit: int, name: str, what: str) -> None:
