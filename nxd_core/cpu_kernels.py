@@ -13,13 +13,12 @@ The kernel is a torch operator (nxd::bf16_linear), so torch.compile keeps it as 
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .cpp_build import build_and_load, cpu_flags
 
 # Where the kernel beats ATen (measured on AVX2 without native bf16): up to this many rows
 # (tokens x batch: decoding and speculative verification) of at most this many features.
@@ -32,11 +31,7 @@ _unavailable = False  # prepare() found no AVX2/FMA or could not build: not trie
 
 
 def _cpu_has_avx2_fma() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
+    return {"avx2", "fma"} <= cpu_flags()
 
 
 def prepare() -> bool:
@@ -47,21 +42,8 @@ def prepare() -> bool:
     if _unavailable or not _cpu_has_avx2_fma():
         _unavailable = True
         return False
-    from torch.utils.cpp_extension import load
-
-    # ninja comes with the package's dependencies, next to this interpreter, which may not be on PATH.
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    try:
-        load(
-            name="nxd_bf16_linear",
-            sources=[str(_SOURCE)],
-            is_python_module=False,
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no ninja: decoding still works, on ATen
-        warnings.warn(f"nxd-zoo's bf16 CPU kernel could not be built ({error}); using torch's F.linear", stacklevel=2)
+    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+    if not build_and_load("nxd_bf16_linear", _SOURCE, flags, ["-fopenmp"], "using torch's F.linear"):
         _unavailable = True
         return False
     _register_shape_function()

@@ -29,7 +29,7 @@ from . import shm_ops
 
 DEFAULT_TIMEOUT = 30.0  # seconds a live peer may take to join a collective when the group has no timeout
 # Per rank and step parity; larger tensors are sent in chunks of this size.
-BUFFER_BYTES = int(os.environ.get("NXD_SHM_BUFFER_BYTES", 1 << 20))
+BUFFER_BYTES = 1 << 20
 SEGMENT_PREFIX = "/nxd-tp-"
 _SEGMENTS: dict[str, str] = {}  # group name -> its segment's (already unlinked) name, for diagnostics
 

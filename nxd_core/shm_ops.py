@@ -16,13 +16,12 @@ come from shm_collectives.cpp, built by `load()` once per machine (torch's C++ e
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed._functional_collectives as funcol
+
+from .cpp_build import build_and_load, cpu_flags
 
 _SOURCE = Path(__file__).with_name("shm_collectives.cpp")
 _loaded = False
@@ -67,16 +66,9 @@ all_reduce = torch.ops.nxd.shm_all_reduce.default
 all_gather = torch.ops.nxd.shm_all_gather.default
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        return set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return set()
-
-
 def _build_flags() -> tuple[str, list[str]]:
     """The extension's name and compiler flags for this CPU (found at run time; never AVX-512)."""
-    if {"avx2", "fma", "f16c"} <= _cpu_flags():
+    if {"avx2", "fma", "f16c"} <= cpu_flags():
         return "nxd_shm_collectives_avx2", ["-O3", "-mavx2", "-mfma", "-mf16c"]
     return "nxd_shm_collectives", ["-O3"]
 
@@ -88,16 +80,9 @@ def load() -> bool:
         return True
     if _unavailable:
         return False
-    from torch.utils.cpp_extension import load as load_extension
-
-    # ninja comes with the package's dependencies, next to this interpreter, which may not be on PATH.
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     name, flags = _build_flags()
-    try:
-        load_extension(name=name, sources=[str(_SOURCE)], is_python_module=False, extra_cflags=flags, extra_ldflags=["-lrt"], verbose=False)
-    except Exception as error:  # no compiler, no ninja: the process group's collectives still work
-        warnings.warn(f"nxd-zoo's shared-memory collectives could not be built ({error}); tensor parallel groups use gloo", stacklevel=2)
-        _unavailable = True
+    if not build_and_load(name, _SOURCE, flags, ["-lrt"], "tensor parallel groups use gloo"):
+        _unavailable = True  # a failed build is warned about once, not retried
         return False
     _loaded = True
     return True

@@ -350,3 +350,32 @@ def test_a_peer_that_never_joins_times_out_and_the_group_recovers_on_reinit(tp_r
     assert "rank 1" in late_0 and "did not join" in late_0 and 0.9 < waited_0 < 3
     assert "stopped" in late_1 and waited_1 < 1
     assert after_0 == after_1 == 2.0
+
+
+# -- no compiler --------------------------------------------------------------------------
+
+_NO_COMPILER_SCRIPT = """
+import torch
+from nxd_core import parallel_state as ps
+from nxd_core.mappings import all_reduce_tensor_model_parallel
+from nxd_core.workers import WorkerGroup
+
+def check():
+    ps.initialize_model_parallel(2)  # a second group in the same process: the failed build is not retried
+    x = torch.full((4,), float(ps.get_tensor_model_parallel_rank() + 1))
+    return ps.tp_collectives(), all_reduce_tensor_model_parallel(x).tolist()
+
+with WorkerGroup(2) as group:
+    print(group.run(check))
+"""
+
+
+def test_without_a_compiler_groups_use_gloo_after_one_warning_per_process(tmp_path):
+    script = tmp_path / "no_compiler.py"
+    script.write_text(_NO_COMPILER_SCRIPT)
+    # A compiler that always fails, and an empty extension cache (so nothing built earlier is found).
+    environment = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[('backend', [3.0, 3.0, 3.0, 3.0]), ('backend', [3.0, 3.0, 3.0, 3.0])]" in done.stdout
+    assert done.stderr.count("shm_collectives.cpp could not be built") == 2, done.stderr[-3000:]  # once per worker
