@@ -84,3 +84,21 @@ def left_padded_batch():
     mask[1, :3] = 0
     mask[2, :5] = 0
     return ids.masked_fill(mask == 0, 0), mask
+
+
+def save_tiny_llama_pair(root: Path) -> tuple[Path, Path]:
+    """A tiny random target and a smaller draft with the same vocabulary and tokenizer (speculative decoding)."""
+    save_tiny_llama(root / "target", "gqa", initializer_range=0.2)
+    save_tiny_llama(
+        root / "draft",
+        "gqa",
+        seed=1,
+        initializer_range=0.2,
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    for model in ("target", "draft"):
+        save_tiny_tokenizer(root / model)
+    return root / "target", root / "draft"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from llama_fixtures import save_tiny_llama, save_tiny_tokenizer
+from llama_fixtures import save_tiny_llama_pair
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell
 
@@ -54,20 +54,8 @@ def demo_pair_available() -> bool:
 
 def tiny_llama_pair(root: Path) -> dict:
     """Notebook 3's parameters for a tiny random target and draft sharing one tokenizer."""
-    save_tiny_llama(root / "target", "gqa", initializer_range=0.2)
-    save_tiny_llama(
-        root / "draft",
-        "gqa",
-        seed=1,
-        initializer_range=0.2,
-        num_hidden_layers=1,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    for model in ("target", "draft"):
-        save_tiny_tokenizer(root / model)
-    return {"MODEL": str(root / "target"), "DRAFT": str(root / "draft"), "MAX_NEW_TOKENS": 24}
+    target, draft = save_tiny_llama_pair(root)
+    return {"MODEL": str(target), "DRAFT": str(draft), "MAX_NEW_TOKENS": 24}
 
 
 def test_notebooks_are_built_by_the_script_and_stored_without_outputs():

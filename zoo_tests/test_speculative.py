@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from llama_fixtures import left_padded_batch, save_tiny_llama, save_tiny_tokenizer
+from llama_fixtures import left_padded_batch, save_tiny_llama_pair
 
 from nxd_models import from_pretrained_parallel
 from nxd_models.generation.worker.sampling import SamplingParams
@@ -13,20 +13,7 @@ from nxd_models.generation.worker.speculative import SpeculativeSession, _accept
 def pair(tmp_path_factory):
     """A target and a smaller random draft with the same vocabulary."""
     root = tmp_path_factory.mktemp("spec")
-    save_tiny_llama(root / "target", "gqa", initializer_range=0.2)
-    save_tiny_llama(
-        root / "draft",
-        "gqa",
-        seed=1,
-        initializer_range=0.2,
-        num_hidden_layers=1,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    for model in ("target", "draft"):
-        save_tiny_tokenizer(root / model)
-    return root / "target", root / "draft"
+    return save_tiny_llama_pair(root)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
