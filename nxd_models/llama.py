@@ -110,14 +110,15 @@ class ParallelLlamaAttention(nn.Module):
         self.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
 
-    def forward(self, x, cos, sin, mask, cache_position=None):
+    def forward(self, x, cos, sin, mask, cache_position=None, first_row: int = 0):
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache_position is not None:
-            k_cache, v_cache = self.k_cache[:batch], self.v_cache[:batch]
+            rows = slice(first_row, first_row + batch)
+            k_cache, v_cache = self.k_cache[rows], self.v_cache[rows]
             if cache_position.dim() == 1:  # the same slots for every row
                 k_cache.index_copy_(2, cache_position, k)
                 v_cache.index_copy_(2, cache_position, v)
@@ -156,8 +157,8 @@ class ParallelLlamaDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
 
-    def forward(self, x, cos, sin, mask, cache_position=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_position)
+    def forward(self, x, cos, sin, mask, cache_position=None, first_row: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_position, first_row)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -210,25 +211,29 @@ class ParallelLlamaForCausalLM(nn.Module):
             layer.self_attn.allocate_kv_cache(max_batch_size, max_seq_len)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_position=None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, cache_position=None, last_only: bool = False, first_row: int = 0
+    ) -> torch.Tensor:
         """Full-vocabulary logits [batch, seq, vocab] ([batch, 1, vocab] with last_only).
 
         cache_position (slot indices, [seq]) writes these tokens into the KV cache
         and attends over every slot; without it, a plain forward over input_ids.
         attention_mask [batch, slots so far] marks real tokens (0 = left padding).
+        first_row: the KV-cache row of the batch's first row (continuous batching prefills one
+        request's row while the other rows hold other requests).
         """
         batch, seq = input_ids.shape
         if cache_position is not None:
             if self.max_seq_len == 0:
                 raise RuntimeError("no KV cache: call allocate_kv_cache(max_batch_size, max_seq_len) first")
-            if batch > self.max_batch_size or int(cache_position.max()) >= self.max_seq_len:
+            if first_row < 0 or first_row + batch > self.max_batch_size or int(cache_position.max()) >= self.max_seq_len:
                 raise ValueError(
-                    f"batch {batch} at slot {int(cache_position.max())} exceeds the KV cache "
+                    f"batch {batch} from row {first_row} at slot {int(cache_position.max())} exceeds the KV cache "
                     f"(max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len})"
                 )
-        return self.compute(input_ids, attention_mask, position_ids, cache_position, last_only)
+        return self.compute(input_ids, attention_mask, position_ids, cache_position, last_only, first_row)
 
-    def compute(self, input_ids, attention_mask, position_ids, cache_position, last_only: bool) -> torch.Tensor:
+    def compute(self, input_ids, attention_mask, position_ids, cache_position, last_only: bool, first_row: int = 0) -> torch.Tensor:
         """forward without the argument checks: only tensor work, so torch.compile sees one graph."""
         batch, seq = input_ids.shape
         if cache_position is None:
@@ -246,7 +251,7 @@ class ParallelLlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(x, position_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache_position)
+            x = layer(x, cos, sin, mask, cache_position, first_row)
         if last_only:
             x = x[:, -1:]  # generation needs the next token only: skip the vocabulary projection elsewhere
         return self.lm_head(self.model.norm(x))
