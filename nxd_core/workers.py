@@ -441,6 +441,14 @@ class WorkerGroup:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
+    def exited_workers(self) -> list[str]:
+        """Which workers have exited, and how (a health check: it changes nothing)."""
+        return [
+            f"worker rank {rank} (pid {p.pid}) exited with code {p.returncode}"
+            for rank, p in enumerate(self._procs)
+            if p.poll() is not None
+        ]
+
     def close(self, timeout: float = 20.0) -> None:
         """Ask every worker to leave the process group cleanly, then make sure they are gone."""
         acquired = self._lock.acquire(timeout=timeout)  # a call in another thread finishes first

@@ -86,6 +86,26 @@ def _generate(args) -> None:
         print(line + "]", file=sys.stderr)
 
 
+def _serve(args) -> None:
+    from .serving.server import serve
+
+    _check_positive(tp=args.tp, max_batch_size=args.max_batch_size)
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535] (0: any free port), got {args.port}")
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    serve(
+        args.model,
+        tp=args.tp,
+        max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
+        host=args.host,
+        port=args.port,
+        dtype=dtype,
+        compile=args.compile,
+        max_waiting=args.max_waiting,
+    )
+
+
 def _check_positive(**values) -> None:
     for name, value in values.items():
         if value < 1:
@@ -187,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--num-beams", type=int, default=1, help="beam search (encoder-decoders such as T5)")
     p.set_defaults(run=_generate)
+
+    p = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("model", help="zoo name, HF repo id, or local directory (a causal LM)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (KV-cache rows)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="prompt + completion tokens per request (default: the model's)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (the log says which)")
+    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--compile", action="store_true", help="compile the decode step (seconds at start-up, faster steps)")
+    p.add_argument("--max-waiting", type=int, default=256, help="requests queued beyond the rows; more get 429")
+    p.set_defaults(run=_serve)
 
     p = commands.add_parser("classify", help="label texts (or text pairs) with a sequence classifier such as BERT")
     p.add_argument("model", help="zoo name, HF repo id, or local directory")

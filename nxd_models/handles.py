@@ -36,9 +36,12 @@ class SessionLock:
     def __init__(self):
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._reserved_by: str | None = None
 
     @contextmanager
     def held(self, what: str):
+        if self._reserved_by is not None:
+            raise RuntimeError(f"{what} is held by {self._reserved_by}: close it first, or submit to it")
         if self._owner == threading.get_ident():
             raise RuntimeError(
                 f"{what} is still busy in this thread (an unfinished stream or generation): "
@@ -51,6 +54,17 @@ class SessionLock:
         finally:
             self._owner = None
             self._lock.release()
+
+    @contextmanager
+    def reserved(self, what: str, by: str):
+        """Held for a long-lived owner (a serving engine): other callers get an error naming it
+        at once instead of waiting, perhaps for ever, for it to end."""
+        with self.held(what):
+            self._reserved_by = by
+            try:
+                yield
+            finally:
+                self._reserved_by = None
 
 
 class ParallelHandle:
@@ -82,6 +96,14 @@ class ParallelHandle:
         with ExitStack() as stack:
             for model in models:
                 stack.enter_context(model._session_lock.held(f"model {model.key.owner} ({model.path.name})"))
+            yield
+
+    @contextmanager
+    def reserved(self, by: str):
+        """Hold this model until the block ends for `by` (a serving engine); see SessionLock.reserved."""
+        if self._closed:
+            raise RuntimeError("this model is closed")
+        with self._session_lock.reserved(f"model {self.key.owner} ({self.path.name})", by):
             yield
 
     @property

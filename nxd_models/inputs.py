@@ -8,6 +8,7 @@ id outside the vocabulary would silently act as a zero embedding.
 from __future__ import annotations
 
 import math
+import secrets
 
 import torch
 
@@ -109,3 +110,11 @@ def is_token_ids(value) -> bool:
             return bool(first) and isinstance(first[0], int) and not isinstance(first[0], bool)
         return isinstance(first, int) and not isinstance(first, bool)
     return False
+
+
+def sampling_seed(seed: int | None, do_sample: bool) -> int | None:
+    """The seed every rank's sampler starts from: the caller's, or a fresh one chosen here, once, so
+    that all ranks draw the same tokens."""
+    if seed is None and do_sample:
+        return secrets.randbits(63)
+    return seed

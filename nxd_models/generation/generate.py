@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..inputs import check_generation, check_mask, check_vocabulary, is_token_ids, token_batch
+from ..inputs import check_generation, check_mask, check_vocabulary, is_token_ids, sampling_seed, token_batch
 from .worker import decoding, speculative
 from .worker.sampling import SamplingParams
 
@@ -184,6 +184,7 @@ def steps(
     if compile is None:
         compile = max_new_tokens >= COMPILE_FROM_TOKENS
     params = SamplingParams(do_sample, temperature, top_k, top_p)
+    seed = sampling_seed(seed, do_sample)
     input_ids, attention_mask = encode_prompts(model, prompts, input_ids, attention_mask)
     batch, prompt_len = input_ids.shape
     extra = num_speculative_tokens if draft_model is not None else 0

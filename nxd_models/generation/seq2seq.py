@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing
 
-from ..inputs import check_generation
+from ..inputs import check_generation, sampling_seed
 from .generate import GenerationResult, chunked_steps, encode_prompts, eos_ids, pad_id, result, text_pieces, until_eos
 from .worker import beam
 from .worker import seq2seq as worker_seq2seq
@@ -59,6 +59,7 @@ def steps(
     (by default about a quarter of a second's worth: see generate.ChunkPlanner)."""
     check_generation(max_new_tokens, temperature, top_k, top_p)
     params = SamplingParams(do_sample, temperature, top_k, top_p)
+    seed = sampling_seed(seed, do_sample)
     input_ids, attention_mask = encode_prompts(model, prompts, input_ids, attention_mask)
     _check_sizes(model, input_ids.shape[0], max_new_tokens)
     eos = eos_ids(model, eos_token_id)

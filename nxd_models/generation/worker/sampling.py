@@ -65,10 +65,14 @@ def choose(logits, finished, eos, pad_token_id: int, params: SamplingParams, gen
     return tokens, finished | torch.isin(tokens, eos)
 
 
-def seeded_generator(params: SamplingParams, seed, device) -> torch.Generator | None:
-    """The same generator state on every rank (so every rank samples the same token); None for greedy."""
+def seeded_generator(params: SamplingParams, seed: int | None, device) -> torch.Generator | None:
+    """The same generator state on every rank (so every rank samples the same token); None for greedy.
+    The front end picks the seed when the caller gave none (inputs.sampling_seed): a seed drawn here
+    would differ between ranks, and so would their tokens and KV caches."""
     if not params.do_sample:
         return None
+    if seed is None:
+        raise ValueError("sampling needs a seed that every rank shares: the front end picks one (inputs.sampling_seed)")
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    generator.manual_seed(seed)
     return generator
