@@ -7,6 +7,8 @@ AVX-512 and AMX hosts.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sys
 import warnings
@@ -31,8 +33,23 @@ def build_and_load(name: str, source: Path, cflags: list[str], ldflags: list[str
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     try:
-        load(name=name, sources=[str(source)], is_python_module=False, extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
+        with _build_lock(name):
+            load(name=name, sources=[str(source)], is_python_module=False, extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
     except Exception as error:  # no compiler, no ninja: the fallback still works
         warnings.warn(f"nxd-zoo's {source.name} could not be built ({error}); {fallback}", stacklevel=3)
         return False
     return True
+
+
+@contextlib.contextmanager
+def _build_lock(name: str):
+    """One build of `name` at a time on this machine, by a lock the kernel drops when its holder
+    dies. torch's own lock is a file that a killed build leaves behind, and every later load would
+    wait on it for ever: while we hold ours, no build of ours is running, so such a file is stale."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build_dir = Path(_get_build_directory(name, verbose=False))
+    with open(build_dir.parent / f"{name}.build-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        yield

@@ -49,3 +49,20 @@ def test_compiled_graph_calls_the_kernel():
         compiled, code = run_and_get_code(torch.compile(cpu_kernels.linear, dynamic=False), x, w)
     assert "nxd.bf16_linear" in "\n".join(code)
     torch.testing.assert_close(compiled, cpu_kernels.linear(x, w), rtol=0, atol=0)
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_load():
+    """torch's build lock is a file; a build killed midway left it behind and every later load waited for ever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    stale = Path(_get_build_directory("nxd_bf16_linear", verbose=False)) / "lock"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("")
+    code = "from nxd_core import cpu_kernels; print(cpu_kernels.prepare())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not stale.exists()
