@@ -103,6 +103,7 @@ def _serve(args) -> None:
         dtype=dtype,
         compile=args.compile,
         max_waiting=args.max_waiting,
+        served_name=args.served_model_name,
     )
 
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="compile the decode step (seconds at start-up, faster steps)")
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued beyond the rows; more get 429")
+    p.add_argument("--served-model-name", help="the `model` clients send (default: the directory's name, or MODEL as typed)")
     p.set_defaults(run=_serve)
 
     p = commands.add_parser("classify", help="label texts (or text pairs) with a sequence classifier such as BERT")

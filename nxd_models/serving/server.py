@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -237,6 +238,7 @@ def serve(
     compile: bool = False,
     max_waiting: int = 256,
     drain_seconds: float = 30.0,
+    served_name: str | None = None,
 ) -> None:
     """Load model, serve it until SIGINT/SIGTERM, let the requests in flight finish, close the workers."""
     import uvicorn
@@ -247,7 +249,9 @@ def serve(
     with from_pretrained_parallel(model, tp=tp, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=dtype) as handle:
         engine = Engine(handle, max_waiting=max_waiting, compile=compile)
         try:
-            app = create_app(engine, model)
+            # A directory is served under its name (clients send it as `model`), a zoo or hub name as typed.
+            served_name = served_name or (Path(model).name if Path(model).is_dir() else model)
+            app = create_app(engine, served_name)
             config = uvicorn.Config(
                 app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=drain_seconds, lifespan="off"
             )
@@ -255,7 +259,14 @@ def serve(
             listener = socket.create_server((host, port))  # bound here, so that port 0 (any free port) can be logged
             port = listener.getsockname()[1]
             log.info(
-                "serving %s (tp=%d, %d rows, max_seq_len=%d) on http://%s:%d", model, tp, max_batch_size, handle.max_seq_len, host, port
+                "serving %s as %r (tp=%d, %d rows, max_seq_len=%d) on http://%s:%d",
+                model,
+                served_name,
+                tp,
+                max_batch_size,
+                handle.max_seq_len,
+                host,
+                port,
             )
             # uvicorn drains on SIGINT/SIGTERM, then raises the signal again once it has stopped: as
             # an exception here (not the default handler's sudden exit) so that the workers are closed.
