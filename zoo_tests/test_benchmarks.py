@@ -57,3 +57,9 @@ def test_generate_prints_tp_next_to_tp1(tmp_path):
     out = _run("generate.py", "--layout", "tiny", "--draft-layout", "tiny", "--new-tokens", "8", "--tp", "2", "--workdir", str(tmp_path))
     for row in ("tp=1 ", "tp=2, shared-memory collectives", "tp=2, gloo collectives", "compiled/tp1"):
         assert row in out
+
+
+def test_serve_prints_clients_next_to_generate_and_hf(tmp_path):
+    out = _run("serve.py", "--layout", "tiny", "--clients", "1", "2", "--requests", "4", "--repeats", "1", "--workdir", str(tmp_path))
+    for row in ("HF static batches of 2", "generate, one at a time", "serve, 1 clients", "serve, 2 clients", "x one stream", "ITL p99"):
+        assert row in out
