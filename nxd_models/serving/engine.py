@@ -62,7 +62,7 @@ class Engine:
 
     def __init__(self, model, *, max_waiting: int = 256, prefill_chunk: int = PREFILL_CHUNK, compile: bool = False):
         if not hasattr(model, "max_batch_size") or type(model).__name__ != "ParallelModel":
-            raise TypeError(f"Engine serves causal LMs (from_pretrained_parallel of a Llama-family model), got {type(model).__name__}")
+            raise ValueError(f"Engine serves causal LMs (from_pretrained_parallel of a Llama-family model), got {type(model).__name__}")
         if max_waiting < 0 or prefill_chunk < 1:
             raise ValueError(f"max_waiting must be >= 0 and prefill_chunk >= 1, got {max_waiting} and {prefill_chunk}")
         self.model, self.max_waiting, self.prefill_chunk, self.compile = model, max_waiting, prefill_chunk, compile
