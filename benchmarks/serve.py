@@ -34,9 +34,7 @@ DEMO = Path(__file__).parent.parent / "nxd_models" / "demo_models" / "demo-llama
 
 def make_requests(n: int, vocab: int, seed: int = 0, prompt_range=(16, 200), new_range=(32, 128)) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
-    return [
-        ([1] + [rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range) - 1)], rng.randint(*new_range)) for _ in range(n)
-    ]
+    return [([1] + [rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range) - 1)], rng.randint(*new_range)) for _ in range(n)]
 
 
 def percentile(values: list[float], q: float) -> float:
