@@ -160,6 +160,9 @@ class Group(Protocol):
     @property
     def pids(self) -> list[int]: ...
 
+    def exited_workers(self) -> list[str]:
+        """Which workers have exited, and how (a health check: it changes nothing)."""
+
     def run(self, fn: Callable, *args, **kwargs) -> list:
         """fn(*args, **kwargs) on every rank; the results in rank order."""
         ...
@@ -579,6 +582,9 @@ class LocalGroup:
     @property
     def pids(self) -> list[int]:
         return [os.getpid()]
+
+    def exited_workers(self) -> list[str]:
+        return []  # the ranks are torchrun's processes: this one is running
 
     def close(self) -> None:
         self._closed = True  # the process group belongs to torchrun's script, not to us

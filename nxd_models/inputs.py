@@ -88,10 +88,11 @@ def check_below(tensor: torch.Tensor | None, limit: int, name: str, what: str) -
         raise ValueError(f"{name} must be in [0, {limit}) ({what}), got values from {int(tensor.min())} to {int(tensor.max())}")
 
 
-def check_generation(max_new_tokens, temperature, top_k, top_p) -> None:
-    """Generation arguments, checked whether or not sampling is on (a bad value is a mistake either way)."""
+def check_generation(max_new_tokens, temperature, top_k, top_p, tokens_name: str = "max_new_tokens") -> None:
+    """Generation arguments, checked whether or not sampling is on (a bad value is a mistake either way).
+    tokens_name: what the caller calls max_new_tokens (the OpenAI API's max_tokens)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise ValueError(f"{tokens_name} must be an integer >= 1, got {max_new_tokens!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):

@@ -26,10 +26,9 @@ from collections import deque
 
 import torch
 
-from nxd_core.workers import WorkerGroup
-
 from ..generation.generate import eos_ids
 from ..generation.worker import continuous
+from ..handles import ParallelModel
 from ..inputs import check_vocabulary, sampling_seed
 from .requests import Request, SamplingOptions
 
@@ -61,7 +60,7 @@ class Engine:
     model.max_batch_size requests decode together, max_waiting more wait for a free row."""
 
     def __init__(self, model, *, max_waiting: int = 256, prefill_chunk: int = PREFILL_CHUNK, compile: bool = False):
-        if not hasattr(model, "max_batch_size") or type(model).__name__ != "ParallelModel":
+        if not isinstance(model, ParallelModel):
             raise ValueError(f"Engine serves causal LMs (from_pretrained_parallel of a Llama-family model), got {type(model).__name__}")
         if max_waiting < 0 or prefill_chunk < 1:
             raise ValueError(f"max_waiting must be >= 0 and prefill_chunk >= 1, got {max_waiting} and {prefill_chunk}")
@@ -180,11 +179,10 @@ class Engine:
             raise EngineClosed("the engine is shutting down")
 
     def _group_problem(self) -> str | None:
-        group = self.model.group
-        dead = group.exited_workers() if isinstance(group, WorkerGroup) else []
+        dead = self.model.group.exited_workers()
         if dead:
             return "; ".join(dead)
-        return "the worker group is closed" if group.closed else None
+        return "the worker group is closed" if self.model.group.closed else None
 
     # -- the scheduler thread ------------------------------------------------------------------
 

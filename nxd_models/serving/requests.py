@@ -4,12 +4,12 @@ and the outputs its caller iterates (from a thread, or from an asyncio event loo
 from __future__ import annotations
 
 import asyncio
-import math
 import queue
 import time
 from dataclasses import dataclass
 
 from ..generation.worker.sampling import SamplingParams
+from ..inputs import check_generation
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
@@ -30,15 +30,13 @@ class SamplingOptions:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+        if not isinstance(self.temperature, int | float) or isinstance(self.temperature, bool) or self.temperature < 0:
             raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 (or None for no limit), got {self.top_k!r}")
-        if self.seed is not None and not _is_int(self.seed):
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: no limit), got {self.top_p!r}")
+        # generate's checks of the rest, temperature 0 (greedy) allowed above
+        check_generation(self.max_tokens, self.temperature or 1.0, self.top_k, None, tokens_name="max_tokens")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {list(self.stop)!r}")
@@ -51,14 +49,6 @@ class SamplingOptions:
         if self.greedy:
             return SamplingParams()
         return SamplingParams(True, float(self.temperature), self.top_k, self.top_p if self.top_p < 1 else None)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
