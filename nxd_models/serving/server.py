@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .engine import Engine, EngineClosed, EngineDead, EngineFull
+from .engine import Engine, EngineClosed, EngineDead, EngineError, EngineFull
 from .protocol import ChatRequest, CompletionRequest
 
 log = logging.getLogger("nxd.serve")
@@ -96,21 +96,25 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             for i, prompt in enumerate(prompts):
                 suffix = f"-{i}" if len(prompts) > 1 else ""
                 requests.append(engine.submit(prompt, request_id=response_id + suffix, loop=loop, **body.options(max_tokens)))
-        except ValueError as exc:
+        except (ValueError, EngineError) as exc:  # the prompts taken so far are cancelled: all or nothing
             _cancel(requests)
-            return error(400, str(exc))
-        except EngineFull as exc:
-            _cancel(requests)
-            return error(429, str(exc), "rate_limit_error")
-        except (EngineClosed, EngineDead) as exc:
-            _cancel(requests)
-            return error(503, str(exc), "service_unavailable")
+            status, kind = next(refusal for cls, refusal in _REFUSED.items() if isinstance(exc, cls))
+            return error(status, str(exc), kind)
         shape = _Shape(response_id, model_name, chat)
         if body.stream:
             return StreamingResponse(_events(requests, shape), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await _whole(requests, shape, http)
 
     return app
+
+
+# Why submit refused a request -> its HTTP status and OpenAI error type.
+_REFUSED = {
+    ValueError: (400, "invalid_request_error"),
+    EngineFull: (429, "rate_limit_error"),
+    EngineClosed: (503, "service_unavailable"),
+    EngineDead: (503, "service_unavailable"),
+}
 
 
 def _cancel(requests) -> None:
