@@ -320,9 +320,9 @@ class WorkerGroup:
             # The call itself is pickled inside: a worker reads the request id first and beats while
             # it unpickles the call (which may import modules for seconds on a loaded machine).
             messages = [pickle.dumps((CALL, call.request, cloudpickle.dumps((fn, tuple(args), kwargs or {})))) for args in args_per_rank]
-            with _interrupts_deferred():
-                self._send_all(messages, call)
             try:
+                with _interrupts_deferred():  # an interrupt held here is raised once every rank has the call
+                    self._send_all(messages, call)
                 return self._collect(call)
             except KeyboardInterrupt:
                 self._drain(call)
@@ -380,27 +380,12 @@ class WorkerGroup:
         last_look = time.monotonic()
         while call.pending:
             by_conn = {self._conns[r]: r for r in call.pending}
-            for conn in wait(list(by_conn), timeout=0.25):
-                rank = by_conn[conn]
-                try:
-                    message = pickle.loads(conn.recv_bytes())
-                except (EOFError, OSError):
-                    try:  # the connection closes a moment before the exit code lands
-                        self._procs[rank].wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        pass
-                    self._raise_if_dead(call.what)
-                    raise
-                call.heard[rank] = time.monotonic()
-                if message[0] == BEAT or message[1] != call.request:
-                    continue  # a heartbeat, or a late reply of an abandoned call
-                _, _, status, payload = message
-                call.pending.discard(rank)
-                if status == "ok":
-                    call.results[rank] = payload
-                elif call.first_error is None:
-                    call.first_error = (rank, _rebuild_exception(rank, payload))
-                    call.error_deadline = time.monotonic() + self.error_grace
+            ready = wait(list(by_conn), timeout=0.25)  # an interrupt lands here, or after the block below
+            # A reply read but not yet recorded would be lost (the call would wait for it until the
+            # heartbeat limit), and a message half read would desynchronise the connection.
+            with _interrupts_deferred():
+                for conn in ready:
+                    self._receive(by_conn[conn], conn, call)
             if not call.pending:
                 break
             self._raise_if_dead(call.what)
@@ -421,6 +406,28 @@ class WorkerGroup:
         if call.first_error:
             raise call.first_error[1]
         return [call.results[r] for r in sorted(call.results)]
+
+    def _receive(self, rank: int, conn: Connection, call: _Call) -> None:
+        """Read one message from a rank and record it in the call."""
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            try:  # the connection closes a moment before the exit code lands
+                self._procs[rank].wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            self._raise_if_dead(call.what)
+            raise
+        call.heard[rank] = time.monotonic()
+        if message[0] == BEAT or message[1] != call.request:
+            return  # a heartbeat, or a late reply of an abandoned call
+        _, _, status, payload = message
+        call.pending.discard(rank)
+        if status == "ok":
+            call.results[rank] = payload
+        elif call.first_error is None:
+            call.first_error = (rank, _rebuild_exception(rank, payload))
+            call.error_deadline = time.monotonic() + self.error_grace
 
     def _raise_if_silent(self, call: _Call, now: float) -> None:
         silent = [r for r in sorted(call.pending) if now - call.heard[r] > self.heartbeat_timeout]

@@ -1,10 +1,13 @@
 """The persistent worker group: runs, propagates errors, detects dead workers, leaves nothing behind."""
 
+import _thread
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,3 +159,34 @@ def test_same_code_runs_under_torchrun(tmp_path):
         assert report["local_group"] and report["tp"] == 2 and report["tp_rank"] == report["rank"]
         assert report["collectives"] == "shm"  # torchrun's ranks on one node: shared memory
         assert report["error"] < 1e-5
+
+
+def _megabytes(n: int) -> bytes:
+    return bytes(n << 20)
+
+
+def test_an_interrupt_at_any_moment_of_a_call_leaves_the_group_answering():
+    """Ctrl-C may land while a reply is half read or read but not yet recorded: neither may lose it.
+
+    (A lost reply left the interrupted call waiting for a rank that had already answered, until
+    the heartbeat limit shut the group down.)
+    """
+    rng = random.Random(0)
+    with WorkerGroup(2, heartbeat_timeout=5) as group:
+        answered = 0
+        for _ in range(80):
+            timer = threading.Timer(rng.uniform(0.0, 0.04), _thread.interrupt_main)
+            result = None
+            try:
+                timer.start()
+                try:
+                    result = group.run(_megabytes, 4)
+                finally:
+                    timer.join()  # the interrupt lands in this try, never in the checks below
+            except KeyboardInterrupt:
+                pass
+            if result is not None:  # the call finished before the interrupt
+                assert result == [bytes(4 << 20)] * 2
+                answered += 1
+            assert group.run(os.getpid) == group.pids
+        assert 0 < answered < 80, answered  # some calls were interrupted, at different moments
