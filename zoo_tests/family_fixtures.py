@@ -143,9 +143,74 @@ def save_tiny(directory: Path, kind: str, seed: int = 0, **overrides):
     """Save a random tiny model of this kind (several safetensors files with an index); return the HF model."""
     torch.manual_seed(seed)
     model = CONFIGS[kind][0](tiny_config(kind, **overrides)).eval()
+    with torch.no_grad():  # HF starts biases at 0 and norms at 1: random ones show their sharding and names matter
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.2)
+            elif "norm" in name:
+                param.normal_(1.0, 0.2)
     model.save_pretrained(directory, max_shard_size="60KB")
     return model
 
 
 def save_tiny_draft(directory: Path, kind: str):
     return save_tiny(directory, kind, seed=1, **DRAFTS[kind])
+
+
+# -- checks both test files run on every family ------------------------------------------------
+
+TOL = 1e-4
+
+
+def ids_for(vocab: int, batch: int = 2, seq: int = 11, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of 12 and 8 tokens (longer than the fixtures' windows), the second left padded."""
+    ids = ids_for(vocab, batch=2, seq=12, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def assert_logits_match(model, reference) -> None:
+    """Plain and left-padded forwards equal Hugging Face's within TOL."""
+    ids = ids_for(reference.config.vocab_size)
+    padded, mask = left_padded(reference.config.vocab_size)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        expected_padded = reference(padded, attention_mask=mask).logits
+    logits = model(ids)
+    assert logits.shape == expected.shape
+    assert (logits - expected).abs().max().item() < TOL
+    real = mask.bool()
+    assert (model(padded, attention_mask=mask)[real] - expected_padded[real]).abs().max().item() < TOL
+
+
+def assert_cached_decoding_matches(model, reference, prefill: int = 4) -> None:
+    """Prefill `prefill` tokens into the KV cache, then decode one token at a time: the logits equal
+    Hugging Face's full forward (left padding included)."""
+    ids, mask = left_padded(reference.config.vocab_size)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+    steps = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], cache_position=torch.arange(prefill))]
+    for t in range(prefill, ids.shape[1]):
+        steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache_position=torch.tensor([t])))
+    real = mask.bool()
+    assert (torch.cat(steps, dim=1)[real] - expected[real]).abs().max().item() < TOL
+
+
+def assert_generation_matches(target, draft, reference, max_new_tokens: int = 16) -> None:
+    """Greedy tokens equal Hugging Face generate's; speculative greedy with a same-family draft equals greedy."""
+    ids, mask = left_padded(reference.config.vocab_size)
+    with torch.no_grad():
+        hf = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    expected = hf[:, ids.shape[1] :]
+    greedy = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens)
+    got = torch.tensor([row + [0] * (expected.shape[1] - len(row)) for row in greedy.tokens])
+    assert torch.equal(got, expected)
+    assert all(len(set(row)) > 3 for row in greedy.tokens), "outputs must vary for the comparison to mean something"
+    spec = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, draft_model=draft, num_speculative_tokens=3)
+    assert spec.tokens == greedy.tokens
+    assert sum(spec.stats["accepted_histogram"]) > 0
