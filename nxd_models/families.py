@@ -77,7 +77,7 @@ def lookup(model_type: str, where: str = "the checkpoint") -> Family:
         if model_type in family.MODEL_TYPES:
             return family
     raise ValueError(
-        f"{where} is a '{model_type}' model; from_pretrained_parallel supports the families "
+        f"{where} is a '{model_type}' model; from_pretrained_parallel supports the model types "
         f"{sorted(FAMILY_MODULES)} (zoo names: {', '.join(list_models())})"
     )
 

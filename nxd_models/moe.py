@@ -68,16 +68,24 @@ class ParallelSparseMoeBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return (weights if self.fp32_weights else weights.to(logits.dtype)), chosen
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, chosen = self.route(x)
+    # Which experts run depends on the data: compiled decoding runs this part eagerly (traced, each
+    # new choice of experts would recompile the step) and compiles the rest of the layer.
+    @torch.compiler.disable
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum of the chosen experts' weighted outputs, running only the experts some
+        token chose, each over the tokens that chose it."""
         out = torch.zeros_like(x)
-        # Only the experts some token chose, each over the tokens that chose it.
         for expert in torch.unique(chosen).tolist():
             token, slot = torch.where(chosen == expert)
             partial = self.experts[expert](x[token]) * weights[token, slot, None]
             out.index_add_(0, token, partial.to(out.dtype))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = self.route(x)
+        out = self.dispatch(x, weights, chosen)
         if self.tp > 1:
             out = reduce_from_tensor_model_parallel_region(out)  # one all-reduce for all experts
         return out.view(shape)
