@@ -6,7 +6,7 @@
 
 Writes random weights in the layout, then measures, each in a fresh state and
 counting the time to touch every weight once (Hugging Face maps safetensors lazily):
-  1. HF LlamaForCausalLM.from_pretrained in a child process (time, peak RSS);
+  1. HF AutoModelForCausalLM.from_pretrained in a child process (time, peak RSS);
   2. from_pretrained_parallel from the HF directory (worker start-up, load, peak RSS of every worker);
   3. `nxd convert` to a sharded checkpoint, then from_pretrained_parallel from it.
 """
@@ -33,10 +33,10 @@ HF_CHILD = """
 import json, sys, time, torch
 sys.path.insert(0, {bench!r})
 from random_checkpoint import peak_rss_bytes, rss_bytes
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 baseline = rss_bytes()
 start = time.perf_counter()
-model = LlamaForCausalLM.from_pretrained({source!r}, dtype=torch.bfloat16)
+model = AutoModelForCausalLM.from_pretrained({source!r}, dtype=torch.bfloat16)
 touched = sum(float(p.float().sum()) for p in model.parameters())  # weights may be mapped lazily: read them
 print(json.dumps({{"seconds": time.perf_counter() - start, "baseline": baseline, "peak": peak_rss_bytes()}}))
 """

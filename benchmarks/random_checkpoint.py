@@ -1,8 +1,10 @@
-"""Random weights in a Llama layout, written as a Hugging Face safetensors directory, streamed.
+"""Random weights in a Llama (or mixture-of-experts) layout, written as a Hugging Face safetensors
+directory, streamed.
 
-Names and shapes come from Hugging Face's own LlamaForCausalLM built on the
-meta device; tensors are drawn and written one at a time, so a 13.5 GB
-checkpoint never sits in memory.
+Names and shapes are the checkpoint's, from the family's parallel model built at tp=1 on the meta
+device (for a MoE layout: one tensor per expert, as hub checkpoints store them; tied names are
+not stored); tensors are drawn and written one at a time, so a 13.5 GB checkpoint never sits in
+memory. A layout's "model_type" picks the family (default llama).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig
 
 from nxd_core.safetensors_stream import SafetensorsWriter, nbytes
+from nxd_models.convert import family_specs
 
 LAYOUTS = {
     # Llama-2-7B: hidden 4096, 32 layers, 32 heads, vocab 32000 (~13.5 GB in bf16)
@@ -75,17 +78,53 @@ LAYOUTS = {
         vocab_size=1000,
         max_position_embeddings=256,
     ),
+    # OLMoE-1B-7B's shape as a Qwen3-MoE checkpoint: 64 experts of width 1024, top 8, 16 layers
+    # (6.9B parameters, ~12.9 GiB bf16; 1.3B active per token). tp=8: ~1.6 GiB per rank.
+    "moe-7b": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=8192,
+        moe_intermediate_size=1024,
+        num_experts=64,
+        num_experts_per_tok=8,
+        norm_topk_prob=False,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=128,
+        vocab_size=50304,
+        max_position_embeddings=4096,
+    ),
+    "moe-tiny": dict(
+        model_type="qwen3_moe",
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=1000,
+        max_position_embeddings=256,
+    ),
 }
+
+
+def layout_config(layout: str, dtype=torch.bfloat16):
+    fields = dict(LAYOUTS[layout])
+    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields, dtype=str(dtype).removeprefix("torch."))
 
 
 def write_random_llama(directory, layout: str, dtype=torch.bfloat16, max_file_bytes: int = 5 << 30, seed: int = 0) -> int:
     """Write config.json and HF-style shards (with an index); return the bytes of weights written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**LAYOUTS[layout], dtype=str(dtype).removeprefix("torch."))
+    config = layout_config(layout, dtype)
     config.save_pretrained(directory)
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    specs, _ = family_specs(config)
+    shapes = {name: tuple(t.shape) for name, t in _meta_state(config).items() if name in specs}
     files, current, size = [], [], 0
     for name, shape in shapes.items():
         tensor_bytes = nbytes(dtype, shape)
@@ -108,6 +147,13 @@ def write_random_llama(directory, layout: str, dtype=torch.bfloat16, max_file_by
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return total
+
+
+def _meta_state(config) -> dict:
+    """The full (tp=1) shapes: family_specs names what a checkpoint stores, this model their shapes."""
+    from nxd_models.families import lookup
+
+    return lookup(config.model_type).build(config, dtype=torch.float32, device="meta").state_dict()
 
 
 def evict_from_page_cache(directory) -> None:

@@ -150,7 +150,9 @@ class RowParallelLinear(nn.Module):
 
     Each rank multiplies its slice of X and the partial results are summed
     (all-reduce); the bias is replicated and added once, after the sum.
-    input_is_parallel=False scatters a full X first.
+    input_is_parallel=False scatters a full X first. reduce_output=False (NxD's flag) returns this
+    rank's partial sum unreduced, for a caller that sums several layers' outputs with one all-reduce
+    (the experts of a mixture-of-experts layer); it takes no bias.
     """
 
     def __init__(
@@ -165,11 +167,15 @@ class RowParallelLinear(nn.Module):
         pad: bool = False,
         max_parts: int | None = None,
         unit: int = 1,
+        reduce_output: bool = True,
     ):
         super().__init__()
+        if bias and not reduce_output:
+            raise ValueError("RowParallelLinear: reduce_output=False takes no bias (it would be added once per rank)")
         self.register_state_dict_post_hook(tag_sharded_state)
         self.input_size, self.output_size = input_size, output_size
         self.input_is_parallel = input_is_parallel
+        self.reduce_output = reduce_output
         tp = ps.get_tensor_model_parallel_size()
         self.spec = _spec("RowParallelLinear", "input_size", dim=1, full_size=input_size, tp=tp, max_parts=max_parts, unit=unit, pad=pad)
         weight_init, bias_init = _linear_inits(init_method, input_size)
@@ -183,6 +189,8 @@ class RowParallelLinear(nn.Module):
             if self.spec.is_padded:
                 x = F.pad(x, (0, self.spec.padded_size - self.input_size))
             x = scatter_to_tensor_model_parallel_region(x)
+        if not self.reduce_output:
+            return linear(x, self.weight)
         y = reduce_from_tensor_model_parallel_region(linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 

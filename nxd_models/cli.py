@@ -158,7 +158,7 @@ def _list(args) -> None:
     width = max(len(name) for name in MODELS)
     for name in sorted(MODELS):
         entry = MODELS[name]
-        print(f"{name:{width}s} {entry.family:6s} {entry.repo_id or '(bundled)':44s} {entry.description}")
+        print(f"{name:{width}s} {entry.family:9s} {entry.repo_id or '(bundled)':44s} {entry.description}")
 
 
 def build_parser() -> argparse.ArgumentParser:

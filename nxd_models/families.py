@@ -1,7 +1,7 @@
 """The model-family contract, family lookup by config.json's model_type, and building a family's
 model for a checkpoint.
 
-A family is a module (llama.py, bert.py, t5.py) that provides every member of `Family`; the
+A family is a module (llama.py, bert.py, t5.py, qwen.py, mistral.py, moe.py) that provides every member of `Family`; the
 optional parts have explicit defaults in each module, so callers never probe with hasattr.
 Both sides use it: the front end checks a config before any process starts, the workers build
 their shards.
@@ -20,7 +20,29 @@ from torch import nn
 from .registry import list_models
 
 # config.json's model_type -> the module that holds the family's parallel architecture.
-FAMILY_MODULES = {"llama": "nxd_models.llama", "bert": "nxd_models.bert", "t5": "nxd_models.t5"}
+FAMILY_MODULES = {
+    "llama": "nxd_models.llama",
+    "bert": "nxd_models.bert",
+    "t5": "nxd_models.t5",
+    "qwen2": "nxd_models.qwen",
+    "qwen3": "nxd_models.qwen",
+    "mistral": "nxd_models.mistral",
+    "mixtral": "nxd_models.moe",
+    "qwen3_moe": "nxd_models.moe",
+}
+
+# Relatives of the supported families that need more than they have: model_type -> what is missing.
+NOT_SUPPORTED = {
+    "qwen2_vl": "Qwen2-VL's vision encoder and multimodal rotary positions (M-RoPE)",
+    "qwen2_5_vl": "Qwen2.5-VL's vision encoder and multimodal rotary positions (M-RoPE)",
+    "qwen3_vl": "Qwen3-VL's vision encoder and interleaved multimodal rotary positions",
+    "qwen3_vl_moe": "Qwen3-VL's vision encoder and interleaved multimodal rotary positions",
+    "qwen2_moe": "Qwen2-MoE's shared expert and its sigmoid gate",
+    "qwen2_audio": "Qwen2-Audio's audio encoder",
+    "qwen3_next": "Qwen3-Next's gated linear attention (Gated DeltaNet) layers and shared expert",
+    "mistral3": "Mistral 3's vision encoder and multimodal projector",
+    "pixtral": "Pixtral's vision encoder",
+}
 
 
 class Family(Protocol):
@@ -45,12 +67,17 @@ class Family(Protocol):
 
 def lookup(model_type: str, where: str = "the checkpoint") -> Family:
     """The family module for a config's model_type, or a clear error for other architectures."""
-    for module in FAMILY_MODULES.values():
+    if model_type in NOT_SUPPORTED:
+        raise ValueError(
+            f"{where} is a '{model_type}' model, which from_pretrained_parallel does not support yet: it needs "
+            f"{NOT_SUPPORTED[model_type]}. Supported model types: {sorted(FAMILY_MODULES)}"
+        )
+    for module in dict.fromkeys(FAMILY_MODULES.values()):
         family = importlib.import_module(module)
         if model_type in family.MODEL_TYPES:
             return family
     raise ValueError(
-        f"{where} is a '{model_type}' model; from_pretrained_parallel supports the families "
+        f"{where} is a '{model_type}' model; from_pretrained_parallel supports the model types "
         f"{sorted(FAMILY_MODULES)} (zoo names: {', '.join(list_models())})"
     )
 

@@ -18,6 +18,8 @@ expressed by `attention_mask` over the slots, Hugging Face style.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +58,51 @@ def valid_tp_values(config) -> list[int]:
     return [tp for tp in ps.divisors(heads) if kv_heads % tp == 0 or tp % kv_heads == 0]
 
 
-def check_tp(config, tp: int) -> None:
+def check_tp(config, tp: int, family: str = "Llama") -> None:
     valid = valid_tp_values(config)
     if tp not in valid:
         raise ValueError(
-            f"tp={tp} cannot shard this Llama config ({config.num_attention_heads} attention heads, "
-            f"{config.num_key_value_heads} KV heads): valid tp values are {valid}"
+            f"tp={tp} cannot shard this {family} config ({config.num_attention_heads} attention heads, "
+            f"{config.num_key_value_heads} KV heads): valid tp values are {valid} (tp must divide the attention "
+            "heads, and divide the KV heads or be a multiple of them; MLP widths and the vocabulary are padded)"
         )
+
+
+def sliding_windows(config, by_layer_types: bool) -> tuple[int | None, ...]:
+    """Each layer's sliding attention window (None: full attention), as Hugging Face reads the config:
+    by_layer_types (Qwen2/3), `layer_types` names the sliding layers; otherwise (Mistral, Mixtral,
+    Qwen3-MoE) every layer slides when `sliding_window` is set."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) if by_layer_types else None
+    if window is None:
+        return (None,) * config.num_hidden_layers
+    if layer_types is None:
+        return (window,) * config.num_hidden_layers
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types[: config.num_hidden_layers])
+
+
+def dense_mlp(config, layer_idx: int, dtype, device) -> tuple[str, nn.Module]:
+    return "mlp", ParallelLlamaMLP(config, dtype, device)
+
+
+@dataclass(frozen=True)
+class DecoderArch:
+    """What a Llama-like decoder family changes in the layers (the defaults are Llama's)."""
+
+    qkv_bias: bool = False  # biases on q/k/v (sharded like their weights): Qwen2 always, Llama's attention_bias
+    o_bias: bool = False  # a bias on o_proj (replicated, added after the all-reduce)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, after the projection and before RoPE
+    windows: tuple[int | None, ...] = ()  # per layer: the sliding window (None or empty: full attention)
+    # (config, layer_idx, dtype, device) -> (attribute name, the layer's MLP): dense or a mixture of experts
+    mlp: Callable = field(default=dense_mlp)
+
+    def window(self, layer_idx: int) -> int | None:
+        return self.windows[layer_idx] if self.windows else None
+
+
+def llama_arch(config) -> DecoderArch:
+    bias = getattr(config, "attention_bias", False)
+    return DecoderArch(qkv_bias=bias, o_bias=bias)
 
 
 # Decoding and speculative verification attend with a few queries over the whole cache. There plain
@@ -84,22 +124,27 @@ def few_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
 
 
 class ParallelLlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype, device):
+    def __init__(self, config, layer_idx: int, dtype, device, arch: DecoderArch | None = None):
         super().__init__()
+        arch = arch or llama_arch(config)
         tp = ps.get_tensor_model_parallel_size()
         check_tp(config, tp)
         hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.layer_idx = layer_idx
         self.head_dim = _head_dim(config)
         self.scaling = self.head_dim**-0.5
-        bias = getattr(config, "attention_bias", False)
+        self.sliding_window = arch.window(layer_idx)  # the model builds the matching mask
+        bias = arch.qkv_bias
         common = dict(gather_output=False, dtype=dtype, device=device, unit=self.head_dim)
         self.q_proj = ColumnParallelLinear(hidden, heads * self.head_dim, bias=bias, **common)
         self.k_proj = ColumnParallelLinear(hidden, kv_heads * self.head_dim, bias=bias, max_parts=kv_heads, **common)
         self.v_proj = ColumnParallelLinear(hidden, kv_heads * self.head_dim, bias=bias, max_parts=kv_heads, **common)
         self.o_proj = RowParallelLinear(
-            heads * self.head_dim, hidden, bias=bias, input_is_parallel=True, dtype=dtype, device=device, unit=self.head_dim
+            heads * self.head_dim, hidden, bias=arch.o_bias, input_is_parallel=True, dtype=dtype, device=device, unit=self.head_dim
         )
+        # Within one head: replicated, the same weights for every head on every rank.
+        self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps).to(dtype) if arch.qk_norm else None
+        self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps).to(dtype) if arch.qk_norm else None
         self.local_kv_heads = self.k_proj.spec.shard_size // self.head_dim
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
@@ -112,8 +157,11 @@ class ParallelLlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache_position=None, first_row: int = 0):
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache_position is not None:
@@ -135,52 +183,73 @@ class ParallelLlamaAttention(nn.Module):
 
 
 class ParallelLlamaMLP(nn.Module):
-    def __init__(self, config, dtype, device):
+    """SwiGLU: gate and up column parallel, down row parallel (widths tp does not divide are padded).
+
+    A mixture-of-experts layer builds its experts from it: their own width, the checkpoint's names
+    (Mixtral's w1/w3/w2) and reduce_output=False, so the layer sums all experts with one all-reduce."""
+
+    NAMES = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, config, dtype, device, intermediate_size=None, names=NAMES, reduce_output: bool = True):
         super().__init__()
-        hidden, inner = config.hidden_size, config.intermediate_size
+        hidden, inner = config.hidden_size, intermediate_size or config.intermediate_size
         bias = getattr(config, "mlp_bias", False)
         column = dict(bias=bias, gather_output=False, dtype=dtype, device=device, pad=True)
-        self.gate_proj = ColumnParallelLinear(hidden, inner, **column)
-        self.up_proj = ColumnParallelLinear(hidden, inner, **column)
-        self.down_proj = RowParallelLinear(inner, hidden, bias=bias, input_is_parallel=True, dtype=dtype, device=device, pad=True)
+        self.names = names
+        gate, up, down = names
+        setattr(self, gate, ColumnParallelLinear(hidden, inner, **column))
+        setattr(self, up, ColumnParallelLinear(hidden, inner, **column))
+        down_proj = RowParallelLinear(
+            inner, hidden, bias=bias, input_is_parallel=True, dtype=dtype, device=device, pad=True, reduce_output=reduce_output
+        )
+        setattr(self, down, down_proj)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = (getattr(self, name) for name in self.names)
+        return down(self.act_fn(gate(x)) * up(x))
 
 
 class ParallelLlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype, device):
+    def __init__(self, config, layer_idx: int, dtype, device, arch: DecoderArch | None = None):
         super().__init__()
-        self.self_attn = ParallelLlamaAttention(config, layer_idx, dtype, device)
-        self.mlp = ParallelLlamaMLP(config, dtype, device)
+        arch = arch or llama_arch(config)
+        self.self_attn = ParallelLlamaAttention(config, layer_idx, dtype, device, arch)
+        # Under the checkpoint's name: "mlp", or Mixtral's "block_sparse_moe".
+        self.mlp_name, mlp = arch.mlp(config, layer_idx, dtype, device)
+        setattr(self, self.mlp_name, mlp)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
 
     def forward(self, x, cos, sin, mask, cache_position=None, first_row: int = 0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_position, first_row)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
 
 class ParallelLlamaModel(nn.Module):
-    def __init__(self, config, dtype, device):
+    def __init__(self, config, dtype, device, arch: DecoderArch | None = None):
         super().__init__()
+        arch = arch or llama_arch(config)
         self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device, pad=True)
-        self.layers = nn.ModuleList(ParallelLlamaDecoderLayer(config, i, dtype, device) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(ParallelLlamaDecoderLayer(config, i, dtype, device, arch) for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
         self.rotary_emb = LlamaRotaryEmbedding(config)
 
 
-def attention_mask_for(attention_mask, query_slots, num_slots: int, batch: int) -> torch.Tensor:
+def attention_mask_for(attention_mask, query_slots, num_slots: int, batch: int, window: int | None = None) -> torch.Tensor:
     """Boolean [batch, 1, queries, slots]: causal over slots, padding masked, and each query sees itself
     (so a left-padding query never has an empty row, which would turn into NaN).
 
     query_slots is [queries] (shared by the batch) or [batch, queries] (a slot per row and query).
+    window (sliding-window attention): a query sees only the `window` slots up to its own, Hugging
+    Face's `kv_idx > q_idx - sliding_window` over cache slots, in prefill and in decoding alike.
     """
     if query_slots.dim() == 1:
         query_slots = query_slots[None].expand(batch, -1)
     key_slots = torch.arange(num_slots, device=query_slots.device)
     mask = key_slots[None, None, :] <= query_slots[:, :, None]
+    if window is not None:
+        mask = mask & (key_slots[None, None, :] > query_slots[:, :, None] - window)
     if attention_mask is not None:
         valid = attention_mask.to(torch.bool)
         if valid.shape[1] < num_slots:
@@ -191,10 +260,12 @@ def attention_mask_for(attention_mask, query_slots, num_slots: int, batch: int) 
 
 
 class ParallelLlamaForCausalLM(nn.Module):
-    def __init__(self, config, dtype: torch.dtype = torch.float32, device=None):
+    """The causal LM of Llama and of the families built on its layers (Qwen2/3, Mistral, MoE), by arch."""
+
+    def __init__(self, config, dtype: torch.dtype = torch.float32, device=None, arch: DecoderArch | None = None):
         super().__init__()
         self.config = config
-        self.model = ParallelLlamaModel(config, dtype, device)
+        self.model = ParallelLlamaModel(config, dtype, device, arch)
         self.lm_head = ColumnParallelLinear(
             config.hidden_size, config.vocab_size, bias=False, gather_output=True, dtype=dtype, device=device, pad=True
         )
@@ -247,11 +318,16 @@ class ParallelLlamaForCausalLM(nn.Module):
                 position_ids = positions.gather(1, rows_slots.clamp(max=positions.shape[1] - 1))
             else:
                 position_ids = rows_slots
-        mask = attention_mask_for(attention_mask, query_slots, num_slots, batch)
+        # One mask per distinct window (full attention: None), shared by the layers that use it.
+        masks = {}
+        for layer in self.model.layers:
+            window = layer.self_attn.sliding_window
+            if window not in masks:
+                masks[window] = attention_mask_for(attention_mask, query_slots, num_slots, batch, window)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(x, position_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache_position, first_row)
+            x = layer(x, cos, sin, masks[layer.self_attn.sliding_window], cache_position, first_row)
         if last_only:
             x = x[:, -1:]  # generation needs the next token only: skip the vocabulary projection elsewhere
         return self.lm_head(self.model.norm(x))

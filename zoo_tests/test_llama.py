@@ -191,7 +191,10 @@ def test_checkpoint_of_another_architecture(tmp_path, no_new_processes):
     from transformers import GPT2Config, GPT2Model
 
     GPT2Model(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"is a 'gpt2' model; from_pretrained_parallel supports the families \['bert', 'llama', 't5'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"is a 'gpt2' model; from_pretrained_parallel supports the model types \['bert', 'llama', 'mistral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe', 't5'\]",
+    ):
         from_pretrained_parallel(tmp_path, tp=2)
 
 
