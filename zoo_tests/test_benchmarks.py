@@ -38,6 +38,18 @@ def test_generate_prints_the_comparison_table(tmp_path):
         assert row in out
 
 
+def test_generate_runs_a_moe_layout_with_its_roofline_counting_only_chosen_experts(tmp_path):
+    out = _run("generate.py", "--layout", "moe-tiny", "--new-tokens", "8", "--workdir", str(tmp_path))
+    for row in ("HF generate (eager)", "ours, eager", "ours, compiled", "roofline", "no speculative rows"):
+        assert row in out
+    sys.path.insert(0, str(BENCHMARKS))
+    from random_checkpoint import decode_bytes_per_token
+
+    # moe-tiny: 2 sparse layers, 8 experts of 3 x 128 x 64 bf16 weights, 2 chosen per token
+    assert decode_bytes_per_token("moe-tiny", 10**7) == 10**7 - 2 * (8 - 2) * 3 * 128 * 64 * 2
+    assert decode_bytes_per_token("tiny", 10**7) == 10**7
+
+
 def test_generate_demo_pair_prints_speculative_speedup():
     out = _run("generate.py", "--demo", "--tp", "2", "--new-tokens", "16")
     for row in ("target only", "speculative", "speedup", "eager", "compiled", "class Reader:"):
