@@ -1,6 +1,7 @@
 """Weight-only int8: quantized layers equal their dequantized reference, models equal Hugging Face on
 the dequantized weights, and convert -> reshard -> consolidate keep the int8 weights and scales exactly."""
 
+import functools
 import shutil
 
 import pytest
@@ -9,9 +10,11 @@ import torch.nn.functional as F
 from family_fixtures import save_tiny
 from llama_fixtures import save_tiny_llama
 from safetensors.torch import load_file, save_file
+from test_trace import ContextThenTokens, greedy, llama_get_model
 from transformers import AutoModelForCausalLM
 
 from nxd_core import parallel_state as ps
+from nxd_core.bucketing import BucketModelConfig
 from nxd_core.checkpoint import consolidate, open_full_checkpoint, reshard
 from nxd_core.layers import ColumnParallelLinear, RowParallelLinear
 from nxd_core.quantization import (
@@ -23,6 +26,7 @@ from nxd_core.quantization import (
     quantized_sources,
     saved_quantized_layers,
 )
+from nxd_core.trace import parallel_model_trace
 from nxd_models import from_pretrained_parallel
 from nxd_models.cli import main
 from nxd_models.families import lookup
@@ -180,3 +184,28 @@ def test_bad_quantize_values_are_refused(models, tmp_path):
         from_pretrained_parallel(path, tp=2, quantize="int3")
     with pytest.raises(SystemExit):
         main(["convert", str(path), "--tp", "2", "--out", str(tmp_path / "x"), "--quantize", "int3"])
+
+
+def quantized_llama_get_model(path, max_seq):
+    """The trace test's get_model, quantized after loading (real weights: the row scales agreed over tp)."""
+    decoder, caches = llama_get_model(path, max_seq)
+    quantize_model(decoder.model, "int8")
+    return decoder, caches
+
+
+def test_a_quantized_model_traces_and_decodes_as_hf_on_the_dequantized_weights(tp_runner, models, tmp_path):
+    path, hf, reference, _ = models["llama"]
+    prompt = torch.randint(3, hf.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = reference.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, 7:].tolist()
+    examples = [
+        (torch.ones(1, 16, dtype=torch.long), torch.ones(1, 16, dtype=torch.long)),
+        (torch.ones(1, 1, dtype=torch.long), torch.ones(1, 32, dtype=torch.long), torch.tensor([31])),
+        (torch.ones(1, 1, dtype=torch.long), torch.ones(1, 64, dtype=torch.long), torch.tensor([63])),
+    ]
+    get_model = functools.partial(quantized_llama_get_model, str(path), 64)
+    kernel = BucketModelConfig(ContextThenTokens())
+    with parallel_model_trace(
+        get_model, examples, tp_degree=2, inline_weights_to_neff=False, bucket_config=kernel, workers=tp_runner.workers(2), compiled=False
+    ) as model:
+        assert greedy(model, prompt, 12) == expected
