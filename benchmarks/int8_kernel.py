@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nxd_core import cpu_kernels, int8_kernels  # noqa: E402
+from nxd_core.quantization import quantize_int8  # noqa: E402
 
 # (name, N, K) of W [N, K]
 SHAPES = [
@@ -62,7 +63,7 @@ def _weights(n: int, k: int, quick: bool):
     """Random bf16 weights and their int8 quantization, in enough copies to overflow the cache."""
     generator = torch.Generator().manual_seed(n * k)
     base = torch.randn(n, k, generator=generator) * 0.02
-    q, scale = int8_kernels.quantize_int8(base)
+    q, scale = quantize_int8(base)
     bf16 = [base.bfloat16() for _ in range(_copies(n * k * 2, quick))]
     int8 = [(q.clone(), scale.clone()) for _ in range(_copies(n * k, quick))]
     return bf16, int8
@@ -155,7 +156,7 @@ def prefill_table(batches: int, quick: bool) -> None:
     """Many rows (prefill): what int8_kernels' fallback could do, and how far each is from the fp32 sum."""
     n, k = (512, 1024) if quick else (5632, 2048)
     generator = torch.Generator().manual_seed(0)
-    q, scale = int8_kernels.quantize_int8(torch.randn(n, k, generator=generator))
+    q, scale = quantize_int8(torch.randn(n, k, generator=generator))
     ways = {
         "fp32 F.linear, * scale, round once": lambda x: (F.linear(x.float(), q.float()) * scale).bfloat16(),
         "dequantize to bf16, F.linear (the fallback)": lambda x: int8_kernels._fallback(x, q, scale),

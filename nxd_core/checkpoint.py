@@ -493,18 +493,19 @@ def convert_to_sharded(
     progress: Callable[[int], None] | None = None,
     ignore: Callable[[str], bool] | None = None,
     quantize_layers: list[str] = (),
+    quantize: str = "int8",
 ) -> dict:
     """Convert an unsharded checkpoint (HF directory or .safetensors file) to a sharded one for `tp`.
 
     `specs` maps every tensor name to its ShardSpec (any tp: it is retargeted)
     or None; build it from a model with `sharding.sharding_specs`. `ignore(name)`
     skips checkpoint entries the model does not hold (recomputed buffers).
-    `quantize_layers` are written as int8 weights and scales (nxd_core.quantization); `dtype`
-    casts the other floating-point tensors.
+    `quantize_layers` are written quantized by `quantize` (weights and scales: nxd_core.quantization);
+    `dtype` casts the other floating-point tensors.
     """
     sources = {k: v for k, v in open_full_checkpoint(source).items() if not (ignore and ignore(k))}
     if quantize_layers:
-        sources = quantized_sources(sources, quantize_layers)
+        sources = quantized_sources(sources, quantize_layers, quantize)
     check_keys(specs, sources, str(source))
     ordered = {name: sources[name] for name in specs}
     dtypes = {name: dtype for name, s in ordered.items() if dtype and s.dtype.is_floating_point and not name.endswith(SCALE)}

@@ -2,7 +2,7 @@
 
 Decoding reads every weight once per token, so its speed is memory bandwidth: int8 weights with one
 fp32 scale per output row are half the bytes of bfloat16. Activations stay floating point (no
-activation quantization). `quantize_int8()` makes the weights (the loader uses it too);
+activation quantization; nxd_core.quantization makes the weights);
 `prepare()` builds the kernel once per machine (torch's C++ extension cache, seconds) and switches
 it on in this process; `int8_linear()` computes (x @ (weight * scale[:, None]).T + bias) in fp32
 and rounds once to x's dtype, through the kernel when the call qualifies: CPU, x bfloat16 or
@@ -16,6 +16,7 @@ read once per process, forces AVX2. `isa()` says which. It is a torch operator
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,8 +48,11 @@ def prepare() -> bool:
     global _extension, _unavailable
     if _extension is not None:
         return True
-    if _unavailable or not _cpu_has_avx2_fma():
+    if _unavailable:
+        return False
+    if not _cpu_has_avx2_fma():
         _unavailable = True
+        warnings.warn("this CPU has no AVX2/FMA: int8 weights are dequantized for ATen's linear (slower decoding)", stacklevel=2)
         return False
     # AVX2 is the file's baseline; the AVX-512 functions carry their own target attributes.
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
@@ -71,19 +75,6 @@ def _register_shape_function() -> None:
     @torch.library.register_fake("nxd::int8_linear")
     def _(x, weight, scale):
         return x.new_empty(x.shape[0], weight.shape[0])
-
-
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 of weight [N, K]: (q int8 [N, K], scale fp32 [N]).
-
-    scale = absmax(row) / 127 and q = round(w / scale) clamped to [-127, 127], in fp32 (round half
-    to even), so each row depends on that row alone and the result is the same on every machine.
-    An all-zero row gets scale 1.0 (q is all zeros, so it dequantizes to zeros)."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
 
 
 def _qualifies(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:

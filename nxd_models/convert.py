@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig
 
 from nxd_core.checkpoint import convert_to_sharded, open_full_checkpoint, tied_aliases
-from nxd_core.quantization import SCALE, check_method, quantize_model, saved_quantized_layers
+from nxd_core.quantization import SCALE, check_group_size, check_method, group_size, quantize_model, saved_quantization
 from nxd_core.sharding import sharding_specs
 
 from . import hub
@@ -35,9 +35,9 @@ def family_specs(config, checkpoint_names=None, quantize: str | None = None) -> 
     else:
         _, model, adapted = build_for_checkpoint(config, dict.fromkeys(checkpoint_names), torch.float32, device="meta")
         taken = set(adapted)
-    stored = saved_quantized_layers(checkpoint_names or ())
+    method, stored = saved_quantization(checkpoint_names or {})
     if stored or quantize:
-        quantize_model(model, "int8", stored or None)
+        quantize_model(model, method or quantize, stored or None)
     aliases = tied_aliases(model)  # tied names are not stored
     return {name: spec for name, spec in sharding_specs(model).items() if name not in aliases}, taken
 
@@ -49,11 +49,13 @@ def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, pr
     config = AutoConfig.from_pretrained(source)
     family = lookup(config.model_type, str(source))
     family.check_tp(config, tp)
-    names = [n for n in open_full_checkpoint(source) if not family.IGNORED_CHECKPOINT_NAMES.search(n)]
-    stored = saved_quantized_layers(names)
-    if stored and quantize not in (None, "int8"):
-        raise ValueError(f"{source} holds int8 weights already; convert it with --quantize int8 or without --quantize")
-    specs, taken = family_specs(config, names, quantize)
+    checkpoint = {n: t for n, t in open_full_checkpoint(source).items() if not family.IGNORED_CHECKPOINT_NAMES.search(n)}
+    method, stored = saved_quantization(checkpoint)
+    if stored and quantize not in (None, method):
+        raise ValueError(f"{source} holds {method} weights already; convert it with --quantize {method} or without --quantize")
+    if quantize and group_size(quantize):
+        check_group_size(lookup(config.model_type).build(config, device="meta"), quantize, tp, family.valid_tp_values(config))
+    specs, taken = family_specs(config, checkpoint, quantize)
     out_dir = Path(out_dir)
     bar = None
     if progress:
@@ -71,6 +73,7 @@ def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, pr
         # Heads the checkpoint has but the model lacks (a pre-training checkpoint's pooler) are left out.
         ignore=lambda name: bool(family.IGNORED_CHECKPOINT_NAMES.search(name)) or name not in taken,
         quantize_layers=[] if stored else [n[: -len(SCALE) - 1] for n in specs if n.endswith("." + SCALE)],
+        quantize=quantize,
     )
     if bar:
         bar.close()

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig
 
 from nxd_core.checkpoint import MANIFEST, open_full_checkpoint, read_manifest
-from nxd_core.quantization import SCALE, check_method, saved_quantized_layers
+from nxd_core.quantization import SCALE, check_group_size, check_method, group_size, saved_quantization
 from nxd_core.safetensors_stream import DTYPE_NAMES, check_complete
 from nxd_core.workers import Group, start_workers
 
@@ -56,8 +56,8 @@ def _check_weights(path: Path) -> None:
 
 def _check_quantization(path: Path, quantize: str | None) -> None:
     """A checkpoint saved quantized loads as saved: asking for another quantization is an error."""
-    names = read_manifest(path)["tensors"] if (path / MANIFEST).exists() else open_full_checkpoint(path)
-    saved = "int8" if saved_quantized_layers(names) else None
+    tensors = read_manifest(path)["tensors"] if (path / MANIFEST).exists() else open_full_checkpoint(path)
+    saved, _ = saved_quantization(tensors)
     if saved is not None and quantize not in (None, saved):
         raise ValueError(
             f"{path} holds {saved} weights; it cannot be loaded with quantize={quantize!r}: pass quantize=None "
@@ -68,7 +68,7 @@ def _check_quantization(path: Path, quantize: str | None) -> None:
 def _default_dtype(config, path: Path) -> torch.dtype:
     if (path / MANIFEST).exists():  # the dtype it was saved in: its first tensor that is not int8 or a scale
         entries = read_manifest(path)["tensors"]
-        dtypes = [_DTYPES_BY_NAME[e["dtype"]] for name, e in entries.items() if not name.endswith(SCALE) and e["dtype"] != "I8"]
+        dtypes = [_DTYPES_BY_NAME[e["dtype"]] for name, e in entries.items() if not name.endswith(SCALE) and e["dtype"] not in ("I8", "U8")]
         if dtypes:
             return dtypes[0]
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -111,6 +111,8 @@ def from_pretrained_parallel(
         raise ValueError(f"quantize={quantize!r} is for causal language models; {config.model_type} is not one: load it without quantize")
     _check_weights(path)
     _check_quantization(path, quantize)
+    if group_size(quantize or "int8"):
+        check_group_size(family.build(config, device="meta"), quantize, tp, family.valid_tp_values(config))
     if (path / MANIFEST).exists():
         saved_tp = read_manifest(path)["tp"]
         if saved_tp != tp:

@@ -27,7 +27,7 @@ from nxd_core.checkpoint import (
     read_manifest,
     tied_aliases,
 )
-from nxd_core.quantization import quantize_model, quantized_sources, saved_quantized_layers
+from nxd_core.quantization import quantize_model, quantized_sources, saved_quantization
 from nxd_core.worker_process import StateKey, drop_owned_by, return_freed_memory, worker_state
 
 from .families import build_for_checkpoint
@@ -79,27 +79,29 @@ def _build_and_load(
     if (Path(path) / MANIFEST).exists():
         manifest = read_manifest(path)
         prefix = manifest["model_prefix"]
-        saved = [name[len(prefix) :] for name in manifest["tensors"] if name.startswith(prefix)]
+        entries = {name[len(prefix) :]: entry for name, entry in manifest["tensors"].items() if name.startswith(prefix)}
+        saved = list(entries)
         # Adapting to the saved names ties the model as the checkpoint was.
         family, model, _ = build_for_checkpoint(config, dict.fromkeys(saved), dtype, device="meta")
-        stored = saved_quantized_layers(saved)
+        method, stored = saved_quantization(entries)
         if stored or not quantize:
-            quantize_model(model, "int8", stored)
+            if stored:
+                quantize_model(model, method, stored)
             # Tied names (T5's embed_tokens, a tied lm_head) are not stored: check the others, then load leniently.
             aliases = tied_aliases(model)
             check_keys([n for n in model.state_dict() if n not in aliases], saved, path)
             load(path, model, sharded=True, strict=False)
         else:  # quantized from the unquantized pieces: a row-parallel scale needs every rank's part of its rows
-            tensors = quantized_sources(open_sharded_checkpoint(path), quantize_model(model, quantize))
+            tensors = quantized_sources(open_sharded_checkpoint(path), quantize_model(model, quantize), quantize)
             load_state_dict_from_full(model, _with_progress(tensors, description) if progress else tensors, source=path)
     else:
         # Legacy names, heads the checkpoint has but the model lacks, tying: the family adapts them.
         family, model, tensors = build_for_checkpoint(config, open_full_checkpoint(path), dtype, device="meta")
-        stored = saved_quantized_layers(tensors)
+        method, stored = saved_quantization(tensors)
         if stored:
-            quantize_model(model, "int8", stored)
+            quantize_model(model, method, stored)
         elif quantize:
-            tensors = quantized_sources(tensors, quantize_model(model, quantize))
+            tensors = quantized_sources(tensors, quantize_model(model, quantize), quantize)
         if progress:
             tensors = _with_progress(tensors, description)
         load_state_dict_from_full(model, tensors, source=path)

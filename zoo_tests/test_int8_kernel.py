@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nxd_core import int8_kernels
+from nxd_core.quantization import quantize_int8
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS, FEATURES, OUTPUTS = [1, 2, 5, 8], [1, 7, 64, 100, 4096, 5000], [1, 3, 64, 257]
@@ -38,7 +39,7 @@ def _sweep() -> list[str]:
     for n in OUTPUTS:
         for k in FEATURES:
             generator = torch.Generator().manual_seed(n * 10007 + k)
-            q, scale = int8_kernels.quantize_int8(torch.randn(n, k, generator=generator))
+            q, scale = quantize_int8(torch.randn(n, k, generator=generator))
             for rows in ROWS:
                 for dtype in (torch.bfloat16, torch.float32):
                     x = torch.randn(rows, k, generator=generator).to(dtype)
@@ -68,7 +69,7 @@ def test_avx2_path_matches_reference():
 @needs_kernel
 def test_more_rows_than_one_block_and_strided_x():
     generator = torch.Generator().manual_seed(1)
-    q, scale = int8_kernels.quantize_int8(torch.randn(130, 96, generator=generator))
+    q, scale = quantize_int8(torch.randn(130, 96, generator=generator))
     x = torch.randn(40, 192, generator=generator).bfloat16()[:, ::2]  # 40 rows (> 16 per block), not contiguous
     assert _within_rounding(torch.ops.nxd.int8_linear(x, q, scale), x, q, scale)
 
@@ -77,13 +78,13 @@ def test_quantize_round_trip_and_zero_rows():
     generator = torch.Generator().manual_seed(2)
     w = torch.randn(33, 70, generator=generator) * torch.logspace(-4, 1, 33)[:, None]
     w[5] = 0
-    q, scale = int8_kernels.quantize_int8(w)
+    q, scale = quantize_int8(w)
     assert q.dtype == torch.int8 and scale.dtype == torch.float32 and q.shape == w.shape and scale.shape == (33,)
     assert q.abs().max() <= 127 and (q.abs().amax(dim=1)[torch.arange(33) != 5] == 127).all()
     assert (w - q.float() * scale[:, None]).abs().le(scale[:, None] / 2 * (1 + 1e-6)).all()
     assert scale[5] == 1.0 and (q[5] == 0).all()
     # each row depends on that row alone, in any dtype given
-    q2, scale2 = int8_kernels.quantize_int8(w[3:9].double())
+    q2, scale2 = quantize_int8(w[3:9].double())
     assert torch.equal(q2, q[3:9]) and torch.equal(scale2, scale[3:9])
 
 
@@ -93,7 +94,7 @@ def test_fallback_for_inputs_that_do_not_qualify(monkeypatch):
     if kernel is not None:
         monkeypatch.setattr(int8_kernels, "_extension", lambda x, w, s: calls.append(tuple(x.shape)) or kernel(x, w, s))
     generator = torch.Generator().manual_seed(3)
-    q, scale = int8_kernels.quantize_int8(torch.randn(48, 64, generator=generator))
+    q, scale = quantize_int8(torch.randn(48, 64, generator=generator))
     bias = torch.randn(48, generator=generator)
     cases = [
         (torch.randn(2, 3, 64, generator=generator).bfloat16(), True),  # 3-D, 6 rows: the kernel
@@ -120,10 +121,24 @@ def test_fallback_for_inputs_that_do_not_qualify(monkeypatch):
 def test_compiled_graph_calls_the_kernel_once():
     from torch._inductor.utils import run_and_get_code
 
-    q, scale = int8_kernels.quantize_int8(torch.randn(40, 64))
+    q, scale = quantize_int8(torch.randn(40, 64))
     x = torch.randn(3, 64).bfloat16()
     fn = lambda x: int8_kernels.int8_linear(x, q, scale) * 2
     with torch.inference_mode():
         compiled, code = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=False), x)
     assert "\n".join(code).count("nxd.int8_linear.default(") == 1
     torch.testing.assert_close(compiled, fn(x), rtol=0, atol=0)
+
+
+def test_a_cpu_without_avx2_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(int8_kernels, "_extension", None)
+    monkeypatch.setattr(int8_kernels, "_unavailable", False)
+    monkeypatch.setattr(int8_kernels, "cpu_flags", lambda: {"sse2", "avx"})
+    with pytest.warns(UserWarning, match="no AVX2/FMA") as caught:
+        assert int8_kernels.prepare() is False
+        assert int8_kernels.prepare() is False  # not tried (nor warned) again
+    assert len(caught) == 1 and int8_kernels.isa() is None
+    q, scale = quantize_int8(torch.randn(6, 40, generator=torch.Generator().manual_seed(4)))
+    x = torch.randn(2, 40)
+    expected = x @ (q.float() * scale[:, None]).T
+    assert torch.allclose(int8_kernels.int8_linear(x, q, scale), expected, atol=1e-5)
