@@ -71,6 +71,7 @@ from .checkpoint_read import (
     rank_slice,
     tied_aliases,
 )
+from .quantization import SCALE, quantized_sources
 from .safetensors_stream import TORCH_DTYPES, SafetensorsWriter, nbytes, read_header
 from .sharding import ShardedView, ShardSpec, get_sharding, local_shape
 
@@ -81,6 +82,7 @@ __all__ = [
     "consolidate",
     "reshard",
     "convert_to_sharded",
+    "open_sharded_checkpoint",
     "write_sharded",
     "retarget_specs",
     # the format (checkpoint_format.py)
@@ -241,7 +243,7 @@ def write_sharded(
     specs: Mapping[str, ShardSpec | None],
     tree=None,
     model_prefix: str = "",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Write a sharded checkpoint for `tp` ranks from full tensors (or lazy views of them), in one process.
@@ -250,7 +252,9 @@ def write_sharded(
     slices, ShardedView); `specs[name]` its ShardSpec at this tp, or None to replicate.
     All tp files are written side by side, tensor by tensor: each source tensor is
     read once, in order, and only it is in memory. `progress(nbytes)` follows the reading.
+    `dtype` casts every tensor, or (a mapping) the tensors it names.
     """
+    dtypes = dtype if isinstance(dtype, Mapping) else dict.fromkeys(sources, dtype) if dtype else {}
     out_dir = Path(out_dir)
     save_id = _new_save_id()
     _begin(out_dir, save_id)
@@ -260,7 +264,7 @@ def write_sharded(
     entries, plans = {}, [[] for _ in range(tp)]
     for name, source in sources.items():
         spec = specs.get(name)
-        target = dtype or source.dtype
+        target = dtypes.get(name) or source.dtype
         entries[model_prefix + name] = _tensor_entry("sharded" if spec else "replicated", target, source.shape, spec)
         shape = local_shape(source.shape, spec) if spec else tuple(source.shape)
         for plan in plans:
@@ -277,7 +281,7 @@ def write_sharded(
         previous, release_previous = [], lambda: None
         for name, full, release in _read_ahead(sources):
             spec = specs.get(name)
-            full = full.to(dtype or full.dtype)
+            full = full.to(dtypes.get(name) or full.dtype)
             current = [
                 thread.submit(_write_piece, writer, model_prefix + name, full, spec, rank)
                 for rank, (thread, writer) in enumerate(zip(threads, writers))
@@ -398,6 +402,12 @@ def _model_views(load_dir, manifest: dict) -> tuple[dict, dict, list[str]]:
     return views, specs, files
 
 
+def open_sharded_checkpoint(load_dir) -> dict:
+    """name -> lazy full tensor of a sharded checkpoint's model, read from the ranks' pieces (what
+    consolidate and reshard read; loading quantized from an unquantized sharded checkpoint too)."""
+    return _model_views(load_dir, read_manifest(load_dir))[0]
+
+
 def consolidate(load_dir, out_dir, max_shard_size: int = 5 << 30) -> list[str]:
     """Merge the tp_rank_XX shards' model tensors into one full safetensors checkpoint.
 
@@ -482,14 +492,21 @@ def convert_to_sharded(
     dtype: torch.dtype | None = None,
     progress: Callable[[int], None] | None = None,
     ignore: Callable[[str], bool] | None = None,
+    quantize_layers: list[str] = (),
+    quantize: str = "int8",
 ) -> dict:
     """Convert an unsharded checkpoint (HF directory or .safetensors file) to a sharded one for `tp`.
 
     `specs` maps every tensor name to its ShardSpec (any tp: it is retargeted)
     or None; build it from a model with `sharding.sharding_specs`. `ignore(name)`
     skips checkpoint entries the model does not hold (recomputed buffers).
+    `quantize_layers` are written quantized by `quantize` (weights and scales: nxd_core.quantization);
+    `dtype` casts the other floating-point tensors.
     """
     sources = {k: v for k, v in open_full_checkpoint(source).items() if not (ignore and ignore(k))}
+    if quantize_layers:
+        sources = quantized_sources(sources, quantize_layers, quantize)
     check_keys(specs, sources, str(source))
     ordered = {name: sources[name] for name in specs}
-    return write_sharded(out_dir, tp, ordered, retarget_specs(specs, tp), dtype=dtype, progress=progress)
+    dtypes = {name: dtype for name, s in ordered.items() if dtype and s.dtype.is_floating_point and not name.endswith(SCALE)}
+    return write_sharded(out_dir, tp, ordered, retarget_specs(specs, tp), dtype=dtypes, progress=progress)

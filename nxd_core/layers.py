@@ -127,11 +127,15 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _sharded_parameter((output_size, input_size), self.spec, weight_init, dtype, device)
         self.bias = _sharded_parameter((output_size,), self.spec, bias_init, dtype, device) if bias else None
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This rank's x W^T + b (a quantized layer overrides it: nxd_core.quantization)."""
+        return linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.tp == 1:  # built unsharded (tp=1, or parallel_state.replicated()): nothing to exchange
-            return linear(x, self.weight, self.bias)
+            return self.matmul(x, self.bias)
         x = copy_to_tensor_model_parallel_region(x)
-        y = linear(x, self.weight, self.bias)
+        y = self.matmul(x, self.bias)
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y)
             if self.spec.is_padded:
@@ -182,16 +186,20 @@ class RowParallelLinear(nn.Module):
         self.weight = _sharded_parameter((output_size, input_size), self.spec, weight_init, dtype, device)
         self.bias = _sharded_parameter((output_size,), None, bias_init, dtype, device) if bias else None
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This rank's partial x W^T (+ b at tp=1); a quantized layer overrides it (nxd_core.quantization)."""
+        return linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.tp == 1:  # built unsharded: nothing to exchange
-            return linear(x, self.weight, self.bias)
+            return self.matmul(x, self.bias)
         if not self.input_is_parallel:
             if self.spec.is_padded:
                 x = F.pad(x, (0, self.spec.padded_size - self.input_size))
             x = scatter_to_tensor_model_parallel_region(x)
         if not self.reduce_output:
-            return linear(x, self.weight)
-        y = reduce_from_tensor_model_parallel_region(linear(x, self.weight))
+            return self.matmul(x, None)
+        y = reduce_from_tensor_model_parallel_region(self.matmul(x, None))
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from nxd_core.quantization import METHODS
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -20,8 +22,9 @@ DTYPES = {
 def _convert(args) -> None:
     from .convert import convert
 
-    manifest = convert(args.model, args.out, tp=args.tp, dtype=DTYPES[args.dtype] if args.dtype else None)
-    print(f"wrote {args.out}: tp={manifest['tp']}, {len(manifest['tensors'])} tensors, save {manifest['save_id']}")
+    manifest = convert(args.model, args.out, tp=args.tp, dtype=DTYPES[args.dtype] if args.dtype else None, quantize=args.quantize)
+    quantized = f", {args.quantize} weights" if args.quantize else ""
+    print(f"wrote {args.out}: tp={manifest['tp']}, {len(manifest['tensors'])} tensors{quantized}, save {manifest['save_id']}")
 
 
 def _consolidate(args) -> None:
@@ -58,7 +61,7 @@ def _generate(args) -> None:
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     with from_pretrained_parallel(
-        args.model, tp=args.tp, dtype=dtype, max_seq_len=args.max_seq_len, max_batch_size=args.num_beams
+        args.model, tp=args.tp, dtype=dtype, max_seq_len=args.max_seq_len, max_batch_size=args.num_beams, quantize=args.quantize
     ) as model:
         if isinstance(model, ParallelSeq2SeqModel):
             _generate_seq2seq(model, args)
@@ -104,6 +107,7 @@ def _serve(args) -> None:
         compile=args.compile,
         max_waiting=args.max_waiting,
         served_name=args.served_model_name,
+        quantize=args.quantize,
     )
 
 
@@ -170,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep the checkpoint's)")
+    p.add_argument("--quantize", choices=METHODS, help="save the linears' weights quantized (int8: per output channel)")
     p.set_defaults(run=_convert)
 
     p = commands.add_parser("consolidate", help="a sharded checkpoint -> one full safetensors checkpoint")
@@ -191,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: the model's maximum)")
     p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--quantize", choices=METHODS, help="quantize the weights while loading (int8)")
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -217,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the log says which)")
     p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--quantize", choices=METHODS, help="quantize the weights while loading (int8)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (seconds at start-up, faster steps)")
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued beyond the rows; more get 429")
     p.add_argument("--served-model-name", help="the `model` clients send (default: the directory's name, or MODEL as typed)")

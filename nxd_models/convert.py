@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig
 
 from nxd_core.checkpoint import convert_to_sharded, open_full_checkpoint, tied_aliases
+from nxd_core.quantization import SCALE, check_group_size, check_method, group_size, quantize_model, saved_quantization
 from nxd_core.sharding import sharding_specs
 
 from . import hub
@@ -24,26 +25,37 @@ from .families import build_for_checkpoint, lookup
 _SIDE_FILES = ("*.json", "tokenizer*", "*.model", "*.tiktoken")
 
 
-def family_specs(config, checkpoint_names=None) -> tuple[dict, set | None]:
+def family_specs(config, checkpoint_names=None, quantize: str | None = None) -> tuple[dict, set | None]:
     """name -> ShardSpec (at tp=1) or None, for every tensor a checkpoint of this config holds; and, given
     the checkpoint's names, those the model takes (the family adapts the model to the checkpoint first:
-    T5 ties lm_head when the checkpoint has none, BERT leaves out heads it does not build)."""
+    T5 ties lm_head when the checkpoint has none, BERT leaves out heads it does not build).
+    A checkpoint saved quantized, or `quantize`, adds the int8 layers' scales."""
     if checkpoint_names is None:
         model, taken = lookup(config.model_type).build(config, dtype=torch.float32, device="meta"), None
     else:
         _, model, adapted = build_for_checkpoint(config, dict.fromkeys(checkpoint_names), torch.float32, device="meta")
         taken = set(adapted)
+    method, stored = saved_quantization(checkpoint_names or {})
+    if stored or quantize:
+        quantize_model(model, method or quantize, stored or None)
     aliases = tied_aliases(model)  # tied names are not stored
     return {name: spec for name, spec in sharding_specs(model).items() if name not in aliases}, taken
 
 
-def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, progress: bool = True) -> dict:
+def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, progress: bool = True, quantize: str | None = None) -> dict:
+    """quantize="int8": the linears' weights are written as int8 with their scales (nxd_core.quantization)."""
+    check_method(quantize)
     source = hub.resolve(name_or_path)
     config = AutoConfig.from_pretrained(source)
     family = lookup(config.model_type, str(source))
     family.check_tp(config, tp)
-    names = [n for n in open_full_checkpoint(source) if not family.IGNORED_CHECKPOINT_NAMES.search(n)]
-    specs, taken = family_specs(config, names)
+    checkpoint = {n: t for n, t in open_full_checkpoint(source).items() if not family.IGNORED_CHECKPOINT_NAMES.search(n)}
+    method, stored = saved_quantization(checkpoint)
+    if stored and quantize not in (None, method):
+        raise ValueError(f"{source} holds {method} weights already; convert it with --quantize {method} or without --quantize")
+    if quantize and group_size(quantize):
+        check_group_size(lookup(config.model_type).build(config, device="meta"), quantize, tp, family.valid_tp_values(config))
+    specs, taken = family_specs(config, checkpoint, quantize)
     out_dir = Path(out_dir)
     bar = None
     if progress:
@@ -60,6 +72,8 @@ def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, pr
         progress=(lambda _: bar.update(1)) if bar else None,
         # Heads the checkpoint has but the model lacks (a pre-training checkpoint's pooler) are left out.
         ignore=lambda name: bool(family.IGNORED_CHECKPOINT_NAMES.search(name)) or name not in taken,
+        quantize_layers=[] if stored else [n[: -len(SCALE) - 1] for n in specs if n.endswith("." + SCALE)],
+        quantize=quantize,
     )
     if bar:
         bar.close()

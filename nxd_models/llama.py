@@ -130,7 +130,7 @@ class ParallelLlamaAttention(nn.Module):
         tp = ps.get_tensor_model_parallel_size()
         check_tp(config, tp)
         hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-        self.layer_idx = layer_idx
+        self.layer_idx, self.dtype = layer_idx, dtype  # the cache's dtype (the weights may be int8)
         self.head_dim = _head_dim(config)
         self.scaling = self.head_dim**-0.5
         self.sliding_window = arch.window(layer_idx)  # the model builds the matching mask
@@ -151,9 +151,9 @@ class ParallelLlamaAttention(nn.Module):
 
     def allocate_kv_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         shape = (max_batch_size, self.local_kv_heads, max_seq_len, self.head_dim)
-        weight = self.k_proj.weight
-        self.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        device = self.k_proj.weight.device
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
 
     def forward(self, x, cos, sin, mask, cache_position=None, first_row: int = 0):
         batch, seq, _ = x.shape

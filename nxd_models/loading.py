@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from nxd_core.checkpoint import MANIFEST, read_manifest
+from nxd_core.checkpoint import MANIFEST, open_full_checkpoint, read_manifest
+from nxd_core.quantization import SCALE, check_group_size, check_method, group_size, saved_quantization
 from nxd_core.safetensors_stream import DTYPE_NAMES, check_complete
 from nxd_core.workers import Group, start_workers
 
@@ -53,10 +54,23 @@ def _check_weights(path: Path) -> None:
         check_complete(path / file)
 
 
+def _check_quantization(path: Path, quantize: str | None) -> None:
+    """A checkpoint saved quantized loads as saved: asking for another quantization is an error."""
+    tensors = read_manifest(path)["tensors"] if (path / MANIFEST).exists() else open_full_checkpoint(path)
+    saved, _ = saved_quantization(tensors)
+    if saved is not None and quantize not in (None, saved):
+        raise ValueError(
+            f"{path} holds {saved} weights; it cannot be loaded with quantize={quantize!r}: pass quantize=None "
+            f"(or {saved!r}), or convert the original checkpoint with --quantize {quantize}"
+        )
+
+
 def _default_dtype(config, path: Path) -> torch.dtype:
-    if (path / MANIFEST).exists():
-        first = next(iter(read_manifest(path)["tensors"].values()))
-        return _DTYPES_BY_NAME[first["dtype"]]
+    if (path / MANIFEST).exists():  # the dtype it was saved in: its first tensor that is not int8 or a scale
+        entries = read_manifest(path)["tensors"]
+        dtypes = [_DTYPES_BY_NAME[e["dtype"]] for name, e in entries.items() if not name.endswith(SCALE) and e["dtype"] not in ("I8", "U8")]
+        if dtypes:
+            return dtypes[0]
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -72,15 +86,18 @@ def from_pretrained_parallel(
     device: str = "cpu",
     workers: Group | None = None,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> ParallelHandle:
     """Load a zoo model, Hugging Face repo id, local HF directory or `nxd convert` output, sharded over tp.
 
     In a plain process this starts tp worker processes (or uses `workers`, a
     WorkerGroup of size tp, shared with other models; tp=1 on a larger group
     keeps a whole copy in every worker, as for a speculative draft); under torchrun it uses
-    the existing process group. Everything that can be checked is checked here
-    first, so bad input fails before a process starts.
+    the existing process group. quantize="int8" quantizes the linears' weights while they
+    load (docs/quantization.md); a checkpoint saved quantized loads as saved. Everything that
+    can be checked is checked here first, so bad input fails before a process starts.
     """
+    check_method(quantize)
     path = hub.resolve(name_or_path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}: not a Hugging Face model directory")
@@ -90,7 +107,12 @@ def from_pretrained_parallel(
         raise ValueError(f"{path / 'config.json'} cannot be read as a model config ({exc}); download or write it again") from None
     family = lookup(config.model_type, str(path))
     family.check_tp(config, tp)
+    if quantize and family.HANDLE != "causal":
+        raise ValueError(f"quantize={quantize!r} is for causal language models; {config.model_type} is not one: load it without quantize")
     _check_weights(path)
+    _check_quantization(path, quantize)
+    if group_size(quantize or "int8"):
+        check_group_size(family.build(config, device="meta"), quantize, tp, family.valid_tp_values(config))
     if (path / MANIFEST).exists():
         saved_tp = read_manifest(path)["tp"]
         if saved_tp != tp:
@@ -109,7 +131,7 @@ def from_pretrained_parallel(
     group = workers if workers is not None else start_workers(tp, device=device)
     key = model_key(next(_OWNERS))
     try:
-        group.run(load_shard, key, str(path), dtype, max_batch_size, max_seq_len, device, progress, replicated)
+        group.run(load_shard, key, str(path), dtype, max_batch_size, max_seq_len, device, progress, replicated, quantize)
     except BaseException:
         if owns_group:
             group.close()

@@ -17,7 +17,17 @@ import torch
 from transformers import AutoConfig
 
 from nxd_core import parallel_state as ps
-from nxd_core.checkpoint import MANIFEST, check_keys, load, load_state_dict_from_full, open_full_checkpoint, read_manifest, tied_aliases
+from nxd_core.checkpoint import (
+    MANIFEST,
+    check_keys,
+    load,
+    load_state_dict_from_full,
+    open_full_checkpoint,
+    open_sharded_checkpoint,
+    read_manifest,
+    tied_aliases,
+)
+from nxd_core.quantization import quantize_model, quantized_sources, saved_quantization
 from nxd_core.worker_process import StateKey, drop_owned_by, return_freed_memory, worker_state
 
 from .families import build_for_checkpoint
@@ -42,32 +52,58 @@ def on_device(device, *tensors) -> list:
 
 
 def load_shard(
-    key: StateKey, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool, replicated: bool = False
+    key: StateKey,
+    path: str,
+    dtype,
+    max_batch_size: int,
+    max_seq_len: int,
+    device: str,
+    progress: bool,
+    replicated: bool = False,
+    quantize: str | None = None,
 ) -> int:
     """In each rank: build the shard on the meta device, stream in its slices, allocate the KV cache;
-    returns the shard's bytes. replicated: build and load a whole copy (tp=1) in every rank of the group."""
+    returns the shard's bytes. replicated: build and load a whole copy (tp=1) in every rank of the group.
+    quantize ("int8"): quantize the linears' weights as their slices stream in (a checkpoint saved
+    quantized loads as it is)."""
     progress = progress and ps.get_tensor_model_parallel_rank() == 0
     with ps.replicated() if replicated else contextlib.nullcontext():
-        return _build_and_load(key, path, dtype, max_batch_size, max_seq_len, device, progress)
+        return _build_and_load(key, path, dtype, max_batch_size, max_seq_len, device, progress, quantize)
 
 
-def _build_and_load(key: StateKey, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool) -> int:
+def _build_and_load(
+    key: StateKey, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool, quantize: str | None
+) -> int:
     config = AutoConfig.from_pretrained(path)
+    description = f"loading {Path(path).name} at tp={ps.get_tensor_model_parallel_size()}"
     if (Path(path) / MANIFEST).exists():
         manifest = read_manifest(path)
         prefix = manifest["model_prefix"]
-        saved = [name[len(prefix) :] for name in manifest["tensors"] if name.startswith(prefix)]
+        entries = {name[len(prefix) :]: entry for name, entry in manifest["tensors"].items() if name.startswith(prefix)}
+        saved = list(entries)
         # Adapting to the saved names ties the model as the checkpoint was.
         family, model, _ = build_for_checkpoint(config, dict.fromkeys(saved), dtype, device="meta")
-        # Tied names (T5's embed_tokens, a tied lm_head) are not stored: check the others, then load leniently.
-        aliases = tied_aliases(model)
-        check_keys([n for n in model.state_dict() if n not in aliases], saved, path)
-        load(path, model, sharded=True, strict=False)
+        method, stored = saved_quantization(entries)
+        if stored or not quantize:
+            if stored:
+                quantize_model(model, method, stored)
+            # Tied names (T5's embed_tokens, a tied lm_head) are not stored: check the others, then load leniently.
+            aliases = tied_aliases(model)
+            check_keys([n for n in model.state_dict() if n not in aliases], saved, path)
+            load(path, model, sharded=True, strict=False)
+        else:  # quantized from the unquantized pieces: a row-parallel scale needs every rank's part of its rows
+            tensors = quantized_sources(open_sharded_checkpoint(path), quantize_model(model, quantize), quantize)
+            load_state_dict_from_full(model, _with_progress(tensors, description) if progress else tensors, source=path)
     else:
         # Legacy names, heads the checkpoint has but the model lacks, tying: the family adapts them.
         family, model, tensors = build_for_checkpoint(config, open_full_checkpoint(path), dtype, device="meta")
+        method, stored = saved_quantization(tensors)
+        if stored:
+            quantize_model(model, method, stored)
+        elif quantize:
+            tensors = quantized_sources(tensors, quantize_model(model, quantize), quantize)
         if progress:
-            tensors = _with_progress(tensors, f"loading {Path(path).name} at tp={ps.get_tensor_model_parallel_size()}")
+            tensors = _with_progress(tensors, description)
         load_state_dict_from_full(model, tensors, source=path)
     model.to(device)
     if family.KV_CACHE:

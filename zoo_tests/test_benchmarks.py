@@ -75,3 +75,9 @@ def test_serve_prints_clients_next_to_generate_and_hf(tmp_path):
     out = _run("serve.py", "--layout", "tiny", "--clients", "1", "2", "--requests", "4", "--repeats", "1", "--workdir", str(tmp_path))
     for row in ("HF static batches of 2", "generate, one at a time", "serve, 1 clients", "serve, 2 clients", "x one stream", "ITL p99"):
         assert row in out
+
+
+def test_int8_kernel_prints_the_decode_and_prefill_tables():
+    out = _run("int8_kernel.py", "--quick")
+    for row in ("ATen bf16 F.linear", "nxd bf16_linear", "int8 fallback", "memory copy", "prefill", "dequantize to bf16"):
+        assert row in out

@@ -243,6 +243,7 @@ def serve(
     max_waiting: int = 256,
     drain_seconds: float = 30.0,
     served_name: str | None = None,
+    quantize: str | None = None,
 ) -> None:
     """Load model, serve it until SIGINT/SIGTERM, let the requests in flight finish, close the workers."""
     import uvicorn
@@ -250,7 +251,8 @@ def serve(
     from .. import from_pretrained_parallel
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    with from_pretrained_parallel(model, tp=tp, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=dtype) as handle:
+    loading = dict(tp=tp, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=dtype, quantize=quantize)
+    with from_pretrained_parallel(model, **loading) as handle:
         engine = Engine(handle, max_waiting=max_waiting, compile=compile)
         try:
             # A directory is served under its name (clients send it as `model`), a zoo or hub name as typed.

@@ -1,0 +1,204 @@
+"""Decode-shaped linears on this CPU: the int8 weight-only kernel next to bf16 (ATen and nxd's kernel).
+
+    python benchmarks/int8_kernel.py                 # 1.1B Llama and 7B shapes, one row of x
+    python benchmarks/int8_kernel.py --rows 4        # speculative verification: 4 rows
+    python benchmarks/int8_kernel.py --quick         # small shapes, few runs (the test suite)
+
+Each number is the best over several batches of calls (a shared machine's noise only ever slows a
+batch down) of the mean time per call. Every call reads a different copy of the weight, enough
+copies to overflow the last-level cache, so the weights come from memory as in a real decode step.
+GB/s is the weight bytes (plus scales) read per second. The int8 kernel's AVX2 row runs in a child
+process with NXD_INT8_KERNEL=avx2 (the choice is read once per process). The prefill table compares
+the ways int8_kernels could compute many rows without the kernel (its fallback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nxd_core import cpu_kernels, int8_kernels  # noqa: E402
+from nxd_core.quantization import quantize_int8  # noqa: E402
+
+# (name, N, K) of W [N, K]
+SHAPES = [
+    ("1.1B q/o proj", 2048, 2048),
+    ("1.1B gate/up", 5632, 2048),
+    ("1.1B down", 2048, 5632),
+    ("7B q/o proj", 4096, 4096),
+    ("7B gate/up", 11008, 4096),
+]
+QUICK_SHAPES = [("small", 512, 1024)]
+CACHE_BYTES = 96 << 20  # more than this machine's L3 (copies rotate through at least this much)
+
+
+def _best_seconds(call, copies: int, batches: int, min_calls: int) -> float:
+    calls = max(min_calls, copies)
+    for i in range(copies):
+        call(i)  # warm-up: first touch
+    best = float("inf")
+    for _ in range(batches):
+        start = time.perf_counter()
+        for i in range(calls):
+            call(i % copies)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def _copies(nbytes: int, quick: bool) -> int:
+    return 2 if quick else max(2, -(-CACHE_BYTES // nbytes))
+
+
+def _weights(n: int, k: int, quick: bool):
+    """Random bf16 weights and their int8 quantization, in enough copies to overflow the cache."""
+    generator = torch.Generator().manual_seed(n * k)
+    base = torch.randn(n, k, generator=generator) * 0.02
+    q, scale = quantize_int8(base)
+    bf16 = [base.bfloat16() for _ in range(_copies(n * k * 2, quick))]
+    int8 = [(q.clone(), scale.clone()) for _ in range(_copies(n * k, quick))]
+    return bf16, int8
+
+
+def int8_rows(rows: int, shapes, batches: int, quick: bool) -> dict:
+    """Seconds per call of the int8 kernel in this process (its ISA as chosen here), per shape."""
+    if not int8_kernels.prepare():
+        return {}
+    out = {}
+    for name, n, k in shapes:
+        _, int8 = _weights(n, k, quick)
+        x = torch.randn(rows, k).bfloat16()
+        out[name] = _best_seconds(lambda i, x=x, int8=int8: int8_kernels.int8_linear(x, *int8[i]), len(int8), batches, 20)
+    return {"isa": int8_kernels.isa(), "seconds": out}
+
+
+def _avx2_child(rows: int, quick: bool, batches: int) -> dict:
+    args = [sys.executable, __file__, "--int8-only", "--rows", str(rows), "--batches", str(batches)] + (["--quick"] if quick else [])
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "NXD_INT8_KERNEL": "avx2"}, timeout=1200)
+    if done.returncode != 0:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return {}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _copy_bandwidth(quick: bool, batches: int) -> float:
+    src = torch.empty(16 << 20 if quick else 256 << 20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    seconds = _best_seconds(lambda i: dst.copy_(src), 1, batches, 3)
+    return 2 * src.numel() / seconds / 1e9  # read + write
+
+
+def decode_table(rows: int, shapes, batches: int, quick: bool) -> None:
+    have_bf16 = cpu_kernels.prepare()
+    have_int8 = int8_kernels.prepare()
+    here = int8_rows(rows, shapes, batches, quick) if have_int8 else {}
+    avx2 = _avx2_child(rows, quick, batches) if have_int8 and here.get("isa") != "avx2" else {}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, x [{rows}, K] bf16; ms per call (GB/s of weights read)")
+    print(f"memory copy of a large buffer: {_copy_bandwidth(quick, batches):.1f} GB/s (read + write)")
+    columns = ["ATen bf16 F.linear", "nxd bf16_linear"]
+    if here:
+        columns.append(f"int8 kernel ({here['isa']})")
+    if avx2:
+        columns.append(f"int8 kernel ({avx2['isa']})")
+    columns += ["int8 fallback", "_weight_int8pack_mm"]
+    print(f"{'W [N, K]':28}" + "".join(f"{c:>24}" for c in columns) + f"{'int8/bf16_linear':>18}")
+    for name, n, k in shapes:
+        bf16, int8 = _weights(n, k, quick)
+        x = torch.randn(rows, k).bfloat16()
+        bf16_bytes, int8_bytes = n * k * 2, n * k + n * 4
+        cells = {}
+        with torch.inference_mode():
+            cells["ATen bf16 F.linear"] = (
+                _best_seconds(lambda i, x=x, bf16=bf16: F.linear(x, bf16[i]), len(bf16), batches, 20),
+                bf16_bytes,
+            )
+            if have_bf16:
+                cells["nxd bf16_linear"] = (
+                    _best_seconds(lambda i, x=x, bf16=bf16: cpu_kernels.linear(x, bf16[i]), len(bf16), batches, 20),
+                    bf16_bytes,
+                )
+            if here:
+                cells[f"int8 kernel ({here['isa']})"] = (here["seconds"][name], int8_bytes)
+            if avx2:
+                cells[f"int8 kernel ({avx2['isa']})"] = (avx2["seconds"][name], int8_bytes)
+            cells["int8 fallback"] = (
+                _best_seconds(lambda i, x=x, int8=int8: int8_kernels._fallback(x, *int8[i]), len(int8), batches, 5),
+                int8_bytes,
+            )
+            try:
+                bscale = [s.bfloat16() for _, s in int8]
+                pack = lambda i, x=x, int8=int8, bscale=bscale: torch._weight_int8pack_mm(x, int8[i][0], bscale[i])
+                cells["_weight_int8pack_mm"] = (_best_seconds(pack, len(int8), batches, 20), int8_bytes)
+            except RuntimeError:
+                pass
+        line = f"{name + f' [{n}, {k}]':28}"
+        for c in columns:
+            if c in cells:
+                seconds, nbytes = cells[c]
+                line += f"{seconds * 1e3:9.3f} ({nbytes / seconds / 1e9:5.1f} GB/s) "
+            else:
+                line += f"{'-':>24}"
+        fast = cells.get(f"int8 kernel ({here.get('isa')})")
+        ratio = f"{cells['nxd bf16_linear'][0] / fast[0]:.2f}x" if fast and "nxd bf16_linear" in cells else "-"
+        print(line + f"{ratio:>18}")
+
+
+def prefill_table(batches: int, quick: bool) -> None:
+    """Many rows (prefill): what int8_kernels' fallback could do, and how far each is from the fp32 sum."""
+    n, k = (512, 1024) if quick else (5632, 2048)
+    generator = torch.Generator().manual_seed(0)
+    q, scale = quantize_int8(torch.randn(n, k, generator=generator))
+    ways = {
+        "fp32 F.linear, * scale, round once": lambda x: (F.linear(x.float(), q.float()) * scale).bfloat16(),
+        "dequantize to bf16, F.linear (the fallback)": lambda x: int8_kernels._fallback(x, q, scale),
+        "F.linear on q.bfloat16(), * scale": lambda x: F.linear(x, q.bfloat16()) * scale.bfloat16(),
+        "_weight_int8pack_mm (bf16 scale)": lambda x: torch._weight_int8pack_mm(x, q, scale.bfloat16()),
+    }
+    if int8_kernels.prepare():
+        ways[f"int8 kernel ({int8_kernels.isa()})"] = lambda x: torch.ops.nxd.int8_linear(x, q, scale)
+    print(f"\nprefill, W [{n}, {k}] int8, x bf16: ms per call; max error against the fp32 sum, in bf16 ulps of the output's largest value")
+    row_counts = [32] if quick else [128, 512]
+    print(f"{'':46}" + "".join(f"{f'{m} rows':>22}" for m in row_counts))
+    for label, way in ways.items():
+        line = f"{label:46}"
+        for m in row_counts:
+            x = torch.randn(m, k, generator=generator).bfloat16()
+            exact = x.double() @ (q.double() * scale.double()[:, None]).T
+            ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().max())) - 7)
+            try:
+                with torch.inference_mode():
+                    err = (way(x).double() - exact).abs().max() / ulp
+                    seconds = _best_seconds(lambda i, way=way, x=x: way(x), 1, batches, 2)
+                line += f"{seconds * 1e3:10.2f} ({err:5.2f} ulp)"
+            except RuntimeError:
+                line += f"{'-':>22}"
+        print(line)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1, help="rows of x (1: one token)")
+    parser.add_argument("--batches", type=int, default=7, help="batches of calls; the best is reported")
+    parser.add_argument("--quick", action="store_true", help="one small shape, few batches (a smoke test)")
+    parser.add_argument("--int8-only", action="store_true", help=argparse.SUPPRESS)  # the AVX2 child
+    args = parser.parse_args(argv)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    batches = 2 if args.quick else args.batches
+    if args.int8_only:
+        print(json.dumps(int8_rows(args.rows, shapes, batches, args.quick)))
+        return
+    decode_table(args.rows, shapes, batches, args.quick)
+    prefill_table(batches, args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Weight-only quantization: decode tokens/s of bf16 and int8 weights side by side, with the roofline.
+
+    python benchmarks/quant.py                        # 20m and 1b layouts, tp 1 and 2, all in one run
+    python benchmarks/quant.py --layouts 20m --tp 1   # a quick look
+
+Every row decodes the same prompt on the same random weights, compiled (the int8 matrix-vector kernel
+is one call inside the compiled step), best of three runs; prefill is left out (generate.py's method).
+The roofline is this machine's memory bandwidth over the weight bytes one decoded token reads per
+rank: every weight and scale, except the embedding table (a token reads one row of it). HF rows run
+in this process on every core: bf16, and int8 weight-only through torchao where it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import REPEATS, decode_rate, memory_bandwidth, ours  # noqa: E402
+from random_checkpoint import LAYOUTS, write_random_llama  # noqa: E402
+
+GB = 1e9
+
+
+def bytes_read_per_token(key) -> int:
+    """(In a worker) the bytes of this rank's weights one decoded token reads: all but the embedding
+    table, unless the lm_head is that table."""
+    from nxd_core.worker_process import worker_state
+
+    model = worker_state()[key]
+    unique = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    total = sum(t.numel() * t.element_size() for t in unique.values())
+    embedding = model.model.embed_tokens.weight
+    if model.lm_head.weight is not embedding:
+        total -= embedding.numel() * embedding.element_size()
+    return total
+
+
+def hf_rate(path: Path, prompt: torch.Tensor, new_tokens: int, quantize: bool) -> float | str:
+    """HF generate's decode tokens/s in bf16, or int8 weight-only through torchao (a reason if absent)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    if quantize:
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError:
+            return "torchao is not installed (pip install torchao)"
+        quantize_(model, Int8WeightOnlyConfig())
+
+    def seconds(n):
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        seconds(4)
+        long = min(seconds(new_tokens) for _ in range(REPEATS))
+        short = min(seconds(1) for _ in range(REPEATS))
+    return decode_rate(long, short, new_tokens)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["20m", "1b"])
+    parser.add_argument("--tp", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--methods", nargs="+", default=["int8"], help="quantizations next to bf16")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--no-hf", action="store_true", help="leave out the HF rows")
+    parser.add_argument("--workdir", help="where to put the checkpoints (default: a temporary directory)")
+    args = parser.parse_args(argv)
+
+    from nxd_core import int8_kernels
+    from nxd_core.workers import WorkerGroup
+    from nxd_models import from_pretrained_parallel
+
+    cores = os.cpu_count() or 1
+    bandwidth = memory_bandwidth()
+    int8_kernels.prepare()
+    print(
+        f"memory bandwidth {bandwidth / GB:.1f} GB/s; {cores} cores; int8 kernel: {int8_kernels.isa() or 'none (fallback)'}; "
+        f"decode of {args.new_tokens} tokens after a {args.prompt_tokens}-token prompt, compiled, best of {REPEATS}\n"
+    )
+    header = f"{'layout':7s} {'tp':>3s} {'weights':12s} {'tokens/s':>9s} {'vs bf16':>8s} {'GB read/rank':>13s} {'roofline':>9s} {'of roofline':>12s}"
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="nxd-quant-bench-", dir=args.workdir))
+    try:
+        for layout in args.layouts:
+            path = work / layout
+            write_random_llama(path, layout)
+            vocab = LAYOUTS[layout]["vocab_size"]
+            prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+            slots = args.prompt_tokens + args.new_tokens + 1
+            if not args.no_hf:
+                torch.set_num_threads(cores)
+                hf = hf_rate(path, prompt, args.new_tokens, quantize=False)
+                rows.append(f"{layout:7s} {1:3d} {'HF bf16':12s} {hf:9.1f} {'':>8s}")
+                ao = hf_rate(path, prompt, args.new_tokens, quantize=True)
+                rows.append(f"{layout:7s} {1:3d} {'HF torchao':12s} " + (f"{ao:9.1f} {ao / hf:7.2f}x" if isinstance(ao, float) else ao))
+            for tp in args.tp:
+                with WorkerGroup(tp, threads_per_worker=max(1, cores // tp)) as group:
+                    base = None
+                    for method in [None, *args.methods]:
+                        load = dict(tp=tp, dtype=torch.bfloat16, max_seq_len=slots, workers=group, progress=False, quantize=method)
+                        with from_pretrained_parallel(path, **load) as model:
+                            rate = ours(model, prompt, args.new_tokens, compile=True)["decode_tokens_per_second"]
+                            read = max(group.run(bytes_read_per_token, model.key))
+                        base = base or rate
+                        roofline = bandwidth / read
+                        rows.append(
+                            f"{layout:7s} {tp:3d} {method or 'bf16':12s} {rate:9.1f} {rate / base:7.2f}x {read / GB:13.3f} "
+                            f"{roofline:9.1f} {rate / roofline:11.0%}"
+                        )
+                        print(rows[-1], flush=True)
+            shutil.rmtree(path, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n" + header)
+    for row in rows:
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
