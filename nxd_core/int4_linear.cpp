@@ -111,6 +111,55 @@ static inline void dot_avx2(const uint8_t* w, const uint16_t* s, int64_t K, int6
     for (int m = 0; m < MR; ++m) out[r * MR + m] = hsum8(tot[r][m]);
 }
 
+// The word-lane layout (K a multiple of 8 * lanes, and a group a multiple of 8 that divides or is
+// divided by that block): lane l of a block's 32-bit words holds inputs 8l .. 8l + 7, nibble i
+// being (word >> 4i) & 15, so widening is a shift and a mask, no shuffles; (v | 0x4b000000) is the
+// float 2^23 + v, minus 2^23 + 8 exactly q. x is permuted to [i][lane] per block to match. A lane
+// lies in one group, so each block's sums meet a vector of per-lane scales.
+static constexpr float kMagic = 8388616.0f;  // 2^23 + 8
+
+template <int NR, int MR>
+static inline void dot_words_avx2(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, const float* x, float* out) {
+  const int64_t KB = K / 2, ng = K / G;
+  const int per = G < 64 ? int(64 / G) : 1;  // scales per block of 64 inputs
+  alignas(32) int32_t lane_group[8];
+  for (int l = 0; l < 8; ++l) lane_group[l] = G < 64 ? int32_t(8 * l / G) : 0;
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_group));
+  const __m256i mask = _mm256_set1_epi32(15), bias = _mm256_set1_epi32(0x4b000000);
+  const __m256 magic = _mm256_set1_ps(kMagic);
+  __m256 tot[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    __m256i D[NR];
+    for (int r = 0; r < NR; ++r) D[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * KB + k / 2));
+    __m256 acc[NR][MR];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int i = 0; i < 8; ++i) {
+      __m256 wv[NR];
+      for (int r = 0; r < NR; ++r) {
+        const __m256i v = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(D[r], 4 * i), mask), bias);
+        wv[r] = _mm256_sub_ps(_mm256_castsi256_ps(v), magic);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * K + k + 8 * i);
+        for (int r = 0; r < NR; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      // The block's 1, 2, 4 or 8 scales in one load of just their bytes (scalar stores and a vector
+      // load of them would stall on store forwarding), widened and spread to lanes.
+      const uint16_t* sp = s + r * ng + k / G;
+      const __m128i raw = per == 1 ? _mm_cvtsi32_si128(*sp) : per == 2 ? _mm_loadu_si32(sp) : per == 4 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp)) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(sp));
+      const __m256 sv = _mm256_permutevar8x32_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)), idx);
+      for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_fmadd_ps(acc[r][m], sv, tot[r][m]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r * MR + m] = hsum8(tot[r][m]);
+}
+
 // ---- AVX-512F/BW: 16 lanes ----------------------------------------------------------------------
 
 #define NXD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
@@ -150,6 +199,47 @@ NXD_AVX512 static void dot_avx512(const uint8_t* w, const uint16_t* s, int64_t K
     for (int m = 0; m < MR; ++m) out[r * MR + m] = _mm512_reduce_add_ps(tot[r][m]);
 }
 
+// As dot_words_avx2, 16 lanes (blocks of 128 inputs); one ternary-logic op is the mask and the or,
+// a masked load of the block's scales (never past the row) and one permute spread them to lanes.
+template <int NR, int MR>
+NXD_AVX512 static void dot_words_avx512(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, const float* x, float* out) {
+  const int64_t KB = K / 2, ng = K / G;
+  const __mmask16 smask = G < 128 ? __mmask16((1u << (128 / G)) - 1) : __mmask16(1);
+  alignas(64) int32_t lane_group[16];
+  for (int l = 0; l < 16; ++l) lane_group[l] = G < 128 ? int32_t(8 * l / G) : 0;
+  const __m512i idx = _mm512_load_si512(lane_group);
+  const __m512i mask = _mm512_set1_epi32(15), bias = _mm512_set1_epi32(0x4b000000);
+  const __m512 magic = _mm512_set1_ps(kMagic);
+  __m512 tot[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 128) {
+    __m512i D[NR];
+    for (int r = 0; r < NR; ++r) D[r] = _mm512_loadu_si512(w + r * KB + k / 2);
+    __m512 acc[NR][MR];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int i = 0; i < 8; ++i) {
+      __m512 wv[NR];
+      for (int r = 0; r < NR; ++r) {
+        const __m512i v = _mm512_ternarylogic_epi32(_mm512_srli_epi32(D[r], 4 * i), mask, bias, 0xea);  // (a & b) | c
+        wv[r] = _mm512_sub_ps(_mm512_castsi512_ps(v), magic);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * K + k + 16 * i);
+        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m256i raw = _mm256_maskz_loadu_epi16(smask, s + r * ng + k / G);
+      const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+      for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv, tot[r][m]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r * MR + m] = _mm512_reduce_add_ps(tot[r][m]);
+}
+
 // ---- driver -----------------------------------------------------------------------------------
 
 enum Isa { kAvx2 = 0, kAvx512 = 1 };
@@ -168,16 +258,27 @@ struct Weights {
   const uint8_t* w;   // packed [N, K / 2]
   const uint16_t* s;  // bf16 scales [N, ng]
   int64_t K, G, ng;
+  bool words;  // the word-lane layout (see dot_words_avx2)
 };
+
+// Whether the word-lane layout fits K and G for blocks of `block` (64 or 128) inputs.
+static bool words_fit(int64_t K, int64_t G, int64_t block) {
+  return K % block == 0 && G % 8 == 0 && (block % G == 0 || G % block == 0);
+}
 
 template <bool AVX512, int NR, int MR>
 static inline void tile(const Weights& W, const float* x, int64_t m, int64_t n, int64_t nb, float* acc) {
   float part[NR * MR];
   const uint8_t* w = W.w + n * (W.K / 2);
   const uint16_t* s = W.s + n * W.ng;
-  if constexpr (AVX512) dot_avx512<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
-  else dot_avx2<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
-  if (W.G % 32) tails<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+  if (W.words) {
+    if constexpr (AVX512) dot_words_avx512<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+    else dot_words_avx2<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+  } else {
+    if constexpr (AVX512) dot_avx512<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+    else dot_avx2<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+    if (W.G % 32) tails<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+  }
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MR; ++i) acc[(m + i) * nb + n + r] = part[r * MR + i];
 }
@@ -214,6 +315,9 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   const at::Tensor xc = x_in.contiguous();
   const at::Tensor sc = scale.contiguous();
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  const bool avx512 = chosen_isa() == kAvx512;
+  const int64_t block = avx512 ? 128 : 64, lanes = block / 8;
+  const bool words = words_fit(K, G, block);
   // x widened to fp32 and permuted into nibble order once (a few KB per row), in a tensor: 64-byte
   // aligned, so no 64-byte load of x straddles two cache lines.
   at::Tensor xw = at::empty({M, K}, xc.options().dtype(at::kFloat));
@@ -223,6 +327,10 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     float* xd = xw.data_ptr<float>();
     auto at_k = [&](int64_t i) { return bf16 ? bf16_to_float(xb[i]) : xf[i]; };
     for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; words && b < K; b += block)
+        for (int64_t l = 0; l < lanes; ++l)
+          for (int i = 0; i < 8; ++i) xd[m * K + b + i * lanes + l] = at_k(m * K + b + 8 * l + i);
+    for (int64_t m = 0; m < M && !words; ++m)
       for (int64_t k0 = 0; k0 < K; k0 += G) {
         const int64_t row = m * K;
         for (int64_t b = k0; b < k0 + full; b += 32)
@@ -235,10 +343,9 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   }
   const float* x = xw.data_ptr<float>();
   at::Tensor out = at::empty({M, N}, xc.options());
-  const Weights W{packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>()), K, G, ng};
+  const Weights W{packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>()), K, G, ng, words};
   uint16_t* ob = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   float* of = bf16 ? nullptr : out.data_ptr<float>();
-  const bool avx512 = chosen_isa() == kAvx512;
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     // Blocks of rows so the fp32 sums for all M rows stay on the stack, then round once.
     constexpr int64_t kBlock = 64;
@@ -247,7 +354,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     // More than 16 rows of x: the next 16 meet the same block of W again, now in L2.
     for (int64_t n0 = begin; n0 < end; n0 += kBlock) {
       const int64_t n1 = std::min(end, n0 + kBlock), nb = n1 - n0;
-      const Weights Wb{W.w + n0 * (K / 2), W.s + n0 * ng, K, G, ng};
+      const Weights Wb{W.w + n0 * (K / 2), W.s + n0 * ng, K, G, ng, words};
       for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t mc = std::min(mb, M - m0);
         if (avx512) rows_range<true>(Wb, x + m0 * K, mc, nb, acc);
