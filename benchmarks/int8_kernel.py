@@ -1,4 +1,4 @@
-"""Decode-shaped linears on this CPU: the int8 weight-only kernel next to bf16 (ATen and nxd's kernel).
+"""Decode-shaped linears on this CPU: the int8 and int4 weight-only kernels next to bf16 (ATen and nxd's kernel).
 
     python benchmarks/int8_kernel.py                 # 1.1B Llama and 7B shapes, one row of x
     python benchmarks/int8_kernel.py --rows 4        # speculative verification: 4 rows
@@ -7,8 +7,9 @@
 Each number is the best over several batches of calls (a shared machine's noise only ever slows a
 batch down) of the mean time per call. Every call reads a different copy of the weight, enough
 copies to overflow the last-level cache, so the weights come from memory as in a real decode step.
-GB/s is the weight bytes (plus scales) read per second. The int8 kernel's AVX2 row runs in a child
-process with NXD_INT8_KERNEL=avx2 (the choice is read once per process). The prefill table compares
+GB/s is the weight bytes (plus scales) read per second. The kernels' AVX2 columns run in a child
+process with NXD_INT8_KERNEL=avx2 and NXD_INT4_KERNEL=avx2 (the choice is read once per process).
+int4 is group-wise (g32, g128: one bf16 scale per 32 or 128 inputs). The prefill table compares
 the ways int8_kernels could compute many rows without the kernel (its fallback).
 """
 
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nxd_core import cpu_kernels, int8_kernels  # noqa: E402
-from nxd_core.quantization import quantize_int8  # noqa: E402
+from nxd_core import cpu_kernels, int4_kernels, int8_kernels  # noqa: E402
+from nxd_core.quantization import quantize_int4, quantize_int8  # noqa: E402
 
 # (name, N, K) of W [N, K]
 SHAPES = [
@@ -39,6 +40,7 @@ SHAPES = [
     ("7B gate/up", 11008, 4096),
 ]
 QUICK_SHAPES = [("small", 512, 1024)]
+INT4_GROUPS = [32, 128]
 CACHE_BYTES = 96 << 20  # more than this machine's L3 (copies rotate through at least this much)
 
 
@@ -69,8 +71,19 @@ def _weights(n: int, k: int, quick: bool):
     return bf16, int8
 
 
+def _int4_weights(n: int, k: int, group: int, quick: bool):
+    """The same random weights as _weights, int4 with `group`, in enough copies to overflow the cache."""
+    generator = torch.Generator().manual_seed(n * k)
+    packed, scale = quantize_int4(torch.randn(n, k, generator=generator) * 0.02, group)
+    return [(packed.clone(), scale.clone()) for _ in range(_copies(n * k // 2, quick))]
+
+
+def _int4_bytes(n: int, k: int, group: int) -> int:
+    return n * k // 2 + n * (k // group) * 2
+
+
 def int8_rows(rows: int, shapes, batches: int, quick: bool) -> dict:
-    """Seconds per call of the int8 kernel in this process (its ISA as chosen here), per shape."""
+    """Seconds per call of the int8 and int4 kernels in this process (their ISAs as chosen here), per shape."""
     if not int8_kernels.prepare():
         return {}
     out = {}
@@ -78,12 +91,24 @@ def int8_rows(rows: int, shapes, batches: int, quick: bool) -> dict:
         _, int8 = _weights(n, k, quick)
         x = torch.randn(rows, k).bfloat16()
         out[name] = _best_seconds(lambda i, x=x, int8=int8: int8_kernels.int8_linear(x, *int8[i]), len(int8), batches, 20)
-    return {"isa": int8_kernels.isa(), "seconds": out}
+    result = {"isa": int8_kernels.isa(), "seconds": out}
+    if int4_kernels.prepare():
+        int4 = {}
+        for group in INT4_GROUPS:
+            for name, n, k in shapes:
+                w = _int4_weights(n, k, group, quick)
+                x = torch.randn(rows, k).bfloat16()
+                call = lambda i, x=x, w=w: int4_kernels.int4_linear(x, *w[i])
+                int4[f"{group} {name}"] = _best_seconds(call, len(w), batches, 20)
+        result.update(int4_isa=int4_kernels.isa(), int4=int4)
+    return result
 
 
 def _avx2_child(rows: int, quick: bool, batches: int) -> dict:
     args = [sys.executable, __file__, "--int8-only", "--rows", str(rows), "--batches", str(batches)] + (["--quick"] if quick else [])
-    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "NXD_INT8_KERNEL": "avx2"}, timeout=1200)
+    done = subprocess.run(
+        args, capture_output=True, text=True, env={**os.environ, "NXD_INT8_KERNEL": "avx2", "NXD_INT4_KERNEL": "avx2"}, timeout=1200
+    )
     if done.returncode != 0:
         print(done.stderr[-2000:], file=sys.stderr)
         return {}
@@ -110,7 +135,10 @@ def decode_table(rows: int, shapes, batches: int, quick: bool) -> None:
     if avx2:
         columns.append(f"int8 kernel ({avx2['isa']})")
     columns += ["int8 fallback", "_weight_int8pack_mm"]
-    print(f"{'W [N, K]':28}" + "".join(f"{c:>24}" for c in columns) + f"{'int8/bf16_linear':>18}")
+    int4_runs = [run for run in (here, avx2) if "int4" in run]
+    columns += [f"int4 g{g} ({run['int4_isa']})" for g in INT4_GROUPS for run in int4_runs]
+    ratios = ["int8/bf16_linear"] + [f"int4 g{g}/bf16_linear" for g in INT4_GROUPS if int4_runs]
+    print(f"{'W [N, K]':28}" + "".join(f"{c:>24}" for c in columns) + "".join(f"{r:>22}" for r in ratios))
     for name, n, k in shapes:
         bf16, int8 = _weights(n, k, quick)
         x = torch.randn(rows, k).bfloat16()
@@ -140,6 +168,9 @@ def decode_table(rows: int, shapes, batches: int, quick: bool) -> None:
                 cells["_weight_int8pack_mm"] = (_best_seconds(pack, len(int8), batches, 20), int8_bytes)
             except RuntimeError:
                 pass
+            for g in INT4_GROUPS:
+                for run in int4_runs:
+                    cells[f"int4 g{g} ({run['int4_isa']})"] = (run["int4"][f"{g} {name}"], _int4_bytes(n, k, g))
         line = f"{name + f' [{n}, {k}]':28}"
         for c in columns:
             if c in cells:
@@ -147,9 +178,13 @@ def decode_table(rows: int, shapes, batches: int, quick: bool) -> None:
                 line += f"{seconds * 1e3:9.3f} ({nbytes / seconds / 1e9:5.1f} GB/s) "
             else:
                 line += f"{'-':>24}"
-        fast = cells.get(f"int8 kernel ({here.get('isa')})")
-        ratio = f"{cells['nxd bf16_linear'][0] / fast[0]:.2f}x" if fast and "nxd bf16_linear" in cells else "-"
-        print(line + f"{ratio:>18}")
+        # Each kernel at this CPU's own ISA, as a speed-up over nxd's bf16 kernel.
+        fast = [cells.get(f"int8 kernel ({here.get('isa')})")]
+        fast += [cells.get(f"int4 g{g} ({here.get('int4_isa')})") for g in INT4_GROUPS if int4_runs]
+        for f in fast:
+            ratio = f"{cells['nxd bf16_linear'][0] / f[0]:.2f}x" if f and "nxd bf16_linear" in cells else "-"
+            line += f"{ratio:>22}"
+        print(line)
 
 
 def prefill_table(batches: int, quick: bool) -> None:
@@ -189,7 +224,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=1, help="rows of x (1: one token)")
     parser.add_argument("--batches", type=int, default=7, help="batches of calls; the best is reported")
     parser.add_argument("--quick", action="store_true", help="one small shape, few batches (a smoke test)")
-    parser.add_argument("--int8-only", action="store_true", help=argparse.SUPPRESS)  # the AVX2 child
+    parser.add_argument("--int8-only", action="store_true", help=argparse.SUPPRESS)  # the AVX2 child (int8 and int4)
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     batches = 2 if args.quick else args.batches

@@ -1,0 +1,382 @@
+// y = x W^T for int4 W [N, K] with one bfloat16 scale per group of G inputs, x [M, K] bfloat16 or
+// float32 (a few rows): weight-only int4 for decoding.
+//
+// Why: decoding reads every weight once per token, so its speed is memory bandwidth; int4 weights
+// are a quarter of the bytes of bf16 (plus 2 bytes of scale per group). Activations stay floating
+// point: each nibble becomes q - 8 in int8 (and, shift, subtract), is widened to fp32 and meets x in
+// an FMA; each group's fp32 sum is multiplied by its scale into the row's fp32 total, rounded once.
+//
+// The format (nxd_core.quantization.quantize_int4): q + 8 in a nibble, two per byte, the low nibble
+// the even input k, the high nibble k + 1. x is permuted once per call into that order (in each
+// block of 32 inputs of a group: the 16 even inputs, then the 16 odd ones), so the weight side needs
+// no shuffles. A group's last G % 32 inputs (G not a multiple of 32) stay in order, done in scalar.
+//
+// Two SIMD paths in one object: AVX2+FMA (the file's baseline flags) and AVX-512 (function-level
+// target attributes), chosen at run time from the CPU, never assumed. NXD_INT4_KERNEL=avx2 forces
+// the AVX2 path (read once per process) so it can be tested on an AVX-512 machine.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+static inline float bf16_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// 16 bytes (32 inputs) as q - 8 in int8: lo the 16 even inputs, hi the 16 odd ones, in order.
+static inline void split_nibbles(const uint8_t* p, __m128i& lo, __m128i& hi) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+  lo = _mm_sub_epi8(_mm_and_si128(b, mask), eight);
+  hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), eight);
+}
+
+// The last G % 32 inputs of each group (kept in order, k even), scalar: out[r * MR + m] += their
+// scaled sums. Only for a G that is not a multiple of 32, so it stays out of the SIMD loops.
+template <int NR, int MR>
+static void tails(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, const float* x, float* out) {
+  const int64_t KB = K / 2, ng = K / G, full = G / 32 * 32;
+  for (int r = 0; r < NR; ++r)
+    for (int64_t j = 0; j < ng; ++j) {
+      float part[MR] = {};
+      for (int64_t k = j * G + full; k < (j + 1) * G; ++k) {
+        const uint8_t b = w[r * KB + k / 2];
+        const float q = float(int((k & 1) ? (b >> 4) : (b & 15)) - 8);
+        for (int m = 0; m < MR; ++m) part[m] += q * x[m * K + k];
+      }
+      const float sc = bf16_to_float(s[r * ng + j]);
+      for (int m = 0; m < MR; ++m) out[r * MR + m] += sc * part[m];
+    }
+}
+
+// ---- AVX2 + FMA: 8 lanes ----------------------------------------------------------------------
+
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+// NR weight rows (K/2 bytes apart, scales ng apart) against MR rows of permuted x (K apart): each
+// 8 weights are widened once and used MR times, each x vector loaded once and used NR times. A
+// group's sum meets its scale in one FMA into the row's total; sums and totals stay in registers
+// (NR * MR each). The full 32-input blocks of each group; out[r * MR + m] = row r . x row m.
+template <int NR, int MR>
+static inline void dot_avx2(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, const float* x, float* out) {
+  const int64_t KB = K / 2, ng = K / G, full = G / 32 * 32;
+  __m256 tot[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < ng; ++j) {
+    const int64_t k0 = j * G;
+    __m256 acc[NR][MR];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k0 + full; k += 32) {
+      __m128i lo[NR], hi[NR];
+      for (int r = 0; r < NR; ++r) split_nibbles(w + r * KB + k / 2, lo[r], hi[r]);
+      // x's block is even 0-7, even 8-15, odd 0-7, odd 8-15: the four 8-byte halves of lo, hi.
+      for (int u = 0; u < 4; ++u) {
+        __m256 wv[NR];
+        for (int r = 0; r < NR; ++r) {
+          __m128i b = u < 2 ? lo[r] : hi[r];
+          if (u & 1) b = _mm_srli_si128(b, 8);
+          wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        }
+        for (int m = 0; m < MR; ++m) {
+          const __m256 xv = _mm256_loadu_ps(x + m * K + k + 8 * u);
+          for (int r = 0; r < NR; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m256 sv = _mm256_set1_ps(bf16_to_float(s[r * ng + j]));
+      for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_fmadd_ps(acc[r][m], sv, tot[r][m]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r * MR + m] = hsum8(tot[r][m]);
+}
+
+// The word-lane layout (K a multiple of 8 * lanes, and a group a multiple of 8 that divides or is
+// divided by that block): lane l of a block's 32-bit words holds inputs 8l .. 8l + 7, nibble i
+// being (word >> 4i) & 15, so widening is a shift and a mask, no shuffles; (v | 0x4b000000) is the
+// float 2^23 + v, minus 2^23 + 8 exactly q. x is permuted to [i][lane] per block to match. A lane
+// lies in one group, so each block's sums meet a vector of per-lane scales.
+static constexpr float kMagic = 8388616.0f;  // 2^23 + 8
+
+template <int NR, int MR>
+static inline void dot_words_avx2(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, const float* x, float* out) {
+  const int64_t KB = K / 2, ng = K / G;
+  const int per = G < 64 ? int(64 / G) : 1;  // scales per block of 64 inputs
+  alignas(32) int32_t lane_group[8];
+  for (int l = 0; l < 8; ++l) lane_group[l] = G < 64 ? int32_t(8 * l / G) : 0;
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_group));
+  const __m256i mask = _mm256_set1_epi32(15), bias = _mm256_set1_epi32(0x4b000000);
+  const __m256 magic = _mm256_set1_ps(kMagic);
+  __m256 tot[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    __m256i D[NR];
+    for (int r = 0; r < NR; ++r) D[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * KB + k / 2));
+    __m256 acc[NR][MR];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int i = 0; i < 8; ++i) {
+      __m256 wv[NR];
+      for (int r = 0; r < NR; ++r) {
+        const __m256i v = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(D[r], 4 * i), mask), bias);
+        wv[r] = _mm256_sub_ps(_mm256_castsi256_ps(v), magic);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * K + k + 8 * i);
+        for (int r = 0; r < NR; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      // The block's 1, 2, 4 or 8 scales in one load of just their bytes (scalar stores and a vector
+      // load of them would stall on store forwarding), widened and spread to lanes.
+      const uint16_t* sp = s + r * ng + k / G;
+      const __m128i raw = per == 1 ? _mm_cvtsi32_si128(*sp) : per == 2 ? _mm_loadu_si32(sp) : per == 4 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sp)) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(sp));
+      const __m256 sv = _mm256_permutevar8x32_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)), idx);
+      for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_fmadd_ps(acc[r][m], sv, tot[r][m]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r * MR + m] = hsum8(tot[r][m]);
+}
+
+// ---- AVX-512F/BW: 16 lanes ----------------------------------------------------------------------
+
+#define NXD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+
+// As dot_avx2, 16 lanes: lo and hi widen to one zmm each, into two sums per group (half the FMA
+// chain; 32 zmm registers). Not inlined into the (AVX2) driver: one call per tile of whole rows,
+// so the call costs nothing next to the K loop.
+template <int NR, int MR>
+NXD_AVX512 static void dot_avx512(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, const float* x, float* out) {
+  const int64_t KB = K / 2, ng = K / G, full = G / 32 * 32;
+  __m512 tot[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < ng; ++j) {
+    const int64_t k0 = j * G;
+    __m512 acc[NR][MR][2];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k0 + full; k += 32) {
+      __m128i lo[NR], hi[NR];
+      for (int r = 0; r < NR; ++r) split_nibbles(w + r * KB + k / 2, lo[r], hi[r]);
+      for (int u = 0; u < 2; ++u) {
+        __m512 wv[NR];
+        for (int r = 0; r < NR; ++r) wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(u == 0 ? lo[r] : hi[r]));
+        for (int m = 0; m < MR; ++m) {
+          const __m512 xv = _mm512_loadu_ps(x + m * K + k + 16 * u);
+          for (int r = 0; r < NR; ++r) acc[r][m][u] = _mm512_fmadd_ps(wv[r], xv, acc[r][m][u]);
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m512 sv = _mm512_set1_ps(bf16_to_float(s[r * ng + j]));
+      for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]), sv, tot[r][m]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r * MR + m] = _mm512_reduce_add_ps(tot[r][m]);
+}
+
+// As dot_words_avx2, 16 lanes (blocks of 128 inputs); one ternary-logic op is the mask and the or,
+// a masked load of the block's scales (never past the row) and one permute spread them to lanes.
+template <int NR, int MR>
+NXD_AVX512 static void dot_words_avx512(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, const float* x, float* out) {
+  const int64_t KB = K / 2, ng = K / G;
+  const __mmask16 smask = G < 128 ? __mmask16((1u << (128 / G)) - 1) : __mmask16(1);
+  alignas(64) int32_t lane_group[16];
+  for (int l = 0; l < 16; ++l) lane_group[l] = G < 128 ? int32_t(8 * l / G) : 0;
+  const __m512i idx = _mm512_load_si512(lane_group);
+  const __m512i mask = _mm512_set1_epi32(15), bias = _mm512_set1_epi32(0x4b000000);
+  const __m512 magic = _mm512_set1_ps(kMagic);
+  __m512 tot[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 128) {
+    __m512i D[NR];
+    for (int r = 0; r < NR; ++r) D[r] = _mm512_loadu_si512(w + r * KB + k / 2);
+    __m512 acc[NR][MR];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int i = 0; i < 8; ++i) {
+      __m512 wv[NR];
+      for (int r = 0; r < NR; ++r) {
+        const __m512i v = _mm512_ternarylogic_epi32(_mm512_srli_epi32(D[r], 4 * i), mask, bias, 0xea);  // (a & b) | c
+        wv[r] = _mm512_sub_ps(_mm512_castsi512_ps(v), magic);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * K + k + 16 * i);
+        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m256i raw = _mm256_maskz_loadu_epi16(smask, s + r * ng + k / G);
+      const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+      for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv, tot[r][m]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r * MR + m] = _mm512_reduce_add_ps(tot[r][m]);
+}
+
+// ---- driver -----------------------------------------------------------------------------------
+
+enum Isa { kAvx2 = 0, kAvx512 = 1 };
+
+static Isa chosen_isa() {
+  static const Isa isa = [] {
+    const char* forced = std::getenv("NXD_INT4_KERNEL");
+    if (forced && std::string(forced) == "avx2") return kAvx2;
+    // __builtin_cpu_supports also checks that the OS saves the AVX-512 registers.
+    return (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) ? kAvx512 : kAvx2;
+  }();
+  return isa;
+}
+
+struct Weights {
+  const uint8_t* w;   // packed [N, K / 2]
+  const uint16_t* s;  // bf16 scales [N, ng]
+  int64_t K, G, ng;
+  bool words;  // the word-lane layout (see dot_words_avx2)
+};
+
+// Whether the word-lane layout fits K and G for blocks of `block` (64 or 128) inputs.
+static bool words_fit(int64_t K, int64_t G, int64_t block) {
+  return K % block == 0 && G % 8 == 0 && (block % G == 0 || G % block == 0);
+}
+
+template <bool AVX512, int NR, int MR>
+static inline void tile(const Weights& W, const float* x, int64_t m, int64_t n, int64_t nb, float* acc) {
+  float part[NR * MR];
+  const uint8_t* w = W.w + n * (W.K / 2);
+  const uint16_t* s = W.s + n * W.ng;
+  if (W.words) {
+    if constexpr (AVX512) dot_words_avx512<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+    else dot_words_avx2<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+  } else {
+    if constexpr (AVX512) dot_avx512<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+    else dot_avx2<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+    if (W.G % 32) tails<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MR; ++i) acc[(m + i) * nb + n + r] = part[r * MR + i];
+}
+
+// NR weight rows at a time against all M rows of x, MR at a time, while those rows sit in L1.
+// Registers: NR * MR group sums and as many totals (AVX2: 16 ymm, AVX-512: 32 zmm).
+template <bool AVX512, int NR>
+static void rows_tiles(const Weights& W, const float* x, int64_t M, int64_t n, int64_t nb, float* acc) {
+  constexpr int kMaxMR = AVX512 ? 4 : 2;
+  int64_t m = 0;
+  for (; m + kMaxMR <= M; m += kMaxMR) tile<AVX512, NR, kMaxMR>(W, x, m, n, nb, acc);
+  if (kMaxMR > 2 && M - m >= 2) tile<AVX512, NR, 2>(W, x, m, n, nb, acc), m += 2;
+  if (M - m == 1) tile<AVX512, NR, 1>(W, x, m, n, nb, acc);
+}
+
+// Rows [0, nb) of W (already offset) against all M rows of x into acc[M][nb]. Two weight rows per
+// tile halve the loads of x, which are 8 bytes per weight byte (fp32 x against two int4).
+template <bool AVX512>
+static void rows_range(const Weights& W, const float* x, int64_t M, int64_t nb, float* acc) {
+  int64_t n = 0;
+  for (; n + 2 <= nb; n += 2) rows_tiles<AVX512, 2>(W, x, M, n, nb, acc);
+  if (n < nb) rows_tiles<AVX512, 1>(W, x, M, n, nb, acc);
+}
+
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale) {
+  TORCH_CHECK(x_in.dim() == 2 && packed.dim() == 2 && x_in.size(1) == 2 * packed.size(1), "int4_linear: x [M, K] and packed [N, K / 2]");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat, "int4_linear: x bfloat16 or float32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "int4_linear: packed uint8, contiguous");
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.dim() == 2 && scale.size(0) == packed.size(0) && scale.size(1) > 0,
+              "int4_linear: scale bfloat16 [N, groups]");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = packed.size(0), ng = scale.size(1);
+  TORCH_CHECK(K % ng == 0 && (K / ng) % 2 == 0, "int4_linear: the groups must split K into equal even parts");
+  const int64_t G = K / ng, full = G / 32 * 32;
+  const at::Tensor xc = x_in.contiguous();
+  const at::Tensor sc = scale.contiguous();
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  const bool avx512 = chosen_isa() == kAvx512;
+  const int64_t block = avx512 ? 128 : 64, lanes = block / 8;
+  const bool words = words_fit(K, G, block);
+  // x widened to fp32 and permuted into nibble order once (a few KB per row), in a tensor: 64-byte
+  // aligned, so no 64-byte load of x straddles two cache lines.
+  at::Tensor xw = at::empty({M, K}, xc.options().dtype(at::kFloat));
+  {
+    const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) : nullptr;
+    const float* xf = bf16 ? nullptr : xc.data_ptr<float>();
+    float* xd = xw.data_ptr<float>();
+    auto at_k = [&](int64_t i) { return bf16 ? bf16_to_float(xb[i]) : xf[i]; };
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; words && b < K; b += block)
+        for (int64_t l = 0; l < lanes; ++l)
+          for (int i = 0; i < 8; ++i) xd[m * K + b + i * lanes + l] = at_k(m * K + b + 8 * l + i);
+    for (int64_t m = 0; m < M && !words; ++m)
+      for (int64_t k0 = 0; k0 < K; k0 += G) {
+        const int64_t row = m * K;
+        for (int64_t b = k0; b < k0 + full; b += 32)
+          for (int i = 0; i < 16; ++i) {
+            xd[row + b + i] = at_k(row + b + 2 * i);
+            xd[row + b + 16 + i] = at_k(row + b + 2 * i + 1);
+          }
+        for (int64_t k = k0 + full; k < k0 + G; ++k) xd[row + k] = at_k(row + k);
+      }
+  }
+  const float* x = xw.data_ptr<float>();
+  at::Tensor out = at::empty({M, N}, xc.options());
+  const Weights W{packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>()), K, G, ng, words};
+  uint16_t* ob = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+  float* of = bf16 ? nullptr : out.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    // Blocks of rows so the fp32 sums for all M rows stay on the stack, then round once.
+    constexpr int64_t kBlock = 64;
+    float acc[16 * kBlock];
+    const int64_t mb = 16;
+    // More than 16 rows of x: the next 16 meet the same block of W again, now in L2.
+    for (int64_t n0 = begin; n0 < end; n0 += kBlock) {
+      const int64_t n1 = std::min(end, n0 + kBlock), nb = n1 - n0;
+      const Weights Wb{W.w + n0 * (K / 2), W.s + n0 * ng, K, G, ng, words};
+      for (int64_t m0 = 0; m0 < M; m0 += mb) {
+        const int64_t mc = std::min(mb, M - m0);
+        if (avx512) rows_range<true>(Wb, x + m0 * K, mc, nb, acc);
+        else rows_range<false>(Wb, x + m0 * K, mc, nb, acc);
+        for (int64_t m = 0; m < mc; ++m)
+          for (int64_t n = n0; n < n1; ++n) {
+            const float v = acc[m * nb + n - n0];
+            if (bf16) ob[(m0 + m) * N + n] = float_to_bf16(v);
+            else of[(m0 + m) * N + n] = v;
+          }
+      }
+    }
+  });
+  return out;
+}
+
+std::string int4_linear_isa() { return chosen_isa() == kAvx512 ? "avx512" : "avx2"; }
+
+// Registered with the dispatcher (not pybind): a call costs what any aten op costs. A fragment of
+// the nxd namespace, which bf16_linear.cpp defines.
+TORCH_LIBRARY_FRAGMENT(nxd, m) {
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
+  m.def("int4_linear_isa() -> str", &int4_linear_isa);
+}
+TORCH_LIBRARY_IMPL(nxd, CPU, m) { m.impl("int4_linear", &int4_linear); }
