@@ -110,7 +110,13 @@ def main(argv=None) -> None:
                     base = None
                     for method in [None, *args.methods]:
                         load = dict(tp=tp, dtype=torch.bfloat16, max_seq_len=slots, workers=group, progress=False, quantize=method)
-                        with from_pretrained_parallel(path, **load) as model:
+                        try:
+                            model = from_pretrained_parallel(path, **load)
+                        except ValueError as exc:  # an int4 group that this layout's widths do not hold
+                            rows.append(f"{layout:7s} {tp:3d} {method:12s} not applicable: {exc}")
+                            print(rows[-1], flush=True)
+                            continue
+                        with model:
                             rate = ours(model, prompt, args.new_tokens, compile=True)["decode_tokens_per_second"]
                             read = max(group.run(bytes_read_per_token, model.key))
                         base = base or rate

@@ -81,3 +81,12 @@ def test_int8_kernel_prints_the_decode_and_prefill_tables():
     out = _run("int8_kernel.py", "--quick")
     for row in ("ATen bf16 F.linear", "nxd bf16_linear", "int8 fallback", "memory copy", "prefill", "dequantize to bf16"):
         assert row in out
+
+
+@pytest.mark.slow  # two compiled decodes (~1.5 min here); test_quantization covers the quantized paths
+def test_quant_prints_bf16_next_to_int8(tmp_path):
+    out = _run("quant.py", "--layouts", "tiny", "--tp", "1", "--new-tokens", "8", "--no-hf", "--workdir", str(tmp_path))
+    rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
+    assert [row[2] for row in rows] == ["bf16", "int8"] * 2  # printed as measured, then in the table
+    assert "of roofline" in out and "int8 kernel:" in out
+    assert list(tmp_path.iterdir()) == []
