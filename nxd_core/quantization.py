@@ -154,9 +154,18 @@ def quantize_model(model: nn.Module, quantize: str, layers: Iterable[str] | None
         if any(layer.weight is p for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(name + ".")):
             raise ValueError(f"{name}.weight is tied to another parameter: a tied weight cannot be quantized")
         _quantize_layer(layer, quantize, name)
-    if names and next(model.parameters()).device.type == "cpu":
-        (int8_kernels if quantize == "int8" else int4_kernels).prepare()
+    prepare_kernels(model)
     return names
+
+
+def prepare_kernels(model: nn.Module) -> None:
+    """Build and switch on the kernels a model's quantized layers on the CPU use (call it once the
+    weights are on their device: a model quantized on the meta device is not there yet)."""
+    dtypes = {m.weight.dtype for m in model.modules() if isinstance(m, _QuantizedMatmul) and m.weight.device.type == "cpu"}
+    if torch.int8 in dtypes:
+        int8_kernels.prepare()
+    if torch.uint8 in dtypes:
+        int4_kernels.prepare()
 
 
 def _quantize_layer(layer, method: str, name: str) -> None:

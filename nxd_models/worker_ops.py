@@ -27,7 +27,7 @@ from nxd_core.checkpoint import (
     read_manifest,
     tied_aliases,
 )
-from nxd_core.quantization import quantize_model, quantized_sources, saved_quantization
+from nxd_core.quantization import prepare_kernels, quantize_model, quantized_sources, saved_quantization
 from nxd_core.worker_process import StateKey, drop_owned_by, return_freed_memory, worker_state
 
 from .families import build_for_checkpoint
@@ -106,6 +106,7 @@ def _build_and_load(
             tensors = _with_progress(tensors, description)
         load_state_dict_from_full(model, tensors, source=path)
     model.to(device)
+    prepare_kernels(model)  # the quantized layers' kernels, now that the weights are on their device
     if family.KV_CACHE:
         model.allocate_kv_cache(max_batch_size, max_seq_len)
     model.eval()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from test_trace import ContextThenTokens, greedy, llama_get_model
 from transformers import AutoModelForCausalLM
 
+from nxd_core import int4_kernels, int8_kernels
 from nxd_core import parallel_state as ps
 from nxd_core.bucketing import BucketModelConfig
 from nxd_core.checkpoint import consolidate, open_full_checkpoint, reshard
@@ -141,6 +142,9 @@ def test_quantized_logits_equal_hf_on_the_dequantized_weights(tp_runner, models,
     with from_pretrained_parallel(path, tp=2, quantize=method, workers=tp_runner.workers(2), progress=False) as model:
         logits = model(ids)
     assert (logits - expected).abs().max().item() < TOL
+    kernels = int8_kernels if method == "int8" else int4_kernels
+    if kernels.prepare():  # the workers decode on the kernel, not on the dequantizing fallback
+        assert tp_runner.workers(2).run(kernels.isa) == [kernels.isa()] * 2
     # The quantized model stays near the unquantized one: the logits' relative RMS error is under 5%
     # for int8 (measured: 2.6% for the llama, 1.9% for the MoE) and under BOUND_INT4 for int4 groups of 32.
     relative = ((logits - unquantized).norm() / unquantized.norm()).item()
