@@ -28,6 +28,7 @@ from torch import nn
 
 from . import int4_kernels, int8_kernels
 from . import parallel_state as ps
+from .checkpoint_read import _read_whole
 from .layers import ColumnParallelLinear, RowParallelLinear
 from .sharding import ShardSpec, get_sharding, set_sharding
 
@@ -241,12 +242,6 @@ def quantized_sources(sources: Mapping, layers: Iterable[str], method: str = "in
     return out
 
 
-def _whole(full) -> torch.Tensor:
-    if isinstance(full, torch.Tensor):
-        return full
-    return full.read() if hasattr(full, "read") else full[:]
-
-
 def _slices(index, shape) -> tuple[slice, slice]:
     index = index if isinstance(index, tuple) else (index,)
     rows = index[0] if index else slice(None)
@@ -259,7 +254,7 @@ def _read(full, rows: slice, cols: slice | None = None) -> torch.Tensor:
     try:
         return full[rows] if cols is None or cols == slice(0, full.shape[1]) else full[rows, cols]
     except IndexError:  # a ShardedView slices only along its sharded dim
-        whole = _whole(full)
+        whole = _read_whole(full)
         return whole[rows] if cols is None else whole[rows, cols]
 
 
