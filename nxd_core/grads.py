@@ -66,16 +66,48 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: 
 def average_data_parallel_gradients(parameters: Iterable[torch.Tensor]) -> None:
     """Average gradients over the data parallel group, as DDP or the guide's
     `xm.optimizer_step(optimizer, groups=get_data_parallel_group(as_list=True))` do."""
-    dp = ps.get_data_parallel_size()
-    if dp == 1:
+    _average_gradients(parameters, ps.get_data_parallel_group(), ps.get_data_parallel_size())
+
+
+def _average_gradients(parameters: Iterable[torch.Tensor], group, size: int) -> None:
+    if size == 1:
         return
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=ps.get_data_parallel_group())
-    flat /= dp
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per parameter
+    dist.all_reduce(flat, group=group)
+    flat /= size
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, barrier: bool = False, optimizer_args: dict | None = None, groups=None):
+    """torch_xla's `xm.optimizer_step`, which NxD's training guide calls: average the gradients over
+    `groups`, then `optimizer.step(**optimizer_args)`; returns what step returns.
+
+    groups: the replica groups as lists of ranks; NxD passes
+    `parallel_state.get_data_parallel_group(as_list=True)`. None means the whole world, as in
+    torch_xla, which is only right at tp=1: with tp > 1 it would average different shards, so it is
+    refused. barrier is accepted for the same signature; there is no lazy graph to cut here.
+    """
+    del barrier
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    tp = ps.get_tensor_model_parallel_size()
+    if groups is None and tp > 1:
+        raise ValueError(
+            f"optimizer_step without groups averages over every rank, which mixes the {tp} tensor parallel shards: "
+            "pass groups=parallel_state.get_data_parallel_group(as_list=True)"
+        )
+    if groups is not None and [list(g) for g in groups] != ps.get_data_parallel_group(as_list=True):
+        raise ValueError(
+            f"optimizer_step groups={groups} are not this world's data parallel groups "
+            f"{ps.get_data_parallel_group(as_list=True)}: pass parallel_state.get_data_parallel_group(as_list=True)"
+        )
+    if groups is None and dist.is_initialized():
+        _average_gradients(params, None, dist.get_world_size())
+    else:
+        _average_gradients(params, ps.get_data_parallel_group(), ps.get_data_parallel_size())
+    return optimizer.step(**(optimizer_args or {}))

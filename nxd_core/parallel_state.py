@@ -8,8 +8,10 @@ single process would, so layers and models run unchanged in a plain script.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
+import torch
 import torch.distributed as dist
 
 _TP_GROUP = None
@@ -49,6 +51,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, collectives: 
         raise ValueError(f"tensor_model_parallel_size must be >= 1, got {tp}")
     if collectives not in COLLECTIVES:
         raise ValueError(f"collectives must be one of {list(COLLECTIVES)}, got {collectives!r}")
+    if not dist.is_initialized() and launched_by_torchrun():
+        join_torchrun_world()
     if not dist.is_initialized() and tp != 1:
         raise RuntimeError(
             f"tensor_model_parallel_size={tp} needs a torch.distributed process group: "
@@ -88,6 +92,26 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, collectives: 
 
         if shm_group.attach(_TP_GROUP, timeout):
             _TP_SHM_GROUP = _TP_GROUP.group_name
+
+
+def launched_by_torchrun() -> bool:
+    # torchrun (like env:// rendezvous in torch itself) hands each rank its identity in the environment.
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def join_torchrun_world(device: str | None = None) -> None:
+    """Create the default process group from torchrun's environment.
+
+    NxD's guide calls initialize_model_parallel under torchrun with no process group in sight (its
+    scripts made one with init_process_group("xla")), so initialize_model_parallel makes it here.
+    device "cuda" means nccl only; None means gloo for CPU tensors, plus nccl for CUDA tensors where
+    CUDA is present, so a CPU script runs unchanged on a GPU host.
+    """
+    cuda = device == "cuda" or (device is None and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    backend = "nccl" if device == "cuda" else ("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    dist.init_process_group(backend)
 
 
 def model_parallel_is_initialized() -> bool:

@@ -222,6 +222,9 @@ def parallel_model_trace(
     bucket_config: BucketModelConfig | None = None,
     compiled: bool = True,
     workers: Group | None = None,
+    compiler_workdir=None,
+    compiler_args=None,
+    max_parallel_compilations=None,
 ) -> TensorParallelModel:
     """Trace the model func() builds in each of tp_degree workers; return its front end.
 
@@ -229,8 +232,11 @@ def parallel_model_trace(
     them, one per bucket in the kernel's bucket order. workers: a running Group
     of tp_degree ranks to use (a WorkerGroup(tp_degree), or start_workers' group
     under torchrun; it stays open); by default the model starts its own
-    WorkerGroup and closes it with close().
+    WorkerGroup and closes it with close(). compiler_workdir, compiler_args and
+    max_parallel_compilations are NxD's options for the Neuron compiler, accepted so that NxD's
+    scripts run; there is no Neuron compiler here, so they change nothing.
     """
+    del compiler_workdir, compiler_args, max_parallel_compilations
     if bucket_config is not None and inline_weights_to_neff:
         raise ValueError("bucket_config needs weights kept apart from the graphs: pass inline_weights_to_neff=False")
     example_sets = _example_sets(example_inputs, bucket_config is not None)

@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Protocol, Self, runtime_checkable
 
 import cloudpickle
-import torch
 import torch.distributed as dist
 
 from . import parallel_state as ps
@@ -603,19 +602,11 @@ class LocalGroup:
         self.close()
 
 
-def launched_by_torchrun() -> bool:
-    # torchrun (like env:// rendezvous in torch itself) hands each rank its identity in the environment.
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
 def start_workers(tp: int, device: str = "cpu", **kwargs) -> Group:
     """Driver mode: start a WorkerGroup of tp processes. Under torchrun: use its process group."""
-    if dist.is_initialized() or launched_by_torchrun():
+    if dist.is_initialized() or ps.launched_by_torchrun():
         if not dist.is_initialized():
-            backend = "nccl" if device == "cuda" else "gloo"
-            if device == "cuda":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend)
+            ps.join_torchrun_world("cuda" if device == "cuda" else "cpu")
         if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_size() != tp:
             ps.initialize_model_parallel(tp, collectives=kwargs.get("collectives", "auto"))
         return LocalGroup()
