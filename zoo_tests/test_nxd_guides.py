@@ -275,3 +275,17 @@ def test_optimizer_step_averages_over_the_data_parallel_group(tp_runner):
     assert all("not this world's data parallel groups [[0, 1]]" in e for e in tp_runner.run(1, _step_on_rank_data, "wrong", dp=2))
     # At tp=2 a world-wide average would mix the two shards: refused, naming the fix.
     assert all("mixes the 2 tensor parallel shards" in e for e in tp_runner.run(2, _step_on_rank_data, "none"))
+
+
+def test_nxd_core_submodules_load_on_first_use():
+    code = (
+        "import sys, nxd_core\n"
+        "assert 'nxd_core.trace' not in sys.modules and 'torch' not in sys.modules\n"
+        "assert nxd_core.trace.parallel_model_trace and nxd_core.parallel_state.initialize_model_parallel\n"
+        "import nxd_core.parallel_layers.layers as a, nxd_core.layers as b\n"
+        "assert a is b and nxd_core.parallel_layers.parallel_state is nxd_core.parallel_state\n"
+        "try:\n    nxd_core.tracing\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "module 'nxd_core' has no attribute 'tracing'" in out.stdout
