@@ -52,6 +52,11 @@ def _generate(args) -> None:
     # Checked before any worker starts: a bad value is an error line, not a load and a traceback.
     check_generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     _check_positive(tp=args.tp, num_beams=args.num_beams, num_speculative_tokens=args.num_speculative_tokens, draft_tp=args.draft_tp)
+    _check_positive(prompt_lookup_max_ngram=args.prompt_lookup_max_ngram)
+    if args.prompt_lookup is not None:
+        _check_positive(prompt_lookup=args.prompt_lookup)
+    if args.prompt_lookup and args.draft:
+        raise ValueError("--prompt-lookup proposes without a draft: give it or --draft, not both")
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:
@@ -77,6 +82,8 @@ def _generate(args) -> None:
         sampling["compile"] = False if args.no_compile else None
         if draft is not None:
             sampling.update(draft_model=draft, num_speculative_tokens=args.num_speculative_tokens)
+        if args.prompt_lookup:
+            sampling.update(prompt_lookup_num_tokens=args.prompt_lookup, max_matching_ngram_size=args.prompt_lookup_max_ngram)
         print(args.prompt, end="", flush=True)
         stats: dict = {}
         for piece in model.stream(args.prompt, max_new_tokens=args.max_new_tokens, stats=stats, **sampling):
@@ -84,7 +91,7 @@ def _generate(args) -> None:
         print()
         new = stats.get("new_tokens", 0)
         line = f"[{new} tokens in {stats['seconds']:.2f}s: {new / stats['seconds']:.1f} tokens/s, tp={args.tp}"
-        if draft is not None:
+        if draft is not None or args.prompt_lookup:
             line += f", acceptance rate {stats.get('acceptance_rate', 0.0):.0%}, accepted per round {stats.get('accepted_histogram')}"
         print(line + "]", file=sys.stderr)
 
@@ -123,8 +130,8 @@ def _sampling(args) -> dict:
 
 def _generate_seq2seq(model, args) -> None:
     """An encoder-decoder prints only the output (the prompt is its input, not its beginning)."""
-    if args.draft:
-        raise ValueError("--draft (speculative decoding) is for causal LMs")
+    if args.draft or args.prompt_lookup:
+        raise ValueError("--draft and --prompt-lookup (speculative decoding) are for causal LMs")
     stats: dict = {}
     if args.num_beams > 1:  # beam search knows its best output only at the end
         result = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
@@ -212,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or the target's --tp to shard it too (for drafts too big to copy)",
     )
     p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="K",
+        help="speculate without a draft: propose up to K tokens that followed the last n-gram earlier in the text",
+    )
+    p.add_argument("--prompt-lookup-max-ngram", type=int, default=2, metavar="N", help="the longest n-gram matched (default 2)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search (encoder-decoders such as T5)")
     p.set_defaults(run=_generate)
 

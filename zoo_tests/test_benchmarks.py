@@ -56,6 +56,13 @@ def test_generate_demo_pair_prints_speculative_speedup():
         assert row in out
 
 
+def test_speculative_prints_draft_and_prompt_lookup_next_to_target_only():
+    out = _run("speculative.py", "--tp", "1", "--new-tokens", "12", "--compile", "eager")
+    rows = [line for line in out.splitlines() if line.startswith(" 1 eager")]
+    assert [row[12:39].strip() for row in rows] == ["free generation", "grounded (the file again)", "sampled, temperature 1"]
+    assert all(row.count("x") == 2 and row.count("%") == 2 for row in rows)
+
+
 def test_collectives_prints_ours_next_to_gloo():
     out = _run("collectives.py", "--tp", "2", "--max-bytes", "8192", "--max-calls", "20")
     rows = [line.split() for line in out.splitlines() if "|" in line and line.split()[0] == "2"]

@@ -167,6 +167,9 @@ def steps(
     eos_token_id=None,
     draft_model=None,
     num_speculative_tokens: int = 4,
+    prompt_lookup_num_tokens: int | None = None,
+    max_matching_ngram_size: int | None = None,
+    prompt_lookup_max_ngram: int | None = None,
     compile: bool | None = None,
     chunk: int | None = None,
     stats: dict | None = None,
@@ -179,15 +182,22 @@ def steps(
     takes seconds): greedy decoding compiles the whole step with the token choice; sampling and
     speculative rounds compile the models' forward passes. None compiles where it pays:
     generations of COMPILE_FROM_TOKENS or more.
+    prompt_lookup_num_tokens=k: speculate without a draft, proposing up to k tokens that followed
+    the last n-gram (n <= max_matching_ngram_size, HF's name, default 2; prompt_lookup_max_ngram is
+    the same) earlier in the row's prompt and output; see worker/prompt_lookup.py.
     """
     check_generation(max_new_tokens, temperature, top_k, top_p)
+    max_ngram = _lookup_ngram(prompt_lookup_num_tokens, max_matching_ngram_size, prompt_lookup_max_ngram, draft_model)
     if compile is None:
         compile = max_new_tokens >= COMPILE_FROM_TOKENS
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     seed = sampling_seed(seed, do_sample)
     input_ids, attention_mask = encode_prompts(model, prompts, input_ids, attention_mask)
     batch, prompt_len = input_ids.shape
-    extra = num_speculative_tokens if draft_model is not None else 0
+    if prompt_lookup_num_tokens is not None:
+        num_speculative_tokens = prompt_lookup_num_tokens
+    speculating = draft_model is not None or prompt_lookup_num_tokens is not None
+    extra = num_speculative_tokens if speculating else 0
     if batch > model.max_batch_size:
         raise ValueError(
             f"batch of {batch} prompts exceeds max_batch_size={model.max_batch_size}; load the model with a larger max_batch_size"
@@ -202,7 +212,7 @@ def steps(
         _check_draft(model, draft_model, batch, prompt_len + max_new_tokens + extra, num_speculative_tokens)
     eos = eos_ids(model, eos_token_id)
     stats = stats if stats is not None else {}
-    if draft_model is None:
+    if not speculating:
 
         def start(first_chunk):
             return model.run(
@@ -230,7 +240,7 @@ def steps(
             first = model.run(
                 speculative.start,
                 model.key,
-                draft_model.key,
+                None if draft_model is None else draft_model.key,
                 input_ids,
                 attention_mask,
                 params,
@@ -239,12 +249,13 @@ def steps(
                 num_speculative_tokens,
                 max_new_tokens,
                 compile,
+                max_ngram,
             )
             return [[t] for t in first.tolist()]
 
         def resume(rounds):
-            tokens, done, histogram = model.run(speculative.resume, model.key, rounds)
-            _acceptance_stats(stats, histogram, num_speculative_tokens)
+            tokens, done, histogram, proposed = model.run(speculative.resume, model.key, rounds)
+            _acceptance_stats(stats, histogram, proposed)
             return tokens, done
 
         end = speculative.end
@@ -282,10 +293,30 @@ def _check_draft(model, draft, batch: int, slots: int, k: int) -> None:
         raise ValueError(f"num_speculative_tokens must be >= 1, got {k}")
 
 
-def _acceptance_stats(stats: dict, histogram: list[int], k: int) -> None:
+def _lookup_ngram(k: int | None, hf_name: int | None, our_name: int | None, draft_model) -> int:
+    """The n-gram size of prompt lookup, checked with its other arguments."""
+    if hf_name is not None and our_name is not None and hf_name != our_name:
+        raise ValueError(f"max_matching_ngram_size={hf_name} and prompt_lookup_max_ngram={our_name} are one setting: give one")
+    n = hf_name if hf_name is not None else our_name
+    if k is None:
+        if n is not None:
+            raise ValueError("max_matching_ngram_size needs prompt_lookup_num_tokens (the tokens proposed per round)")
+        return 2
+    if draft_model is not None:
+        raise ValueError("prompt_lookup_num_tokens proposes without a draft: pass it or draft_model, not both")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"prompt_lookup_num_tokens must be an integer >= 1, got {k!r}")
+    n = 2 if n is None else n
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"max_matching_ngram_size must be an integer >= 1, got {n!r}")
+    return n
+
+
+def _acceptance_stats(stats: dict, histogram: list[int], proposed: int) -> None:
     rounds = sum(histogram)
-    stats["accepted_histogram"] = histogram  # [rounds that accepted 0, 1, ..., k draft tokens]
-    stats["acceptance_rate"] = sum(i * n for i, n in enumerate(histogram)) / (k * rounds) if rounds else 0.0
+    stats["accepted_histogram"] = histogram  # [rounds (per row) that accepted 0, 1, ..., k proposed tokens]
+    accepted = sum(i * n for i, n in enumerate(histogram))
+    stats["acceptance_rate"] = accepted / proposed if proposed else 0.0
     stats["tokens_per_round"] = sum((i + 1) * n for i, n in enumerate(histogram)) / rounds if rounds else 0.0
 
 

@@ -1,23 +1,29 @@
-"""Speculative decoding with a draft model, inside the workers (Leviathan et al. 2023).
+"""Speculative decoding inside the workers (Leviathan et al. 2023), with a draft model or prompt lookup.
 
-Each round the draft proposes k tokens, one at a time; the target scores all
-of them in one pass; each row keeps the longest accepted prefix plus one
-token from the target (a correction, or a bonus when all k were accepted).
+Each round the draft proposes k tokens, one at a time (or prompt_lookup.py
+proposes up to k from the row's own text); the target scores all of them in
+one pass; each row keeps the longest accepted prefix plus one token from the
+target (a correction, or a bonus when all were accepted).
 
 - Greedy: a draft token is accepted when it is the target's argmax, so the
   output is exactly the target's greedy output.
 - Sampling: accepted with probability min(1, p/q); on rejection the token is
   drawn from norm(max(p - q, 0)). The output is distributed as the target's.
+  A lookup proposal is certain (q is one token): accepted with probability p,
+  and on rejection drawn from p without it.
 
 Rows of a batch accept different numbers of tokens, so every row has its own
 KV-cache slot pointer (`pos`). Both models always hold the same tokens at the
 same slots ([last, d1..dk] are written by both each round); rolling a row back
 is moving its pointer: the slots past it are never attended (causal over
-slots) and are overwritten next round.
+slots) and are overwritten next round. With prompt lookup only the target
+has a cache, and a round with nothing to propose is a plain one-token step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +32,8 @@ import torch
 from nxd_core.worker_process import StateKey, worker_state
 
 from ...worker_ops import device_of, end_session, owned_key
-from .decoding import compiled, prefill, trusted_guards, validity_mask
+from .decoding import compiled, decode_step, prefill, trusted_guards, validity_mask
+from .prompt_lookup import PromptLookup
 from .sampling import SamplingParams, next_tokens, probabilities, seeded_generator
 
 SESSION = "speculative"  # the worker_state() kind of a speculative generation in flight, owned by the target
@@ -46,8 +53,29 @@ class SpeculativeSession:
     max_new_tokens: int
     draft: Callable | None = None  # the draft's and the target's compute (model.compute, or its compiled version)
     target: Callable | None = None
+    lookup: PromptLookup | None = None  # prompt lookup's proposals, in place of a draft
+    plain_step: Callable | None = None  # prompt lookup's one-token step: plain decoding's (compiled) step
+    verify: Callable | None = None  # greedy: the target's pass and the acceptance in one (compiled) call
     rounds: int = 0
-    accepted: list[int] = field(default_factory=list)  # histogram: rounds (per row) that accepted i draft tokens
+    accepted: list[int] = field(default_factory=list)  # histogram: rounds (per row) that accepted i proposed tokens
+    proposed: int = 0  # tokens proposed, over all rows and rounds (lookup proposes fewer than k at times)
+
+
+def _propose(session: SpeculativeSession):
+    """(tokens [batch, j], their distributions [batch, j, vocab] or None when greedy, real counts per row).
+
+    A draft proposes k per row. Prompt lookup proposes what it found, j = 0 for a plain step;
+    its padding (rows that found less) is verified too, harmlessly, but not counted as proposed.
+    """
+    if session.lookup is None:
+        drafted, q = _draft_tokens(session)
+        return drafted, q, [session.k] * drafted.shape[0]
+    proposal = session.lookup.propose(session.finished.tolist())
+    if proposal is None:
+        empty = session.last.new_empty(session.last.shape[0], 0)
+        return empty, None, [0] * empty.shape[0]
+    drafted, counts = proposal
+    return drafted, None, counts  # certain proposals: speculate_round makes q one-hot when sampling
 
 
 def _draft_tokens(session: SpeculativeSession):
@@ -93,34 +121,97 @@ def _accept(session: SpeculativeSession, drafted: torch.Tensor, q, target_logits
     return accepted, torch.multinomial(dist, 1, generator=session.generator).squeeze(-1)
 
 
+def _plain_steps(session: SpeculativeSession, n: int) -> list[list[int]]:
+    """Prompt lookup with nothing to propose: n tokens per row through plain decoding's step (its
+    compiled step, token choice included), with as little around each step as plain decoding has:
+    every row's slot moves on by one (a finished row's slots are never read again), and the tokens
+    are sorted out after the last step."""
+    lookup = session.lookup
+    room = [session.max_new_tokens - e for e, done in zip(session.emitted.tolist(), session.finished.tolist()) if not done]
+    n = max(1, min([n, *room]))
+    last, finished, steps = session.last, session.finished, []
+    for _ in range(n):
+        with trusted_guards("plain" in lookup.calls_run):
+            last, finished = session.plain_step(last, session.valid, session.pos[:, None], finished)
+        lookup.calls_run.add("plain")
+        session.pos += 1
+        steps.append(last)
+    session.last = last
+    return _emit(session, torch.stack(steps, dim=1).tolist(), [0] * last.shape[0])
+
+
+def _emit(session: SpeculativeSession, candidates: list[list[int]], counts: list[int], accepted=None) -> list[list[int]]:
+    """Each row's new tokens out of its candidates: cut after an end token or at max_new_tokens.
+    Updates finished, emitted, the acceptance stats (rows with counts[row] tokens proposed, of which
+    accepted[row] were taken) and prompt lookup's text. Python lists, converted once: per-row tensor
+    indexing would cost more than a small model's whole step."""
+    eos = set(session.eos.tolist())
+    finished, emitted = session.finished.tolist(), session.emitted.tolist()
+    gained, accepted_real = [], 0
+    for row, done in enumerate(finished):
+        if done:
+            gained.append([])
+            continue
+        if counts[row]:  # a round in the stats is a row that had tokens proposed
+            n = min(accepted[row], counts[row])
+            session.accepted[n] += 1
+            session.proposed += counts[row]
+            accepted_real += n
+        room = session.max_new_tokens - emitted[row]
+        tokens = candidates[row][:room]
+        for i, token in enumerate(tokens):
+            if token in eos:
+                tokens = tokens[: i + 1]
+                break
+        finished[row] = (bool(tokens) and tokens[-1] in eos) or len(tokens) == room
+        emitted[row] += len(tokens)
+        gained.append(tokens)
+        if session.lookup is not None:
+            session.lookup.append(row, tokens)
+    session.finished = torch.tensor(finished, device=session.finished.device)
+    session.emitted = torch.tensor(emitted, device=session.emitted.device)
+    if session.lookup is not None and any(counts):
+        session.lookup.outcome(accepted_real, sum(1 for c in counts if c))
+    return gained
+
+
+def greedy_verify(compute: Callable, fed, valid, slots):
+    """The target's pass over [last, d1..dj] and its greedy acceptance, as one function: compiled, the
+    round's verification is one call (the acceptance is a handful of tiny ops)."""
+    choice = compute(fed, valid, position_ids=None, cache_position=slots, last_only=False).argmax(dim=-1)
+    j = fed.shape[1] - 1
+    accepted = (fed[:, 1:] == choice[:, :j]).long().cumprod(dim=1).sum(dim=1)
+    return accepted, choice.gather(1, accepted[:, None]).squeeze(1)
+
+
 def speculate_round(session: SpeculativeSession) -> list[list[int]]:
     """One round: the tokens each row gains (possibly none for finished rows)."""
-    drafted, q = _draft_tokens(session)
+    if session.lookup is not None and session.lookup.skip:  # backing off: its plain steps in one go
+        steps, session.lookup.skip = session.lookup.skip, 0
+        return _plain_steps(session, steps)
+    drafted, q, counts = _propose(session)
+    if session.lookup is not None and not drafted.shape[1]:
+        return _plain_steps(session, 1)
     fed = torch.cat([session.last[:, None], drafted], dim=1)
-    slots = session.pos[:, None] + torch.arange(session.k + 1, device=fed.device)
-    target_logits = session.target(fed, session.valid, position_ids=None, cache_position=slots, last_only=False)
-    accepted, following = _accept(session, drafted, q, target_logits)
+    slots = session.pos[:, None] + torch.arange(fed.shape[1], device=fed.device)
+    # a lookup verification's width varies: its guards may be skipped once that width was run
+    trusted = session.lookup is None or fed.shape[1] in session.lookup.calls_run
+    with trusted_guards(trusted) if session.lookup is not None else contextlib.nullcontext():
+        if session.verify is not None:  # greedy
+            accepted, following = session.verify(fed, session.valid, slots)
+        else:
+            target_logits = session.target(fed, session.valid, position_ids=None, cache_position=slots, last_only=False)
+            if q is None:  # a lookup proposal: certain
+                q = torch.nn.functional.one_hot(drafted, target_logits.shape[-1]).to(target_logits.dtype)
+            accepted, following = _accept(session, drafted, q, target_logits)
+    if session.lookup is not None:
+        session.lookup.calls_run.add(fed.shape[1])
     # Finished rows keep their pointer (they rewrite the same slots), so they never outgrow the cache.
     session.pos += torch.where(session.finished, 0, accepted + 1)
 
-    gained = []
-    for row in range(fed.shape[0]):
-        if session.finished[row]:
-            gained.append([])
-            continue
-        n = int(accepted[row])
-        session.accepted[n] += 1
-        tokens = drafted[row, :n].tolist() + [int(following[row])]
-        room = session.max_new_tokens - int(session.emitted[row])
-        tokens = tokens[:room]
-        for i, token in enumerate(tokens):
-            if token in session.eos.tolist():
-                tokens = tokens[: i + 1]
-                break
-        if (tokens and tokens[-1] in session.eos.tolist()) or len(tokens) == room:
-            session.finished[row] = True
-        session.emitted[row] += len(tokens)
-        gained.append(tokens)
+    n_accepted, drafted_list = accepted.tolist(), drafted.tolist()
+    candidates = [d[:n] + [f] for d, n, f in zip(drafted_list, n_accepted, following.tolist())]
+    gained = _emit(session, candidates, counts, n_accepted)
     session.last = following
     return gained
 
@@ -130,7 +221,7 @@ def speculate_round(session: SpeculativeSession) -> list[list[int]]:
 
 def start(
     target_key: StateKey,
-    draft_key: StateKey,
+    draft_key: StateKey | None,
     input_ids,
     attention_mask,
     params,
@@ -139,51 +230,68 @@ def start(
     k: int,
     max_new_tokens: int,
     compile: bool = False,
+    max_ngram: int = 2,
 ):
-    """Prefill both models; the first token comes from the target. Returns it per row."""
-    target, draft = worker_state()[target_key], worker_state()[draft_key]
+    """Prefill the target (and the draft); the first token comes from the target. Returns it per row.
+    draft_key None: prompt lookup proposes up to k tokens, matching n-grams of up to max_ngram."""
+    target = worker_state()[target_key]
+    draft = worker_state()[draft_key] if draft_key is not None else None
     device = device_of(target)
     generator = seeded_generator(params, seed, device)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch, prompt_len = input_ids.shape
-    valid = validity_mask(attention_mask, target.max_seq_len)
+    eos = torch.tensor(eos, dtype=torch.long, device=device)  # as plain decoding makes it (its compiled step takes it)
+    # Every tensor of the session is an inference tensor, as those the rounds make: a compiled step's
+    # guards tell the two kinds apart, so mixing them would recompile it in the middle of a session.
     with torch.inference_mode():
+        valid = validity_mask(attention_mask, target.max_seq_len)
         first = next_tokens(prefill(target, input_ids, attention_mask), params, generator)
-        prefill(draft, input_ids, attention_mask)
-    eos = torch.tensor(eos, dtype=torch.long, device=device)
-    session = SpeculativeSession(
-        valid=valid,
-        pos=torch.full((batch,), prompt_len, device=device),
-        last=first,
-        finished=torch.isin(first, eos) | (max_new_tokens <= 1),
-        emitted=torch.ones(batch, dtype=torch.long, device=device),
-        params=params,
-        generator=generator,
-        eos=eos,
-        k=k,
-        max_new_tokens=max_new_tokens,
-        accepted=[0] * (k + 1),
-        draft=compiled(draft_key, "compute", draft.compute) if compile else draft.compute,
-        target=compiled(target_key, "compute", target.compute) if compile else target.compute,
-    )
+        if draft is not None:
+            prefill(draft, input_ids, attention_mask)
+        lookup = None
+        if draft is None:
+            lookup = PromptLookup.start(input_ids, attention_mask, first, k, max_ngram, pad_to_k=compile)
+        compute = compiled(target_key, "compute", target.compute) if compile else target.compute
+        verify = None if params.do_sample else functools.partial(greedy_verify, target.compute)
+        if verify is not None and compile:
+            verify = compiled(target_key, "greedy_verify", verify)
+        session = SpeculativeSession(
+            valid=valid,
+            pos=torch.full((batch,), prompt_len, device=device),
+            last=first,
+            finished=torch.isin(first, eos) | (max_new_tokens <= 1),
+            emitted=torch.ones(batch, dtype=torch.long, device=device),
+            params=params,
+            generator=generator,
+            eos=eos,
+            k=k,
+            max_new_tokens=max_new_tokens,
+            accepted=[0] * (k + 1),
+            draft=None if draft is None else compiled(draft_key, "compute", draft.compute) if compile else draft.compute,
+            target=compute,
+            verify=verify,
+            lookup=lookup,
+            plain_step=None if lookup is None else decode_step(target, target_key, compile, eos, 0, params, generator),
+        )
     worker_state()[owned_key(target_key, SESSION)] = session
     return first.cpu()
 
 
 def resume(target_key: StateKey, rounds: int):
-    """Up to `rounds` rounds; returns (tokens gained per row, every row finished, acceptance histogram)."""
+    """Up to `rounds` rounds; returns (tokens gained per row, every row finished, acceptance histogram,
+    tokens proposed so far)."""
     session = worker_state()[owned_key(target_key, SESSION)]
     gained = [[] for _ in range(session.last.shape[0])]
     with torch.inference_mode():
         for _ in range(rounds):
             if bool(session.finished.all()):
                 break
-            with trusted_guards(session.rounds > 0):  # every round calls both models with the same shapes
+            with trusted_guards(session.rounds > 0 and session.lookup is None):  # every draft round has the same shapes
                 round_tokens = speculate_round(session)
             session.rounds += 1
             for row, tokens in enumerate(round_tokens):
                 gained[row] += tokens
-    return gained, bool(session.finished.all()), list(session.accepted)
+    return gained, bool(session.finished.all()), list(session.accepted), session.proposed
 
 
 def end(target_key: StateKey) -> None:
