@@ -78,6 +78,14 @@ def _propose(session: SpeculativeSession):
     return drafted, None, counts  # certain proposals: speculate_round makes q one-hot when sampling
 
 
+def _slots(session: SpeculativeSession, offsets):
+    """The cache slots of each row's next tokens, pos + offsets: [batch, j], or [j] at batch 1, where
+    the model takes its shared-slot path (one index_copy per cache, as plain decoding does)."""
+    if session.pos.shape[0] == 1:
+        return session.pos + offsets
+    return session.pos[:, None] + offsets
+
+
 def _draft_tokens(session: SpeculativeSession):
     """k draft tokens [batch, k] and their distributions [batch, k, vocab] (None when greedy).
 
@@ -85,7 +93,7 @@ def _draft_tokens(session: SpeculativeSession):
     """
     token, tokens, dists = session.last, [], []
     for j in range(session.k + 1):
-        slots = (session.pos + j)[:, None]
+        slots = _slots(session, j)
         logits = session.draft(token[:, None], session.valid, position_ids=None, cache_position=slots, last_only=True)[:, -1]
         if j == session.k:
             break
@@ -129,11 +137,14 @@ def _plain_steps(session: SpeculativeSession, n: int) -> list[list[int]]:
     lookup = session.lookup
     room = [session.max_new_tokens - e for e, done in zip(session.emitted.tolist(), session.finished.tolist()) if not done]
     n = max(1, min([n, *room]))
+    # Rows at the same slot (always, at batch 1) take the model's shared-slot path, plain decoding's.
+    shared = bool((session.pos == session.pos[0]).all())
+    call = ("plain", shared)
     last, finished, steps = session.last, session.finished, []
     for _ in range(n):
-        with trusted_guards("plain" in lookup.calls_run):
-            last, finished = session.plain_step(last, session.valid, session.pos[:, None], finished)
-        lookup.calls_run.add("plain")
+        with trusted_guards(call in lookup.calls_run):
+            last, finished = session.plain_step(last, session.valid, session.pos[:1] if shared else session.pos[:, None], finished)
+        lookup.calls_run.add(call)
         session.pos += 1
         steps.append(last)
     session.last = last
@@ -193,7 +204,7 @@ def speculate_round(session: SpeculativeSession) -> list[list[int]]:
     if session.lookup is not None and not drafted.shape[1]:
         return _plain_steps(session, 1)
     fed = torch.cat([session.last[:, None], drafted], dim=1)
-    slots = session.pos[:, None] + torch.arange(fed.shape[1], device=fed.device)
+    slots = _slots(session, torch.arange(fed.shape[1], device=fed.device))
     # a lookup verification's width varies: its guards may be skipped once that width was run
     trusted = session.lookup is None or fed.shape[1] in session.lookup.calls_run
     with trusted_guards(trusted) if session.lookup is not None else contextlib.nullcontext():
