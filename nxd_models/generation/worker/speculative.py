@@ -56,6 +56,7 @@ class SpeculativeSession:
     lookup: PromptLookup | None = None  # prompt lookup's proposals, in place of a draft
     plain_step: Callable | None = None  # prompt lookup's one-token step: plain decoding's (compiled) step
     verify: Callable | None = None  # greedy: the target's pass and the acceptance in one (compiled) call
+    greedy_draft: Callable | None = None  # greedy with a draft: its k steps in one (compiled) call
     rounds: int = 0
     accepted: list[int] = field(default_factory=list)  # histogram: rounds (per row) that accepted i proposed tokens
     proposed: int = 0  # tokens proposed, over all rows and rounds (lookup proposes fewer than k at times)
@@ -86,11 +87,26 @@ def _slots(session: SpeculativeSession, offsets):
     return session.pos[:, None] + offsets
 
 
+def greedy_draft(compute: Callable, last, valid, slots, k: int):
+    """The draft's k greedy tokens [batch, k], k + 1 steps unrolled in one function: compiled, a round's
+    drafting is one call. slots: [batch, 1] or [1] (batch 1), the slot of `last`; the draft also
+    consumes its k-th token, so that its cache holds the same slots as the target's."""
+    token, tokens = last, []
+    for j in range(k + 1):
+        logits = compute(token[:, None], valid, position_ids=None, cache_position=slots + j, last_only=True)[:, -1]
+        if j < k:
+            token = logits.argmax(dim=-1)
+            tokens.append(token)
+    return torch.stack(tokens, dim=1)
+
+
 def _draft_tokens(session: SpeculativeSession):
     """k draft tokens [batch, k] and their distributions [batch, k, vocab] (None when greedy).
 
     The draft also consumes its k-th token, so that its cache holds the same slots as the target's.
     """
+    if session.greedy_draft is not None:
+        return session.greedy_draft(session.last, session.valid, _slots(session, 0), session.k), None
     token, tokens, dists = session.last, [], []
     for j in range(session.k + 1):
         slots = _slots(session, j)
@@ -266,6 +282,11 @@ def start(
         verify = None if params.do_sample else functools.partial(greedy_verify, target.compute)
         if verify is not None and compile:
             verify = compiled(target_key, "greedy_verify", verify)
+        drafting = None
+        if draft is not None and not params.do_sample:
+            drafting = functools.partial(greedy_draft, draft.compute)
+            if compile:
+                drafting = compiled(draft_key, "greedy_draft", drafting)
         session = SpeculativeSession(
             valid=valid,
             pos=torch.full((batch,), prompt_len, device=device),
@@ -281,6 +302,7 @@ def start(
             draft=None if draft is None else compiled(draft_key, "compute", draft.compute) if compile else draft.compute,
             target=compute,
             verify=verify,
+            greedy_draft=drafting,
             lookup=lookup,
             plain_step=None if lookup is None else decode_step(target, target_key, compile, eos, 0, params, generator),
         )
