@@ -179,8 +179,9 @@ def steps(
     chunk: how many decode steps (speculative rounds) per round trip; by default chunks of
     about a quarter of a second each (ChunkPlanner), so that an interrupt is handled promptly.
     compile: decode with torch.compile'd steps (compiled once per model and batch size, which
-    takes seconds): greedy decoding compiles the whole step with the token choice; sampling and
-    speculative rounds compile the models' forward passes. None compiles where it pays:
+    takes seconds): greedy decoding compiles the whole step with the token choice, a greedy
+    speculative round is two calls (the draft's k steps; the target's pass and the acceptance), and
+    sampling compiles the models' forward passes. None compiles where it pays:
     generations of COMPILE_FROM_TOKENS or more.
     prompt_lookup_num_tokens=k: speculate without a draft, proposing up to k tokens that followed
     the last n-gram (n <= max_matching_ngram_size, HF's name, default 2; prompt_lookup_max_ngram is
