@@ -116,3 +116,16 @@ def test_compiled_decoding_equals_hf_generate(tp_runner, checkpoint, tp):
         again = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, compile=True)  # reuses the compiled step
     assert torch.equal(_padded(compiled.tokens, expected.shape[1]), expected)
     assert again.tokens == compiled.tokens
+
+
+def test_a_trusted_call_that_no_compiled_graph_fits_compiles_instead_of_failing():
+    """guarded_call(trusted=True, ...) skips the guards; a new shape then needs a graph torch will not
+    compile under that stance, so the call is made again with the guards on."""
+    from nxd_models.generation.worker.decoding import guarded_call, trusted_guards
+
+    double = torch.compile(lambda x: x * 2, dynamic=False)
+    assert torch.equal(guarded_call(False, double, torch.ones(3)), torch.full((3,), 2.0))
+    with pytest.raises(RuntimeError, match="skip_guard_eval_unsafe"), trusted_guards(True):
+        double(torch.ones(2, 5))  # what the worker saw once: no graph fits, and none may be compiled
+    assert torch.equal(guarded_call(True, double, torch.ones(2, 5)), torch.full((2, 5), 2.0))
+    assert torch.equal(guarded_call(True, double, torch.ones(3)), torch.full((3,), 2.0))

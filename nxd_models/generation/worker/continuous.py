@@ -25,7 +25,7 @@ import torch
 from nxd_core.worker_process import StateKey, worker_state
 
 from ...worker_ops import device_of, end_session, owned_key
-from .decoding import compiled, trusted_guards
+from .decoding import compiled, guarded_call
 from .sampling import SamplingParams, next_tokens, seeded_generator
 
 BATCH = "serving"  # the worker_state() kind of a model's continuous batch
@@ -117,8 +117,7 @@ def _decode(model, batch: Batch, device) -> dict[int, int]:
     for index, row in batch.rows.items():
         tokens[index, 0] = row.last if index in batch.decoding else FEED_WHEN_IDLE
         slots[index, 0] = min(row.slot, model.max_seq_len - 1)
-    with trusted_guards(batch.steps > 0):
-        logits = batch.compute(tokens.to(device), None, None, slots.to(device), True)[:, -1]
+    logits = guarded_call(batch.steps > 0, batch.compute, tokens.to(device), None, None, slots.to(device), True)[:, -1]
     batch.steps += 1
     decoding = sorted(batch.decoding)
     chosen = _choose(logits[decoding], [batch.rows[i] for i in decoding])

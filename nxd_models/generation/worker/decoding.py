@@ -49,8 +49,7 @@ class Session:
 
     def advance(self) -> tuple[torch.Tensor, torch.Tensor]:
         position = torch.tensor([self.slot], device=self.valid.device)
-        with trusted_guards(self.steps_taken > 0):
-            chosen = self.step(self.last_tokens, self.valid, position, self.finished)
+        chosen = guarded_call(self.steps_taken > 0, self.step, self.last_tokens, self.valid, position, self.finished)
         self.steps_taken += 1
         return chosen
 
@@ -93,6 +92,21 @@ def trusted_guards(trusted: bool):
     objects (only values change), so the compiled step's guards (some 300 checks, about a tenth of
     a small model's step) are skipped; the first step runs them all, and compiles if it must."""
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=trusted)
+
+
+def guarded_call(trusted: bool, fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs), its compiled guards skipped when trusted (trusted_guards). Should no compiled
+    graph fit after all (seen once in a long-lived worker, cause unknown), torch refuses to compile
+    under that stance before anything runs; the call is then made again with the guards on, which
+    compiles what it must, instead of failing the generation."""
+    if trusted:
+        try:
+            with trusted_guards(True):
+                return fn(*args, **kwargs)
+        except RuntimeError as error:
+            if "skip_guard_eval_unsafe" not in str(error):
+                raise
+    return fn(*args, **kwargs)
 
 
 def decode_n_tokens(session: Decoding, n: int) -> torch.Tensor:

@@ -22,7 +22,6 @@ has a cache, and a round with nothing to propose is a plain one-token step.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import torch
 from nxd_core.worker_process import StateKey, worker_state
 
 from ...worker_ops import device_of, end_session, owned_key
-from .decoding import compiled, decode_step, prefill, trusted_guards, validity_mask
+from .decoding import compiled, decode_step, guarded_call, prefill, validity_mask
 from .prompt_lookup import PromptLookup
 from .sampling import SamplingParams, next_tokens, probabilities, seeded_generator
 
@@ -105,12 +104,15 @@ def _draft_tokens(session: SpeculativeSession):
 
     The draft also consumes its k-th token, so that its cache holds the same slots as the target's.
     """
+    trusted = session.rounds > 0  # every draft round has the same shapes
     if session.greedy_draft is not None:
-        return session.greedy_draft(session.last, session.valid, _slots(session, 0), session.k), None
+        return guarded_call(trusted, session.greedy_draft, session.last, session.valid, _slots(session, 0), session.k), None
     token, tokens, dists = session.last, [], []
     for j in range(session.k + 1):
         slots = _slots(session, j)
-        logits = session.draft(token[:, None], session.valid, position_ids=None, cache_position=slots, last_only=True)[:, -1]
+        logits = guarded_call(
+            trusted, session.draft, token[:, None], session.valid, position_ids=None, cache_position=slots, last_only=True
+        )[:, -1]
         if j == session.k:
             break
         if session.params.do_sample:
@@ -158,8 +160,8 @@ def _plain_steps(session: SpeculativeSession, n: int) -> list[list[int]]:
     call = ("plain", shared)
     last, finished, steps = session.last, session.finished, []
     for _ in range(n):
-        with trusted_guards(call in lookup.calls_run):
-            last, finished = session.plain_step(last, session.valid, session.pos[:1] if shared else session.pos[:, None], finished)
+        position = session.pos[:1] if shared else session.pos[:, None]
+        last, finished = guarded_call(call in lookup.calls_run, session.plain_step, last, session.valid, position, finished)
         lookup.calls_run.add(call)
         session.pos += 1
         steps.append(last)
@@ -221,16 +223,16 @@ def speculate_round(session: SpeculativeSession) -> list[list[int]]:
         return _plain_steps(session, 1)
     fed = torch.cat([session.last[:, None], drafted], dim=1)
     slots = _slots(session, torch.arange(fed.shape[1], device=fed.device))
-    # a lookup verification's width varies: its guards may be skipped once that width was run
-    trusted = session.lookup is None or fed.shape[1] in session.lookup.calls_run
-    with trusted_guards(trusted) if session.lookup is not None else contextlib.nullcontext():
-        if session.verify is not None:  # greedy
-            accepted, following = session.verify(fed, session.valid, slots)
-        else:
-            target_logits = session.target(fed, session.valid, position_ids=None, cache_position=slots, last_only=False)
-            if q is None:  # a lookup proposal: certain
-                q = torch.nn.functional.one_hot(drafted, target_logits.shape[-1]).to(target_logits.dtype)
-            accepted, following = _accept(session, drafted, q, target_logits)
+    # a draft round's shapes never change; a lookup verification's width varies: its guards may be
+    # skipped once that width was run
+    trusted = session.rounds > 0 if session.lookup is None else fed.shape[1] in session.lookup.calls_run
+    if session.verify is not None:  # greedy
+        accepted, following = guarded_call(trusted, session.verify, fed, session.valid, slots)
+    else:
+        target_logits = guarded_call(trusted, session.target, fed, session.valid, position_ids=None, cache_position=slots, last_only=False)
+        if q is None:  # a lookup proposal: certain
+            q = torch.nn.functional.one_hot(drafted, target_logits.shape[-1]).to(target_logits.dtype)
+        accepted, following = _accept(session, drafted, q, target_logits)
     if session.lookup is not None:
         session.lookup.calls_run.add(fed.shape[1])
     # Finished rows keep their pointer (they rewrite the same slots), so they never outgrow the cache.
@@ -319,8 +321,7 @@ def resume(target_key: StateKey, rounds: int):
         for _ in range(rounds):
             if bool(session.finished.all()):
                 break
-            with trusted_guards(session.rounds > 0 and session.lookup is None):  # every draft round has the same shapes
-                round_tokens = speculate_round(session)
+            round_tokens = speculate_round(session)  # trusting the compiled guards per call
             session.rounds += 1
             for row, tokens in enumerate(round_tokens):
                 gained[row] += tokens
