@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
-DEMO_PROMPT = "import os\n\n\nclass Reader:\n    def __init__(self, path):\n        "
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import DEMO_PROMPT  # noqa: E402  (the demo pair's prompt, as benchmarks/generate.py --demo uses it)
+
 SOURCE = '''import json
 import os
 

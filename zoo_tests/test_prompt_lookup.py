@@ -3,11 +3,10 @@
 import pytest
 import torch
 from llama_fixtures import save_tiny_llama
+from speculative_fixtures import chi_square, first_tokens_of_a_round
 
 from nxd_models import from_pretrained_parallel
 from nxd_models.generation.worker.prompt_lookup import MAX_BACKOFF, PAYS, PROBE, PromptLookup
-from nxd_models.generation.worker.sampling import SamplingParams
-from nxd_models.generation.worker.speculative import SpeculativeSession, _accept
 
 
 @pytest.fixture(scope="module")
@@ -84,28 +83,12 @@ def test_a_certain_proposal_keeps_the_target_distribution():
     for guess in (0, 1):  # an unlikely and a likely guess
         drafted = torch.full((draws, k), guess)
         q = torch.nn.functional.one_hot(drafted, 5).float()
-        target_logits = p0.log()[None, None].expand(draws, k + 1, 5)
-        session = SpeculativeSession(
-            valid=None,
-            pos=None,
-            last=None,
-            finished=None,
-            emitted=None,
-            params=SamplingParams(do_sample=True),
-            generator=generator,
-            eos=torch.tensor([]),
-            k=k,
-            max_new_tokens=8,
-        )
-        accepted, following = _accept(session, drafted, q, target_logits)
-        first = torch.where(accepted > 0, drafted[:, 0], following)
-        observed = torch.bincount(first, minlength=5).double()
-        expected = p0.double() * draws
-        chi_square = float(((observed - expected) ** 2 / expected).sum())
-        assert chi_square < 18.47, (guess, observed / draws, chi_square)  # df=4, p=0.001
+        first, accepted = first_tokens_of_a_round(drafted, q, p0, generator)
+        statistic = chi_square(first, p0)
+        assert statistic < 18.47, (guess, torch.bincount(first, minlength=5) / draws, statistic)  # df=4, p=0.001
         assert abs(float((accepted > 0).double().mean()) - float(p0[guess])) < 0.01
         # keeping the guess whenever it was offered would fail the same test
-        assert float(((torch.bincount(drafted[:, 0], minlength=5).double() - expected) ** 2 / expected).sum()) > 1000
+        assert chi_square(drafted[:, 0], p0) > 1000
 
 
 def test_lookup_proposes_what_followed_the_latest_occurrence_of_the_longest_ngram():
@@ -132,10 +115,9 @@ def test_lookup_backs_off_after_rounds_that_do_not_pay():
     plain_steps = []
     for _ in range(9):
         lookup.outcome(PAYS - 1, rows=1)  # accepted too little to pay for the pass
-        skipped = 0
-        while lookup.propose([False]) is None:
-            skipped += 1
-        plain_steps.append(skipped)  # the call that ended the loop was the next round: a probe
+        plain_steps.append(lookup.skip)  # the plain steps speculate_round takes before the next round
+        lookup.skip = 0
+        assert lookup.propose([False])[1] == [PROBE]  # the next round: a probe
     assert plain_steps[:7] == [1, 2, 4, 8, 16, 32, 64] and max(plain_steps) == MAX_BACKOFF
     assert lookup.probing and lookup.propose([False])[1] == [PROBE]  # a probe proposes few tokens
     lookup.outcome(PAYS, rows=1)  # a round that pays: the full k, no back-off

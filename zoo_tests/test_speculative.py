@@ -3,10 +3,9 @@
 import pytest
 import torch
 from llama_fixtures import left_padded_batch, save_tiny_llama_pair
+from speculative_fixtures import chi_square, first_tokens_of_a_round
 
 from nxd_models import from_pretrained_parallel
-from nxd_models.generation.worker.sampling import SamplingParams
-from nxd_models.generation.worker.speculative import SpeculativeSession, _accept
 
 
 @pytest.fixture(scope="module")
@@ -160,29 +159,12 @@ def test_rejection_sampler_draws_from_the_target_distribution():
     generator = torch.Generator().manual_seed(0)
     q = torch.stack([q0, q0])[None].expand(draws, k, 5)
     drafted = torch.multinomial(q0, draws * k, replacement=True, generator=generator).view(draws, k)
-    target_logits = torch.stack([p0.log(), p0.log(), p0.log()])[None].expand(draws, k + 1, 5)
-    session = SpeculativeSession(
-        valid=None,
-        pos=None,
-        last=None,
-        finished=None,
-        emitted=None,
-        params=SamplingParams(do_sample=True),
-        generator=generator,
-        eos=torch.tensor([]),
-        k=k,
-        max_new_tokens=8,
-    )
-    accepted, following = _accept(session, drafted, q, target_logits)
-    first = torch.where(accepted > 0, drafted[:, 0], following)
-    observed = torch.bincount(first, minlength=5).double()
-    expected = p0.double() * draws
-    chi_square = float(((observed - expected) ** 2 / expected).sum())
-    assert chi_square < 18.47, (observed / draws, chi_square)  # df=4, p=0.001
+    first, accepted = first_tokens_of_a_round(drafted, q, p0, generator)
+    statistic = chi_square(first, p0)
+    assert statistic < 18.47, (torch.bincount(first, minlength=5) / draws, statistic)  # df=4, p=0.001
     assert 0 < float(accepted.float().mean()) < k  # both paths (accept and resample) were exercised
     # a sampler that ignored rejections (always the draft's token) would fail the same test
-    naive = torch.bincount(drafted[:, 0], minlength=5).double()
-    assert float(((naive - expected) ** 2 / expected).sum()) > 1000
+    assert chi_square(drafted[:, 0], p0) > 1000
 
 
 def test_nxd_generate_with_a_draft_reports_acceptance(pair, capsys):

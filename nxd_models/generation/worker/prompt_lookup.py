@@ -11,10 +11,13 @@ on as the repetition it is (period = the distance back to the match).
 The target verifies the guess as it would a draft's; a proposal is a certainty (q is one token),
 so greedy output is plain greedy output and sampled output keeps the target's distribution.
 
-Free text rarely repeats, and a wrong guess costs a wider verification pass. After a round in
-which no row accepted anything, lookup backs off: the next 1, 2, 4 ... (at most MAX_BACKOFF)
-steps decode one token plainly, and the first accepted guess resets it. The decision depends on
-tokens only, so every rank makes the same one. The n-grams are indexed as tokens arrive (a dict
+Free text rarely repeats, and a wrong guess costs a wider verification pass: on the demo model a
+pass over 8 positions costs about as much as 3 plain steps. So a round pays when its rows accept
+at least PAYS tokens each on average. After one that does not, lookup backs off: the next 1, 2,
+4 ... (at most MAX_BACKOFF) steps decode one token plainly (speculative.py takes `skip` and runs
+them in one go), and the round after them is a probe that proposes at most PROBE tokens (a narrow,
+cheap pass). A round that pays restores the full k and clears the back-off. Every decision depends
+on tokens only, so every rank makes the same one. The n-grams are indexed as tokens arrive (a dict
 per n), so a proposal costs a few dictionary lookups, not a search of the text.
 """
 
@@ -72,10 +75,10 @@ class PromptLookup:
     k: int  # tokens proposed at most per round (prompt_lookup_num_tokens)
     pad_to_k: bool  # a compiled target sees one verification shape: every proposal padded to k
     device: torch.device
-    skip: int = 0  # plain steps left before the next lookup
+    skip: int = 0  # plain steps to take before the next lookup (speculative.py takes them)
     backoff: int = 0  # the length of the last back-off
     probing: bool = False  # the next round proposes at most PROBE tokens
-    calls_run: set = field(default_factory=set)  # "plain" and the verification widths run so far (compiled shapes)
+    calls_run: set = field(default_factory=set)  # ("plain", shared slot) and verification widths run (compiled shapes)
 
     @classmethod
     def start(cls, input_ids, attention_mask, first: torch.Tensor, k: int, max_ngram: int, pad_to_k: bool):
@@ -89,10 +92,7 @@ class PromptLookup:
 
     def propose(self, finished: list[bool]) -> tuple[torch.Tensor, list[int]] | None:
         """Proposals [batch, j] (rows with less padded with their last token) and each row's real count,
-        or None for a plain step (backing off, or no row found its n-gram)."""
-        if self.skip > 0:
-            self.skip -= 1
-            return None
+        or None for a plain step (no row found its n-gram)."""
         k = min(PROBE, self.k) if self.probing else self.k
         found = [[] if done else row.continuation(k) for row, done in zip(self.rows, finished)]
         counts = [len(f) for f in found]

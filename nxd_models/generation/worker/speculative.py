@@ -61,23 +61,6 @@ class SpeculativeSession:
     proposed: int = 0  # tokens proposed, over all rows and rounds (lookup proposes fewer than k at times)
 
 
-def _propose(session: SpeculativeSession):
-    """(tokens [batch, j], their distributions [batch, j, vocab] or None when greedy, real counts per row).
-
-    A draft proposes k per row. Prompt lookup proposes what it found, j = 0 for a plain step;
-    its padding (rows that found less) is verified too, harmlessly, but not counted as proposed.
-    """
-    if session.lookup is None:
-        drafted, q = _draft_tokens(session)
-        return drafted, q, [session.k] * drafted.shape[0]
-    proposal = session.lookup.propose(session.finished.tolist())
-    if proposal is None:
-        empty = session.last.new_empty(session.last.shape[0], 0)
-        return empty, None, [0] * empty.shape[0]
-    drafted, counts = proposal
-    return drafted, None, counts  # certain proposals: speculate_round makes q one-hot when sampling
-
-
 def _slots(session: SpeculativeSession, offsets):
     """The cache slots of each row's next tokens, pos + offsets: [batch, j], or [j] at batch 1, where
     the model takes its shared-slot path (one index_copy per cache, as plain decoding does)."""
@@ -126,12 +109,9 @@ def _draft_tokens(session: SpeculativeSession):
 
 
 def _accept(session: SpeculativeSession, drafted: torch.Tensor, q, target_logits: torch.Tensor):
-    """Per row: how many draft tokens are accepted [batch], and the target's next token [batch]."""
+    """Sampling, per row: how many draft tokens are accepted [batch], and the target's next token
+    [batch] (greedy acceptance is greedy_verify's)."""
     batch, k = drafted.shape
-    if not session.params.do_sample:
-        choice = target_logits.argmax(dim=-1)  # [batch, k + 1]
-        accepted = (drafted == choice[:, :k]).long().cumprod(dim=1).sum(dim=1)
-        return accepted, choice.gather(1, accepted[:, None]).squeeze(1)
     p = probabilities(target_logits, session.params)  # [batch, k + 1, vocab]
     p_drafted = p[:, :k].gather(-1, drafted[..., None]).squeeze(-1)
     q_drafted = q.gather(-1, drafted[..., None]).squeeze(-1)
@@ -215,26 +195,34 @@ def greedy_verify(compute: Callable, fed, valid, slots):
 
 def speculate_round(session: SpeculativeSession) -> list[list[int]]:
     """One round: the tokens each row gains (possibly none for finished rows)."""
-    if session.lookup is not None and session.lookup.skip:  # backing off: its plain steps in one go
-        steps, session.lookup.skip = session.lookup.skip, 0
-        return _plain_steps(session, steps)
-    drafted, q, counts = _propose(session)
-    if session.lookup is not None and not drafted.shape[1]:
-        return _plain_steps(session, 1)
+    lookup = session.lookup
+    if lookup is None:
+        drafted, q = _draft_tokens(session)
+        counts = [session.k] * drafted.shape[0]
+    else:
+        if lookup.skip:  # backing off: its plain steps in one go
+            steps, lookup.skip = lookup.skip, 0
+            return _plain_steps(session, steps)
+        proposal = lookup.propose(session.finished.tolist())
+        if proposal is None:
+            return _plain_steps(session, 1)
+        # Padding (rows that found less) is verified too, harmlessly, but not counted as proposed;
+        # a proposal is certain, so q is one-hot when sampling (made below, at the vocabulary's size).
+        (drafted, counts), q = proposal, None
     fed = torch.cat([session.last[:, None], drafted], dim=1)
     slots = _slots(session, torch.arange(fed.shape[1], device=fed.device))
     # a draft round's shapes never change; a lookup verification's width varies: its guards may be
     # skipped once that width was run
-    trusted = session.rounds > 0 if session.lookup is None else fed.shape[1] in session.lookup.calls_run
+    trusted = session.rounds > 0 if lookup is None else fed.shape[1] in lookup.calls_run
     if session.verify is not None:  # greedy
         accepted, following = guarded_call(trusted, session.verify, fed, session.valid, slots)
     else:
         target_logits = guarded_call(trusted, session.target, fed, session.valid, position_ids=None, cache_position=slots, last_only=False)
-        if q is None:  # a lookup proposal: certain
+        if q is None:  # a lookup proposal
             q = torch.nn.functional.one_hot(drafted, target_logits.shape[-1]).to(target_logits.dtype)
         accepted, following = _accept(session, drafted, q, target_logits)
-    if session.lookup is not None:
-        session.lookup.calls_run.add(fed.shape[1])
+    if lookup is not None:
+        lookup.calls_run.add(fed.shape[1])
     # Finished rows keep their pointer (they rewrite the same slots), so they never outgrow the cache.
     session.pos += torch.where(session.finished, 0, accepted + 1)
 
@@ -277,18 +265,12 @@ def start(
         first = next_tokens(prefill(target, input_ids, attention_mask), params, generator)
         if draft is not None:
             prefill(draft, input_ids, attention_mask)
-        lookup = None
-        if draft is None:
-            lookup = PromptLookup.start(input_ids, attention_mask, first, k, max_ngram, pad_to_k=compile)
-        compute = compiled(target_key, "compute", target.compute) if compile else target.compute
-        verify = None if params.do_sample else functools.partial(greedy_verify, target.compute)
-        if verify is not None and compile:
-            verify = compiled(target_key, "greedy_verify", verify)
-        drafting = None
-        if draft is not None and not params.do_sample:
-            drafting = functools.partial(greedy_draft, draft.compute)
-            if compile:
-                drafting = compiled(draft_key, "greedy_draft", drafting)
+        lookup = PromptLookup.start(input_ids, attention_mask, first, k, max_ngram, pad_to_k=compile) if draft is None else None
+
+        def maybe_compiled(key, name, function):
+            return compiled(key, name, function) if compile else function
+
+        greedy = not params.do_sample
         session = SpeculativeSession(
             valid=valid,
             pos=torch.full((batch,), prompt_len, device=device),
@@ -301,10 +283,14 @@ def start(
             k=k,
             max_new_tokens=max_new_tokens,
             accepted=[0] * (k + 1),
-            draft=None if draft is None else compiled(draft_key, "compute", draft.compute) if compile else draft.compute,
-            target=compute,
-            verify=verify,
-            greedy_draft=drafting,
+            draft=None if draft is None else maybe_compiled(draft_key, "compute", draft.compute),
+            target=maybe_compiled(target_key, "compute", target.compute),
+            verify=maybe_compiled(target_key, "greedy_verify", functools.partial(greedy_verify, target.compute)) if greedy else None,
+            greedy_draft=(
+                maybe_compiled(draft_key, "greedy_draft", functools.partial(greedy_draft, draft.compute))
+                if greedy and draft is not None
+                else None
+            ),
             lookup=lookup,
             plain_step=None if lookup is None else decode_step(target, target_key, compile, eos, 0, params, generator),
         )

@@ -1,0 +1,34 @@
+"""The speculative sampler on its own: many rows of one round, and a chi-square against the target."""
+
+import torch
+
+from nxd_models.generation.worker.sampling import SamplingParams
+from nxd_models.generation.worker.speculative import SpeculativeSession, _accept
+
+
+def first_tokens_of_a_round(drafted: torch.Tensor, q: torch.Tensor, p0: torch.Tensor, generator) -> tuple:
+    """(each row's first new token, accepted per row) of one sampled round over the rows of drafted
+    [rows, k] with draft distributions q, where the target's distribution is p0 at every position."""
+    rows, k = drafted.shape
+    target_logits = p0.log()[None, None].expand(rows, k + 1, p0.numel())
+    session = SpeculativeSession(
+        valid=None,
+        pos=None,
+        last=None,
+        finished=None,
+        emitted=None,
+        params=SamplingParams(do_sample=True),
+        generator=generator,
+        eos=torch.tensor([]),
+        k=k,
+        max_new_tokens=8,
+    )
+    accepted, following = _accept(session, drafted, q, target_logits)
+    return torch.where(accepted > 0, drafted[:, 0], following), accepted
+
+
+def chi_square(tokens: torch.Tensor, p0: torch.Tensor) -> float:
+    """Pearson's statistic of the tokens' counts against p0."""
+    observed = torch.bincount(tokens, minlength=p0.numel()).double()
+    expected = p0.double() * tokens.numel()
+    return float(((observed - expected) ** 2 / expected).sum())
