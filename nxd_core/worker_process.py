@@ -28,6 +28,7 @@ import cloudpickle
 import torch
 import torch.distributed as dist
 
+from . import compile_cache
 from . import parallel_state as ps
 
 CALL, SHUTDOWN, REPLY, BEAT = "call", "shutdown", "reply", "beat"
@@ -188,6 +189,7 @@ def main() -> None:
 
 
 def _init_worker(config: dict) -> None:
+    compile_cache.use_persistent_torch_cache()  # before anything asks inductor where its cache is
     torch.set_num_threads(config["threads"])
     rank, world = config["rank"], config["world_size"]
     timeout = timedelta(seconds=config["collective_timeout"])

@@ -58,6 +58,7 @@ from typing import Protocol, Self, runtime_checkable
 import cloudpickle
 import torch.distributed as dist
 
+from . import compile_cache
 from . import parallel_state as ps
 from .worker_process import BEAT, CALL, SHUTDOWN, STARTUP_REQUEST, StateKey, drop_owned_by, return_freed_memory, worker_state
 
@@ -605,6 +606,7 @@ class LocalGroup:
 def start_workers(tp: int, device: str = "cpu", **kwargs) -> Group:
     """Driver mode: start a WorkerGroup of tp processes. Under torchrun: use its process group."""
     if dist.is_initialized() or ps.launched_by_torchrun():
+        compile_cache.use_persistent_torch_cache()
         if not dist.is_initialized():
             ps.join_torchrun_world("cuda" if device == "cuda" else "cpu")
         if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_size() != tp:

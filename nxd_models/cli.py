@@ -89,11 +89,22 @@ def _generate(args) -> None:
         for piece in model.stream(args.prompt, max_new_tokens=args.max_new_tokens, stats=stats, **sampling):
             print(piece, end="", flush=True)
         print()
-        new = stats.get("new_tokens", 0)
-        line = f"[{new} tokens in {stats['seconds']:.2f}s: {new / stats['seconds']:.1f} tokens/s, tp={args.tp}"
+        line = "[" + _timings(stats) + f", tp={args.tp}"
         if draft is not None or args.prompt_lookup:
             line += f", acceptance rate {stats.get('acceptance_rate', 0.0):.0%}, accepted per round {stats.get('accepted_histogram')}"
         print(line + "]", file=sys.stderr)
+
+
+def _timings(stats: dict) -> str:
+    """Where a generation's time went: the decode rate, the prefill, and compiling when it happened."""
+    new, seconds = stats.get("new_tokens", 0), stats["seconds"]
+    parts = [f"{new} tokens in {seconds:.2f}s: {new / seconds:.1f} tokens/s overall"]
+    if "decode_tokens_per_second" in stats:
+        parts.append(f"decode {stats['decode_tokens_per_second']:.1f} tokens/s")
+    parts.append(f"prefill {stats['first_chunk_seconds']:.2f}s")
+    if "compile_seconds" in stats:
+        parts.append(f"compile {stats['compile_seconds']:.2f}s (compile cache: {stats['compile_cache']})")
+    return ", ".join(parts)
 
 
 def _serve(args) -> None:
@@ -209,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-compile", action="store_true", help="decode eagerly (by default long generations use torch.compile)")
+    p.add_argument("--no-compile", action="store_true", help="decode eagerly (by default decoding switches to torch.compile mid-generation where the tokens left repay compiling)")
     p.add_argument("--draft", help="a smaller model with the same tokenizer, for speculative decoding")
     p.add_argument(
         "--draft-tp",

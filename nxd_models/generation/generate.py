@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..inputs import check_generation, check_mask, check_vocabulary, is_token_ids, sampling_seed, token_batch
+from .compile_policy import CompilePolicy
 from .worker import decoding, speculative
 from .worker.sampling import SamplingParams
-
-# Compiling the decode step takes seconds; below this many new tokens eager decoding finishes first.
-COMPILE_FROM_TOKENS = 64
 
 
 @dataclass
@@ -95,7 +93,7 @@ class ChunkPlanner:
     under a millisecond): an interrupt waits at most about that long.
     """
 
-    def __init__(self, chunk: int | None, target_seconds: float = 0.25, first: int = 4):
+    def __init__(self, chunk: int | None, target_seconds: float = 0.25, first: int = 1):
         self.fixed = chunk
         self.size = chunk or first
         self.target = target_seconds
@@ -118,7 +116,7 @@ def end_session(model, end, *keys) -> None:
 def chunked_steps(
     model,
     start: Callable[[int], list[list[int]]],
-    resume: Callable[[int], tuple[list[list[int]], bool]],
+    resume: Callable[..., tuple[list[list[int]], bool]],
     end: Callable,
     *,
     max_new_tokens: int,
@@ -127,10 +125,13 @@ def chunked_steps(
     stats: dict,
     prompt_tokens: int,
     draft_model=None,
+    policy: CompilePolicy | None = None,
 ) -> Iterator[list[list[int]]]:
     """The session every generation runs in the workers, with the model (and a draft) held throughout:
     start(first_chunk) prefills and returns the first tokens per row, resume(n) returns (up to n steps'
-    tokens per row, whether every row is done), and the worker function `end` ends the session."""
+    tokens per row, whether every row is done), and the worker function `end` ends the session.
+    With a policy, resume(n, compile_fields) switches the session to compiled steps first, at the
+    boundary the policy chooses (it then reports in stats["compile_seconds"])."""
     planner = ChunkPlanner(chunk)
     with model.exclusive(draft_model):  # one session at a time per model (its KV cache is one)
         began = time.perf_counter()
@@ -138,17 +139,32 @@ def chunked_steps(
         stats.update(prompt_tokens=prompt_tokens, first_chunk_seconds=time.perf_counter() - began)
         try:
             yield first
-            done = max(len(r) for r in first) >= max_new_tokens or all_finished(first, eos)
-            steps_done, seconds = 0, 0.0  # decoding after the first chunk (prefill and compilation left out)
+            produced = max(len(r) for r in first)
+            done = produced >= max_new_tokens or all_finished(first, eos)
+            steps_done, seconds = 0, 0.0  # the last chunk's (for the planner)
+            eager_step = None  # seconds per eager step, measured on the last eager chunk
+            decode_seconds, decode_tokens = 0.0, 0  # after the first chunk: the decode rate's
             while not done:
-                n = planner.next(steps_done, seconds)
+                switching = policy is not None and policy.switch_now(produced, eager_step)
+                if switching:
+                    policy.announce()
+                n = 1 if switching else planner.next(steps_done, seconds)
                 chunk_began = time.perf_counter()
-                tokens, done = resume(n)
-                steps_done, seconds = n, time.perf_counter() - chunk_began
+                tokens, done = resume(n, policy.fields) if switching else resume(n)
+                seconds = time.perf_counter() - chunk_began
+                steps_done = max((len(r) for r in tokens), default=0)
+                produced += steps_done
+                decode_seconds += seconds
+                decode_tokens += sum(len(r) for r in tokens)
+                if steps_done and not (policy and policy.switched):
+                    eager_step = seconds / steps_done
                 if any(tokens):
                     yield tokens
         finally:
             stats["seconds"] = time.perf_counter() - began
+            decode_seconds -= stats.get("compile_seconds", 0.0)
+            if decode_tokens and decode_seconds > 0:
+                stats.update(decode_tokens_per_second=decode_tokens / decode_seconds)
             end_session(model, end, model.key)
 
 
@@ -178,19 +194,19 @@ def steps(
 
     chunk: how many decode steps (speculative rounds) per round trip; by default chunks of
     about a quarter of a second each (ChunkPlanner), so that an interrupt is handled promptly.
-    compile: decode with torch.compile'd steps (compiled once per model and batch size, which
-    takes seconds): greedy decoding compiles the whole step with the token choice, a greedy
-    speculative round is two calls (the draft's k steps; the target's pass and the acceptance), and
-    sampling compiles the models' forward passes. None compiles where it pays:
-    generations of COMPILE_FROM_TOKENS or more.
+    compile: decode with torch.compile'd steps (greedy decoding compiles the whole step with the
+    token choice, a greedy speculative round is two calls (the draft's k steps; the target's pass
+    and the acceptance), and sampling compiles the models' forward passes). None: plain decoding
+    starts eagerly and switches to compiled steps mid-generation where the tokens still to come
+    repay the compilation (compile_policy.py; once per machine, the compile cache); speculative
+    decoding stays eager. True: plain decoding switches after its first token, speculative rounds
+    compile from the start.
     prompt_lookup_num_tokens=k: speculate without a draft, proposing up to k tokens that followed
     the last n-gram (n <= max_matching_ngram_size, HF's name, default 2; prompt_lookup_max_ngram is
     the same) earlier in the row's prompt and output; see worker/prompt_lookup.py.
     """
     check_generation(max_new_tokens, temperature, top_k, top_p)
     max_ngram = _lookup_ngram(prompt_lookup_num_tokens, max_matching_ngram_size, prompt_lookup_max_ngram, draft_model)
-    if compile is None:
-        compile = max_new_tokens >= COMPILE_FROM_TOKENS
     params = SamplingParams(do_sample, temperature, top_k, top_p)
     seed = sampling_seed(seed, do_sample)
     input_ids, attention_mask = encode_prompts(model, prompts, input_ids, attention_mask)
@@ -213,6 +229,7 @@ def steps(
         _check_draft(model, draft_model, batch, prompt_len + max_new_tokens + extra, num_speculative_tokens)
     eos = eos_ids(model, eos_token_id)
     stats = stats if stats is not None else {}
+    policy = None
     if not speculating:
 
         def start(first_chunk):
@@ -227,14 +244,18 @@ def steps(
                 pad_id(model, eos),
                 max_new_tokens,
                 first_chunk,
-                compile,
             ).tolist()
 
-        def resume(n):
-            tokens, done = model.run(decoding.resume, model.key, n)
+        def resume(n, compile_fields=None):
+            tokens, done, report = model.run(decoding.resume, model.key, n, compile_fields)
+            if report is not None:
+                stats.update(compile_seconds=report["compile_seconds"], compile_cache=report["cache"])
             return tokens.tolist(), done
 
         end = decoding.end
+        if compile is not False:  # None: where it pays; True: at the first step boundary
+            step = "sampled_compute" if do_sample else "greedy_step"
+            policy = CompilePolicy(model, step, batch, max_new_tokens, force=compile is True)
     else:
 
         def start(first_chunk):  # a speculative session starts with the target's first token
@@ -249,7 +270,7 @@ def steps(
                 eos,
                 num_speculative_tokens,
                 max_new_tokens,
-                compile,
+                bool(compile),
                 max_ngram,
             )
             return [[t] for t in first.tolist()]
@@ -271,6 +292,7 @@ def steps(
         stats=stats,
         prompt_tokens=int(attention_mask.sum()),
         draft_model=draft_model,
+        policy=policy,
     )
 
 

@@ -11,8 +11,9 @@ session (seq2seq.py's too): a session says how it advances one step.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from nxd_core.worker_process import StateKey, worker_state
 
 from ...worker_ops import device_of, end_session, owned_key
+from .compiling import record_step_times, switch_to_compiled
 from .sampling import SamplingParams, choose, seeded_generator
 
 SESSION = "session"  # the worker_state() kind of a causal LM's generation in flight
@@ -45,13 +47,25 @@ class Session:
     finished: torch.Tensor
     remaining: int
     step: Callable  # (tokens, valid, cache_position, finished) -> (next tokens, finished): see decode_one_token
-    steps_taken: int = 0
+    compiled_step: Callable | None = None  # () -> the compiled version of step, for a switch in flight
+    compile_fields: dict | None = None  # the compile cache key's fields, once switched
+    steps_taken: int = 0  # by the current step (a switch starts again: the compiled step's first call runs its guards)
+    seconds: dict = field(default_factory=lambda: {"eager": [0.0, 0], "compiled": [0.0, 0]})  # time and steps per kind
 
     def advance(self) -> tuple[torch.Tensor, torch.Tensor]:
         position = torch.tensor([self.slot], device=self.valid.device)
+        began = time.perf_counter()
         chosen = guarded_call(self.steps_taken > 0, self.step, self.last_tokens, self.valid, position, self.finished)
+        if self.steps_taken > 0:  # a first call may compile: not a step's time
+            spent = self.seconds["compiled" if self.compile_fields else "eager"]
+            spent[0] += time.perf_counter() - began
+            spent[1] += 1
         self.steps_taken += 1
         return chosen
+
+    def mean_step_seconds(self, kind: str) -> float | None:
+        total, steps = self.seconds[kind]
+        return total / steps if steps else None
 
 
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -164,15 +178,31 @@ def start(
             finished=finished,
             remaining=max_new_tokens - 1,
             step=decode_step(model, key, compile, eos, pad_token_id, params, generator),
+            compiled_step=functools.partial(decode_step, model, key, True, eos, pad_token_id, params, generator),
         )
         rest = decode_n_tokens(session, first_chunk - 1)
     worker_state()[owned_key(key, SESSION)] = session
     return torch.cat([first[:, None], rest], dim=1).cpu()
 
 
-def resume(key: StateKey, n: int):
-    """Up to n more tokens of the session in flight, and whether every row has finished."""
-    return resume_session(key, SESSION, n)
+def resume(key: StateKey, n: int, compile_fields: dict | None = None):
+    """Up to n more tokens of the session in flight, whether every row has finished, and a compile
+    report: with compile_fields (the compile cache key's), the session first switches to its compiled
+    step (see compiling.py); the report says how long compiling took and whether the cache had it."""
+    session = worker_state()[owned_key(key, SESSION)]
+    report = None
+    if compile_fields is not None and session.compile_fields is None:
+
+        def switch():
+            session.step, session.compile_fields, session.steps_taken = session.compiled_step(), compile_fields, 0
+
+        with torch.inference_mode():
+            first, report = switch_to_compiled(compile_fields, switch, lambda: decode_n_tokens(session, 1))
+        n -= first.shape[1]
+    tokens, done = resume_session(key, SESSION, n)
+    if report is not None:
+        tokens = torch.cat([first, tokens], dim=1)
+    return tokens, done, report
 
 
 def resume_session(key: StateKey, kind: str, n: int):
@@ -185,4 +215,7 @@ def resume_session(key: StateKey, kind: str, n: int):
 
 
 def end(key: StateKey) -> None:
+    session = worker_state().get(owned_key(key, SESSION))
+    if session is not None and session.compile_fields is not None:
+        record_step_times(session.compile_fields, session.mean_step_seconds("eager"), session.mean_step_seconds("compiled"))
     end_session(key, SESSION)

@@ -1,0 +1,113 @@
+"""When a generation switches to compiled steps: only where it pays, so compiling never makes a run slower.
+
+A generation starts eagerly at once. At each chunk boundary the front end compares what compiling
+would cost (from this machine's compile cache: the last warm compile of this very step, or a cold
+estimate) with what it would save over the tokens still to come (the eager step just measured,
+minus the compiled step recorded for this step, or a guess), and switches every rank at the same
+step when the saving is larger. Greedy tokens are the same whichever step made them.
+
+The cache (nxd_core.compile_cache) is keyed by the fields below plus torch's version and the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import sys
+from pathlib import Path
+
+from nxd_core import compile_cache
+
+# Before this machine has measured a step: what compiling costs cold, and what it saves per step
+# (it removes Python's dispatch, roughly constant per layer; it cannot make weights load faster).
+# Measured on a 2-core VM (demo model, 20M and 1.1B layouts): cold 10-50 s; saves 0.15-0.35 ms per layer.
+COLD_SECONDS_BASE, COLD_SECONDS_PER_LAYER = 10.0, 1.5
+SAVED_PER_LAYER_STEP = 0.2e-3
+# A warm compile (the cache has the step) costs about this fraction of a cold one until measured.
+WARM_FRACTION = 0.25
+
+
+@functools.cache
+def code_digest() -> str:
+    """The package's Python sources: a compiled step is only as good as the code it was traced from."""
+    digest = hashlib.sha256()
+    for package in (Path(__file__).parents[1], Path(compile_cache.__file__).parent):
+        for path in sorted(package.rglob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def step_fields(model, step: str, batch: int) -> dict:
+    """What a compiled decode step of this model depends on (the cache key, less torch and the CPU)."""
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "_commit_hash"):
+        config.pop(volatile, None)
+    return {
+        "step": step,
+        "config": hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()[:16],
+        "dtype": str(model.dtype),
+        "quantize": getattr(model, "quantize", None),
+        "tp": model.tp,
+        "layers": getattr(model.config, "num_hidden_layers", 1),
+        "batch": batch,
+        "max_seq_len": model.max_seq_len,
+        "code": code_digest(),
+    }
+
+
+class CompilePolicy:
+    """compile=None's decision for one generation: switch once, at the first boundary where it pays.
+    force=True (compile=True) switches at the first boundary whatever the estimate."""
+
+    def __init__(self, model, step: str, batch: int, max_new_tokens: int, force: bool = False):
+        self.fields = step_fields(model, step, batch)
+        self.layers = self.fields["layers"]
+        self.max_new_tokens, self.force = max_new_tokens, force
+        self.entry = compile_cache.lookup(compile_cache.full_key(self.fields))
+        self.switched = False
+
+    def compile_seconds(self) -> float:
+        info = self.entry.info if self.entry is not None and self.entry.has_artifacts else None
+        if info and "warm_seconds" in info:
+            return info["warm_seconds"]
+        if info and "cold_seconds" in info:
+            return WARM_FRACTION * info["cold_seconds"]
+        return self._cold_estimate()
+
+    def _cold_estimate(self) -> float:
+        """This machine's cold compiles of other steps, scaled by layers; else the constants."""
+        per_layer = [
+            e.info["cold_seconds"] / e.key.get("layers", self.layers) for e in compile_cache.entries() if "cold_seconds" in e.info
+        ]
+        if per_layer:
+            return sorted(per_layer)[len(per_layer) // 2] * self.layers
+        return COLD_SECONDS_BASE + COLD_SECONDS_PER_LAYER * self.layers
+
+    def saved_per_step(self, eager_step: float) -> float:
+        info = self.entry.info if self.entry is not None else {}
+        if "eager_step_seconds" in info and "compiled_step_seconds" in info:
+            return eager_step * (1 - info["compiled_step_seconds"] / info["eager_step_seconds"])
+        return min(eager_step / 2, SAVED_PER_LAYER_STEP * self.layers)
+
+    def switch_now(self, produced: int, eager_step: float | None) -> bool:
+        """Whether to compile before the next chunk: produced tokens so far (per row, the most), the
+        eager step's measured seconds (None before one was measured)."""
+        if self.switched or eager_step is None:
+            return False
+        remaining = self.max_new_tokens - produced
+        if remaining < 2:
+            return False
+        if self.force or remaining * self.saved_per_step(eager_step) > self.compile_seconds():
+            self.switched = True
+            return True
+        return False
+
+    def notice(self) -> str:
+        """One line for the user before compiling, with the estimate."""
+        what = f"the decode step (batch {self.fields['batch']}, tp {self.fields['tp']}, {self.fields['dtype'].removeprefix('torch.')})"
+        if self.entry is not None and self.entry.has_artifacts:
+            return f"nxd-zoo: loading {what} from this machine's compile cache: ~{self.compile_seconds():.0f} s"
+        return f"nxd-zoo: compiling {what}, once per machine: ~{self.compile_seconds():.0f} s"
+
+    def announce(self) -> None:
+        print(self.notice(), file=sys.stderr, flush=True)
