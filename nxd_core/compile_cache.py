@@ -173,7 +173,9 @@ def _artifacts_name(sha: str) -> str:
 
 def _ignore(path: Path, why: str) -> None:
     counters["ignored"] += 1
-    warnings.warn(f"nxd-zoo ignores the compile cache entry {path}: {why}; compiling afresh (delete the folder to silence this)", stacklevel=3)
+    warnings.warn(
+        f"nxd-zoo ignores the compile cache entry {path}: {why}; compiling afresh (delete the folder to silence this)", stacklevel=3
+    )
     return None
 
 

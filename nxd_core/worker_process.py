@@ -13,6 +13,7 @@ stopped, killed or wedged: the front end judges liveness by them.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import signal
@@ -153,6 +154,7 @@ def main() -> None:
     conn.send_bytes(pickle.dumps(config["rank"]))
     channel = _Channel(conn, config["heartbeat_interval"])
     channel.busy(STARTUP_REQUEST)
+    _preload(config.get("preload", ()))
     try:
         _init_worker(config)
     except BaseException as exc:
@@ -186,6 +188,22 @@ def main() -> None:
         dist.destroy_process_group()
     finally:
         os._exit(0)
+
+
+def _preload(modules) -> None:
+    """Import the modules the first calls will need in a thread, while this process joins the group and
+    the front end does its own work: imports are most of a worker's start-up. A call that needs one
+    waits on the import lock; one that fails is left for that call to raise."""
+
+    def load():
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: S112 - the call that needs it raises the real error
+                continue
+
+    if modules:
+        threading.Thread(target=load, daemon=True, name="nxd-preload").start()
 
 
 def _init_worker(config: dict) -> None:

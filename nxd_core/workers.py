@@ -190,6 +190,8 @@ class WorkerGroup:
     raises there (a live worker stuck waiting on a peer that never comes).
     error_grace: seconds the other ranks get to finish after one rank raised.
     collectives: "auto" (shared memory within one host) or "gloo" to force the process group's.
+    preload: modules each worker imports in a thread as it starts (those its first calls need), so
+    that the imports overlap with joining the group and with the front end's own work.
     """
 
     def __init__(
@@ -204,6 +206,7 @@ class WorkerGroup:
         error_grace: float = 10.0,
         collectives: str = "auto",
         heartbeat_timeout: float = 20.0,
+        preload: tuple[str, ...] = (),
     ):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -248,6 +251,7 @@ class WorkerGroup:
                     collectives=collectives,
                     heartbeat_interval=min(1.0, heartbeat_timeout / 5),
                     sys_path=list(sys.path),
+                    preload=tuple(preload),
                 )
                 proc = subprocess.Popen(
                     [sys.executable, "-c", "from nxd_core.worker_process import main; main()"],

@@ -45,8 +45,6 @@ def _reshard(args) -> None:
 
 
 def _generate(args) -> None:
-    from . import from_pretrained_parallel
-    from .handles import ParallelEncoderModel, ParallelSeq2SeqModel
     from .inputs import check_generation
 
     # Checked before any worker starts: a bad value is an error line, not a load and a traceback.
@@ -65,8 +63,41 @@ def _generate(args) -> None:
         raise ValueError("the prompt is empty: give --prompt some text")
 
     dtype = DTYPES[args.dtype] if args.dtype else None
+    with _start_workers_early(args.tp) as workers:
+        _generate_on(workers, args, dtype)
+
+
+def _start_workers_early(tp: int):
+    """The workers start (importing torch, joining their group, then importing the model code in a
+    thread) while this process imports the front end in a thread of its own: imports are most of a
+    short `nxd generate`'s wall time (docs/startup.md)."""
+    import importlib
+    import threading
+
+    from nxd_core.workers import start_workers
+
+    from . import WORKER_MODULES
+
+    importer = threading.Thread(target=importlib.import_module, args=("nxd_models.loading",), daemon=True, name="nxd-import")
+    importer.start()
+    try:
+        return start_workers(tp, preload=WORKER_MODULES)
+    finally:
+        importer.join()
+
+
+def _generate_on(workers, args, dtype) -> None:
+    from . import from_pretrained_parallel
+    from .handles import ParallelEncoderModel, ParallelSeq2SeqModel
+
     with from_pretrained_parallel(
-        args.model, tp=args.tp, dtype=dtype, max_seq_len=args.max_seq_len, max_batch_size=args.num_beams, quantize=args.quantize
+        args.model,
+        tp=args.tp,
+        dtype=dtype,
+        max_seq_len=args.max_seq_len,
+        max_batch_size=args.num_beams,
+        quantize=args.quantize,
+        workers=workers,
     ) as model:
         if isinstance(model, ParallelSeq2SeqModel):
             _generate_seq2seq(model, args)
@@ -220,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-compile", action="store_true", help="decode eagerly (by default decoding switches to torch.compile mid-generation where the tokens left repay compiling)")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="decode eagerly (by default decoding switches to torch.compile mid-generation where the tokens left repay compiling)",
+    )
     p.add_argument("--draft", help="a smaller model with the same tokenizer, for speculative decoding")
     p.add_argument(
         "--draft-tp",

@@ -22,7 +22,7 @@ from nxd_core.quantization import SCALE, check_group_size, check_method, group_s
 from nxd_core.safetensors_stream import DTYPE_NAMES, check_complete
 from nxd_core.workers import Group, start_workers
 
-from . import hub
+from . import WORKER_MODULES, hub
 from .families import lookup
 from .handles import HANDLES, ParallelHandle
 from .worker_ops import load_shard, model_key
@@ -128,7 +128,7 @@ def from_pretrained_parallel(
         )
 
     owns_group = workers is None
-    group = workers if workers is not None else start_workers(tp, device=device)
+    group = workers if workers is not None else start_workers(tp, device=device, preload=WORKER_MODULES)
     key = model_key(next(_OWNERS))
     try:
         group.run(load_shard, key, str(path), dtype, max_batch_size, max_seq_len, device, progress, replicated, quantize)

@@ -103,7 +103,7 @@ def test_nxd_generate_streams_and_reports_speed(checkpoint, capsys):
     assert main(["generate", str(path), "--tp", "2", "--prompt", "def main(", "--max-new-tokens", "8", "--max-seq-len", "32"]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("def main(") and len(out.out.strip()) > len("def main(")
-    assert "tokens/s, tp=2]" in out.err
+    assert "tokens/s overall, decode " in out.err and "tokens/s, prefill " in out.err and out.err.rstrip().endswith(", tp=2]")
 
 
 @pytest.mark.parametrize("tp", [1, 2])

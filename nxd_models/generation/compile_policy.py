@@ -76,9 +76,7 @@ class CompilePolicy:
 
     def _cold_estimate(self) -> float:
         """This machine's cold compiles of other steps, scaled by layers; else the constants."""
-        per_layer = [
-            e.info["cold_seconds"] / e.key.get("layers", self.layers) for e in compile_cache.entries() if "cold_seconds" in e.info
-        ]
+        per_layer = [e.info["cold_seconds"] / e.key.get("layers", self.layers) for e in compile_cache.entries() if "cold_seconds" in e.info]
         if per_layer:
             return sorted(per_layer)[len(per_layer) // 2] * self.layers
         return COLD_SECONDS_BASE + COLD_SECONDS_PER_LAYER * self.layers

@@ -137,17 +137,18 @@ def chunked_steps(
         began = time.perf_counter()
         first = start(planner.next(0, 0.0))
         stats.update(prompt_tokens=prompt_tokens, first_chunk_seconds=time.perf_counter() - began)
+        decode_seconds, decode_tokens = 0.0, 0  # after the first chunk: the decode rate's
         try:
             yield first
             produced = max(len(r) for r in first)
             done = produced >= max_new_tokens or all_finished(first, eos)
             steps_done, seconds = 0, 0.0  # the last chunk's (for the planner)
             eager_step = None  # seconds per eager step, measured on the last eager chunk
-            decode_seconds, decode_tokens = 0.0, 0  # after the first chunk: the decode rate's
             while not done:
                 switching = policy is not None and policy.switch_now(produced, eager_step)
                 if switching:
                     policy.announce()
+                    stats["compiled_from_token"] = produced
                 n = 1 if switching else planner.next(steps_done, seconds)
                 chunk_began = time.perf_counter()
                 tokens, done = resume(n, policy.fields) if switching else resume(n)

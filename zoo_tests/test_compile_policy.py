@@ -1,0 +1,186 @@
+"""Compilation that never makes a run slower: the switch to compiled steps mid-generation, the
+decision, and the per-machine compile cache (its key, and entries it must not trust)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from llama_fixtures import left_padded_batch, save_tiny_llama
+
+from nxd_core import compile_cache
+from nxd_models import from_pretrained_parallel
+from nxd_models.generation import compile_policy
+from nxd_models.generation.compile_policy import CompilePolicy
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama-compile")
+    save_tiny_llama(path, "gqa", initializer_range=0.2)
+    return path
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """This process's compile cache entries in a fresh folder (workers keep theirs where they are)."""
+    monkeypatch.setenv("NXD_CACHE_DIR", str(tmp_path / "nxd-cache"))
+    return tmp_path / "nxd-cache"
+
+
+@pytest.fixture
+def compiling_pays(monkeypatch, cache_dir):
+    """Make the policy's estimate of compiling free, so that compile=None switches at the first boundary
+    that has a measured eager step (the second chunk): a switch in the middle, not at the start."""
+    monkeypatch.setattr(CompilePolicy, "compile_seconds", lambda self: 0.0)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_switching_to_compiled_mid_generation_keeps_greedy_tokens(tp_runner, checkpoint, compiling_pays, tp):
+    ids, mask = left_padded_batch()
+    with from_pretrained_parallel(
+        checkpoint, tp=tp, max_batch_size=3, max_seq_len=40, workers=tp_runner.workers(tp), progress=False
+    ) as model:
+        eager = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, compile=False, eos_token_id=[])
+        switched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, compile=None, eos_token_id=[])
+    assert "compile_seconds" not in eager.stats
+    assert 1 < switched.stats["compiled_from_token"] < 24, "the switch must happen in the middle of the generation"
+    assert switched.stats["compile_cache"] in ("hit", "miss", "process")
+    assert switched.tokens == eager.tokens
+    assert all(len(set(row)) > 5 for row in eager.tokens), "outputs must vary for the comparison to mean something"
+
+
+def test_switching_keeps_seeded_sampling_reproducible(tp_runner, checkpoint, compiling_pays):
+    ids, mask = left_padded_batch()
+    with from_pretrained_parallel(
+        checkpoint, tp=2, max_batch_size=3, max_seq_len=40, workers=tp_runner.workers(2), progress=False
+    ) as model:
+        draw = lambda seed: model.generate(  # noqa: E731
+            input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=True, seed=seed, eos_token_id=[], compile=None
+        )
+        first, again, other = draw(0), draw(0), draw(1)
+    assert 1 < first.stats["compiled_from_token"] < 20 and 1 < again.stats["compiled_from_token"] < 20
+    assert first.tokens == again.tokens
+    assert first.tokens != other.tokens
+
+
+def test_compile_none_stays_eager_where_compiling_cannot_pay(tp_runner, checkpoint, cache_dir):
+    """A cold compile costs seconds; 16 tokens of a tiny model take milliseconds: no switch."""
+    with from_pretrained_parallel(
+        checkpoint, tp=2, max_batch_size=1, max_seq_len=40, workers=tp_runner.workers(2), progress=False
+    ) as model:
+        result = model.generate(input_ids=[[1, 5, 9]], max_new_tokens=16, eos_token_id=[])
+    assert "compile_seconds" not in result.stats and "compiled_from_token" not in result.stats
+    assert result.stats["decode_tokens_per_second"] > 0
+
+
+def _policy(entry_info=None, layers=4, max_new_tokens=1000):
+    policy = CompilePolicy.__new__(CompilePolicy)
+    policy.fields = {"batch": 1, "tp": 2, "dtype": "torch.bfloat16", "layers": layers}
+    policy.layers, policy.max_new_tokens, policy.force, policy.switched = layers, max_new_tokens, False, False
+    policy.entry = None if entry_info is None else compile_cache.Entry({}, Path("."), {"artifacts_sha256": "x", **entry_info})
+    return policy
+
+
+def test_the_decision_weighs_the_compile_against_the_tokens_left(cache_dir):
+    warm = {"warm_seconds": 2.0, "eager_step_seconds": 0.004, "compiled_step_seconds": 0.002}
+    # 1000 tokens left, each saving 2 ms: 2 s saved, not more than the 2 s compile
+    assert not _policy(warm).switch_now(produced=0, eager_step=0.004)
+    # 1000 tokens left saving 3 ms each: 3 s saved for 2 s of compiling
+    assert _policy(warm).switch_now(produced=0, eager_step=0.006)
+    assert not _policy(warm, max_new_tokens=400).switch_now(produced=0, eager_step=0.006)
+    assert not _policy(warm).switch_now(produced=0, eager_step=None), "nothing measured yet: no decision"
+    policy = _policy(warm)
+    assert policy.switch_now(produced=10, eager_step=0.006) and not policy.switch_now(produced=20, eager_step=0.006), "once"
+    # nothing measured on this machine: a cold estimate that grows with the layers, savings capped per layer
+    cold = _policy(layers=4)
+    assert cold.compile_seconds() == compile_policy.COLD_SECONDS_BASE + 4 * compile_policy.COLD_SECONDS_PER_LAYER
+    assert cold.saved_per_step(1.0) == pytest.approx(4 * compile_policy.SAVED_PER_LAYER_STEP)
+    assert _policy({"cold_seconds": 20.0}).compile_seconds() == pytest.approx(compile_policy.WARM_FRACTION * 20.0)
+    assert "once per machine" in cold.notice() and "compile cache" in _policy(warm).notice()
+
+
+def _model(tp=2, dtype=torch.bfloat16, batch_size=4, layers=4, hidden=64):
+    config = SimpleNamespace(num_hidden_layers=layers, to_dict=lambda: {"hidden_size": hidden, "num_hidden_layers": layers})
+    return SimpleNamespace(config=config, tp=tp, dtype=dtype, max_batch_size=batch_size, max_seq_len=128)
+
+
+def test_the_cache_key_changes_with_tp_dtype_batch_and_model(cache_dir):
+    def where(model, batch=1, step="greedy_step"):
+        return compile_cache.entry_dir(compile_cache.full_key(compile_policy.step_fields(model, step, batch)))
+
+    base = where(_model())
+    assert base == where(_model()), "the same model, step and shape share an entry"
+    assert str(base).startswith(str(cache_dir))
+    changed = [where(_model(tp=4)), where(_model(dtype=torch.float32)), where(_model(), batch=2), where(_model(hidden=96))]
+    changed.append(where(_model(), step="sampled_compute"))
+    assert len({base, *changed}) == 6
+    key = compile_cache.full_key(compile_policy.step_fields(_model(), "greedy_step", 1))
+    assert key["torch"] == torch.__version__ and isinstance(key["cpu_features"], list) and key["code"]
+
+
+def _write_entry(key, info, blob=b"artifacts"):
+    path = compile_cache.entry_dir(key)
+    path.mkdir(parents=True)
+    sha = hashlib.sha256(blob).hexdigest()
+    (path / f"artifacts-{sha[:16]}.bin").write_bytes(blob)
+    (path / "entry.json").write_text(json.dumps({"key": key, "info": {"artifacts_sha256": sha, **info}}))
+    return path
+
+
+def test_a_corrupt_or_foreign_entry_is_ignored_with_a_warning_never_loaded(cache_dir, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda blob: loaded.append(blob))
+    key = compile_cache.full_key({"step": "greedy_step", "tp": 2})
+    path = _write_entry(key, {"cold_seconds": 5.0})
+    entry = compile_cache.lookup(key)
+    assert entry is not None and compile_cache.load_artifacts(entry) and loaded == [b"artifacts"], "a sound entry loads"
+
+    artifacts = next(path.glob("artifacts-*.bin"))
+    artifacts.write_bytes(b"artifacts, altered")
+    with pytest.warns(UserWarning, match="does not match the checksum"):
+        assert not compile_cache.load_artifacts(compile_cache.lookup(key))
+    artifacts.unlink()
+    with pytest.warns(UserWarning, match="cannot be read"):
+        assert not compile_cache.load_artifacts(compile_cache.lookup(key))
+
+    (path / "entry.json").write_text('{"key": {"step": "greedy_')
+    with pytest.warns(UserWarning, match="cannot be read"):
+        assert compile_cache.lookup(key) is None
+    other = {**key, "tp": 4}
+    (path / "entry.json").write_text(json.dumps({"key": other, "info": {}}))
+    with pytest.warns(UserWarning, match="another key.*tp: 4 here, 2 wanted"):
+        assert compile_cache.lookup(key) is None
+    assert loaded == [b"artifacts"], "nothing but the sound entry was ever loaded"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compile_cache.lookup(compile_cache.full_key({"step": "never compiled"})) is None, "no entry: no warning"
+
+
+def test_a_second_process_finds_the_compile_cache(checkpoint, tmp_path):
+    """Two processes, one cache folder: the first compiles and stores its entry, the second loads it
+    (shown by the worker's counters, not by timing)."""
+    env = {**os.environ, "NXD_CACHE_DIR": str(tmp_path / "nxd-cache")}
+    # torch's own caches stay where the suite keeps them warm: what is tested is our entry
+    compile_cache.use_persistent_torch_cache()
+    env["TORCHINDUCTOR_CACHE_DIR"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    runs = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, str(SCRIPTS / "compile_twice.py"), str(checkpoint)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["compile_cache"] == "miss" and first["worker_counters"]["stored"] == 1
+    assert second["compile_cache"] == "hit" and second["worker_counters"]["hits"] == 1 and second["worker_counters"]["stored"] == 0
+    assert second["tokens"] == first["tokens"]
+    assert len(list((tmp_path / "nxd-cache" / "compiled").glob("*/entry.json"))) == 1
