@@ -9,7 +9,8 @@ compiled steps where it pays), with the compile cache cold (an empty cache folde
 Each number is one `generate` call in a fresh worker group (a new process is what pays the compile;
 worker start-up and loading are the same for every policy and are left out), a 4-token prompt,
 eos ignored so that every run makes all its tokens. A cold run gets an empty NXD_CACHE_DIR (torch's
-inductor cache inside it, so its compiler probes run again too); a warm run follows a run that filled it.
+inductor cache inside it, so its compiler probes run again too); a warm run gets a folder where the step
+was compiled once before (by a compile=True run per model and tp, whose compile time is printed).
 Single runs on a shared machine: compare within a row.
 """
 
@@ -42,18 +43,24 @@ def one_generation(model_path: str, tp: int, max_seq_len: int, tokens: int, comp
         return time.perf_counter() - began, result.stats
 
 
-def row(model_path: str, tp: int, max_seq_len: int, tokens: int, workdir: Path) -> dict:
-    """Eager, old policy and new policy, cold and warm, for one length."""
+def row(model_path: str, tp: int, max_seq_len: int, tokens: int, workdir: Path, warm: Path) -> dict:
+    """Eager, old policy and new policy, each with a cold cache (a fresh folder) and a warm one (`warm`)."""
     old = tokens >= 64  # the old policy: compile=None meant compile from the start at 64 tokens or more
     times: dict = {}
     times["eager"], _ = one_generation(model_path, tp, max_seq_len, tokens, False, workdir / "unused")
     for policy, compile in (("old", old), ("new", None)):
-        cache = Path(tempfile.mkdtemp(prefix=f"{policy}-", dir=workdir))
         for state in ("cold", "warm"):
+            cache = Path(tempfile.mkdtemp(prefix=f"{policy}-", dir=workdir)) if state == "cold" else warm
             seconds, stats = one_generation(model_path, tp, max_seq_len, tokens, compile, cache)
             times[f"{policy} {state}"] = seconds
             times[f"{policy} {state} how"] = _how(stats)
     return times
+
+
+def fill(model_path: str, tp: int, max_seq_len: int, cache: Path) -> str:
+    """Compile the decode step once into `cache` (what "warm" means: this machine has compiled it before)."""
+    _, stats = one_generation(model_path, tp, max_seq_len, 8, True, cache)
+    return f"{stats['compile_seconds']:.1f}s ({stats['compile_cache']})"
 
 
 def _how(stats: dict) -> str:
@@ -83,8 +90,10 @@ def main() -> None:
                 path = str(workdir / name)
                 write_random_llama(Path(path), "20m", seed=0)
             for tp in args.tp:
+                warm = Path(tempfile.mkdtemp(prefix="warm-", dir=workdir))
+                print(f"{name} tp={tp}: compiling the step once into the warm cache took {fill(path, tp, max_seq_len, warm)}")
                 for tokens in args.lengths:
-                    t = row(path, tp, max_seq_len, tokens, workdir)
+                    t = row(path, tp, max_seq_len, tokens, workdir, warm)
                     ratios = f"{t['new cold'] / t['eager']:.2f}x, {t['new warm'] / t['eager']:.2f}x"
                     print(
                         f"{name:5} {tp:>2} {tokens:>6} {t['eager']:7.2f} {t['old cold']:9.2f} {t['old warm']:9.2f} "

@@ -81,6 +81,7 @@ class ParallelHandle:
         self._key, self._owns_group, self._closed = key, owns_group, False
         self._tokenizer = self._generation_config = None
         self._session_lock = SessionLock()
+        self.compiled_steps: set[str] = set()  # the compile cache names of the steps its workers hold compiled
 
     @property
     def closed(self) -> bool:

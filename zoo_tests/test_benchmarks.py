@@ -97,3 +97,18 @@ def test_quant_prints_bf16_next_to_int8(tmp_path):
     assert [row[2] for row in rows] == ["bf16", "int8"] * 2  # printed as measured, then in the table
     assert "of roofline" in out and "int8 kernel:" in out
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # ten worker groups and a cold compile (~1.5 min here); test_compile_policy covers the policy
+def test_first_run_prints_eager_next_to_both_policies(tmp_path):
+    out = _run("first_run.py", "--quick", "--workdir", str(tmp_path))
+    assert "old cold" in out and "new warm" in out
+    assert "demo tp=1: compiling the step once into the warm cache took" in out
+    rows = [line for line in out.splitlines() if line.startswith("demo ") and "x, " in line]
+    assert len(rows) == 2 and all("new: " in r for r in rows)
+
+
+@pytest.mark.slow  # a dozen fresh processes, two worker groups
+def test_startup_prints_each_part_and_the_whole_command():
+    out = _run("startup.py", "--repeats", "1")
+    assert "import torch" in out and "start and close 2 workers" in out and "(shell to exit)" in out

@@ -56,6 +56,7 @@ def test_switching_to_compiled_mid_generation_keeps_greedy_tokens(tp_runner, che
     assert switched.stats["compile_cache"] in ("hit", "miss", "process")
     assert switched.tokens == eager.tokens
     assert all(len(set(row)) > 5 for row in eager.tokens), "outputs must vary for the comparison to mean something"
+    assert model.compiled_steps, "the handle remembers the step its workers compiled"
 
 
 def test_switching_keeps_seeded_sampling_reproducible(tp_runner, checkpoint, compiling_pays):
@@ -86,6 +87,7 @@ def _policy(entry_info=None, layers=4, max_new_tokens=1000):
     policy = CompilePolicy.__new__(CompilePolicy)
     policy.fields = {"batch": 1, "tp": 2, "dtype": "torch.bfloat16", "layers": layers}
     policy.layers, policy.max_new_tokens, policy.force, policy.switched = layers, max_new_tokens, False, False
+    policy.in_workers = False
     policy.entry = None if entry_info is None else compile_cache.Entry({}, Path("."), {"artifacts_sha256": "x", **entry_info})
     return policy
 
@@ -106,6 +108,9 @@ def test_the_decision_weighs_the_compile_against_the_tokens_left(cache_dir):
     assert cold.saved_per_step(1.0) == pytest.approx(4 * compile_policy.SAVED_PER_LAYER_STEP)
     assert _policy({"cold_seconds": 20.0}).compile_seconds() == pytest.approx(compile_policy.WARM_FRACTION * 20.0)
     assert "once per machine" in cold.notice() and "compile cache" in _policy(warm).notice()
+    compiled = _policy(warm)
+    compiled.in_workers = True  # these workers compiled the step already: switching costs nothing
+    assert compiled.compile_seconds() == 0.0 and compiled.switch_now(produced=990, eager_step=0.004)
 
 
 def _model(tp=2, dtype=torch.bfloat16, batch_size=4, layers=4, hidden=64):
@@ -184,3 +189,20 @@ def test_a_second_process_finds_the_compile_cache(checkpoint, tmp_path):
     assert second["compile_cache"] == "hit" and second["worker_counters"]["hits"] == 1 and second["worker_counters"]["stored"] == 0
     assert second["tokens"] == first["tokens"]
     assert len(list((tmp_path / "nxd-cache" / "compiled").glob("*/entry.json"))) == 1
+
+
+def test_speculative_rounds_compile_with_compile_none_once_these_workers_have_them(tp_runner, checkpoint):
+    """Speculative rounds compile from the start or not at all: by default only where the workers
+    compiled the same rounds already, so the first call is never slower than eager."""
+    ids, mask = left_padded_batch()
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[], prompt_lookup_num_tokens=3)
+    with from_pretrained_parallel(
+        checkpoint, tp=2, max_batch_size=3, max_seq_len=40, workers=tp_runner.workers(2), progress=False
+    ) as model:
+        first = model.generate(**args)
+        compiled = model.generate(**args, compile=True)
+        again = model.generate(**args)
+        other_k = model.generate(**{**args, "prompt_lookup_num_tokens": 2})
+    assert not first.stats["compiled_rounds"] and compiled.stats["compiled_rounds"] and again.stats["compiled_rounds"]
+    assert not other_k.stats["compiled_rounds"], "other rounds (k) were never compiled here"
+    assert first.tokens == compiled.tokens == again.tokens

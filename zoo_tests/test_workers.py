@@ -136,6 +136,21 @@ def test_close_and_context_manager_leave_no_processes():
     assert group.closed and _wait_gone(pids, timeout=1.0) == []
 
 
+def _imported_by_then(name: str, seconds: float = 60.0) -> bool:
+    """Whether `name` is in this worker's modules, waiting for its preload thread (not importing it)."""
+    deadline = time.monotonic() + seconds
+    while name not in sys.modules and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return name in sys.modules
+
+
+def test_preloaded_modules_are_imported_as_the_workers_start_and_a_bad_name_is_harmless():
+    with WorkerGroup(2, preload=("no_such_module_anywhere", "xml.dom.minidom")) as group:
+        assert group.run(_imported_by_then, "xml.dom.minidom") == [True, True]
+        assert group.run(_imported_by_then, "no_such_module_anywhere", 0.0) == [False, False]
+        assert group.run(_imported_by_then, "xml.sax.saxutils", 0.0) == [False, False], "only what was asked for"
+
+
 def test_front_end_that_dies_leaves_no_orphans_and_needs_no_main_guard():
     out = subprocess.run([sys.executable, str(SCRIPTS / "abandon_workers.py")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

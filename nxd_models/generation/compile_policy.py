@@ -55,6 +55,13 @@ def step_fields(model, step: str, batch: int) -> dict:
     }
 
 
+def speculative_rounds_name(model, draft, sampled: bool, k: int, batch: int) -> str:
+    """What a speculative session's compiled rounds are known by in model.compiled_steps."""
+    proposer = "lookup" if draft is None else f"draft {draft.key.owner} tp {draft.tp}"
+    fields = step_fields(model, f"speculative rounds: {proposer}, k {k}, {'sampled' if sampled else 'greedy'}", batch)
+    return compile_cache.entry_dir(compile_cache.full_key(fields)).name
+
+
 class CompilePolicy:
     """compile=None's decision for one generation: switch once, at the first boundary where it pays.
     force=True (compile=True) switches at the first boundary whatever the estimate."""
@@ -63,10 +70,16 @@ class CompilePolicy:
         self.fields = step_fields(model, step, batch)
         self.layers = self.fields["layers"]
         self.max_new_tokens, self.force = max_new_tokens, force
-        self.entry = compile_cache.lookup(compile_cache.full_key(self.fields))
+        key = compile_cache.full_key(self.fields)
+        self.name = compile_cache.entry_dir(key).name
+        # the workers keep a compiled step for their process's life: the handle remembers which
+        self.in_workers = self.name in model.compiled_steps
+        self.entry = None if self.in_workers else compile_cache.lookup(key)
         self.switched = False
 
     def compile_seconds(self) -> float:
+        if self.in_workers:
+            return 0.0
         info = self.entry.info if self.entry is not None and self.entry.has_artifacts else None
         if info and "warm_seconds" in info:
             return info["warm_seconds"]
@@ -103,9 +116,18 @@ class CompilePolicy:
     def notice(self) -> str:
         """One line for the user before compiling, with the estimate."""
         what = f"the decode step (batch {self.fields['batch']}, tp {self.fields['tp']}, {self.fields['dtype'].removeprefix('torch.')})"
+        if self.in_workers:
+            return f"nxd-zoo: switching to {what}, compiled in these workers already"
         if self.entry is not None and self.entry.has_artifacts:
             return f"nxd-zoo: loading {what} from this machine's compile cache: ~{self.compile_seconds():.0f} s"
-        return f"nxd-zoo: compiling {what}, once per machine: ~{self.compile_seconds():.0f} s"
+        return (
+            f"nxd-zoo: compiling {what}, once per machine: ~{self.compile_seconds():.0f} s, kept in {compile_cache.cache_root()} "
+            "(as the C++ kernels' builds are kept in torch's extension cache)"
+        )
 
     def announce(self) -> None:
-        print(self.notice(), file=sys.stderr, flush=True)
+        """The notice on stderr; under torchrun only the first rank says it."""
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_rank() != 0):
+            print(self.notice(), file=sys.stderr, flush=True)

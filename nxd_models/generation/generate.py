@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..inputs import check_generation, check_mask, check_vocabulary, is_token_ids, sampling_seed, token_batch
-from .compile_policy import CompilePolicy
+from .compile_policy import CompilePolicy, speculative_rounds_name
 from .worker import decoding, speculative
 from .worker.sampling import SamplingParams
 
@@ -200,8 +200,8 @@ def steps(
     and the acceptance), and sampling compiles the models' forward passes). None: plain decoding
     starts eagerly and switches to compiled steps mid-generation where the tokens still to come
     repay the compilation (compile_policy.py; once per machine, the compile cache); speculative
-    decoding stays eager. True: plain decoding switches after its first token, speculative rounds
-    compile from the start.
+    decoding compiles where these workers compiled the same rounds before, else stays eager.
+    True: plain decoding switches after its first token, speculative rounds compile from the start.
     prompt_lookup_num_tokens=k: speculate without a draft, proposing up to k tokens that followed
     the last n-gram (n <= max_matching_ngram_size, HF's name, default 2; prompt_lookup_max_ngram is
     the same) earlier in the row's prompt and output; see worker/prompt_lookup.py.
@@ -251,6 +251,7 @@ def steps(
             tokens, done, report = model.run(decoding.resume, model.key, n, compile_fields)
             if report is not None:
                 stats.update(compile_seconds=report["compile_seconds"], compile_cache=report["cache"])
+                model.compiled_steps.add(policy.name)
             return tokens.tolist(), done
 
         end = decoding.end
@@ -258,6 +259,14 @@ def steps(
             step = "sampled_compute" if do_sample else "greedy_step"
             policy = CompilePolicy(model, step, batch, max_new_tokens, force=compile is True)
     else:
+        # A speculative session compiles its rounds from the start or not at all. With compile=None it
+        # does where these workers have compiled the same rounds already (a notebook's second call).
+        rounds = speculative_rounds_name(model, draft_model, do_sample, num_speculative_tokens, batch)
+        if compile is None:
+            compile = rounds in model.compiled_steps
+        if compile:
+            model.compiled_steps.add(rounds)
+        stats["compiled_rounds"] = compile
 
         def start(first_chunk):  # a speculative session starts with the target's first token
             first = model.run(
@@ -271,7 +280,7 @@ def steps(
                 eos,
                 num_speculative_tokens,
                 max_new_tokens,
-                bool(compile),
+                compile,
                 max_ngram,
             )
             return [[t] for t in first.tolist()]
