@@ -83,10 +83,17 @@ def decode_one_token(
     return choose(logits, finished, eos, pad_token_id, params, generator)
 
 
+# Every model a worker loads compiles the same code objects again (its compute, the step functions),
+# and torch gives up compiling a code object after 8 versions by default: a long-lived worker
+# (a notebook, a server, the test suite) would then decode eagerly without a word.
+RECOMPILE_LIMIT = 256
+
+
 def compiled(key: StateKey, name: str, function: Callable) -> Callable:
     """torch.compile(function), kept per model in the worker so that it compiles once."""
     functions = worker_state().setdefault(owned_key(key, "compiled"), {})
     if name not in functions:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         functions[name] = torch.compile(function, dynamic=False)
     return functions[name]
 
