@@ -87,7 +87,7 @@ def _policy(entry_info=None, layers=4, max_new_tokens=1000):
     policy = CompilePolicy.__new__(CompilePolicy)
     policy.fields = {"batch": 1, "tp": 2, "dtype": "torch.bfloat16", "layers": layers}
     policy.layers, policy.max_new_tokens, policy.force, policy.switched = layers, max_new_tokens, False, False
-    policy.in_workers = False
+    policy.in_workers, policy._cold = False, None
     policy.entry = None if entry_info is None else compile_cache.Entry({}, Path("."), {"artifacts_sha256": "x", **entry_info})
     return policy
 
@@ -188,7 +188,10 @@ def test_a_second_process_finds_the_compile_cache(checkpoint, tmp_path):
     assert first["compile_cache"] == "miss" and first["worker_counters"]["stored"] == 1
     assert second["compile_cache"] == "hit" and second["worker_counters"]["hits"] == 1 and second["worker_counters"]["stored"] == 0
     assert second["tokens"] == first["tokens"]
-    assert len(list((tmp_path / "nxd-cache" / "compiled").glob("*/entry.json"))) == 1
+    [entry] = list((tmp_path / "nxd-cache" / "compiled").glob("*/entry.json"))
+    info = json.loads(entry.read_text())["info"]
+    assert info["cold_seconds"] > 0 and info["warm_seconds"] > 0, "both compiles were timed"
+    assert info["compiled_step_seconds"] > 0, "the compiled steps' time was learnt for the next decision"
 
 
 def test_speculative_rounds_compile_with_compile_none_once_these_workers_have_them(tp_runner, checkpoint):

@@ -76,6 +76,7 @@ class CompilePolicy:
         self.in_workers = self.name in model.compiled_steps
         self.entry = None if self.in_workers else compile_cache.lookup(key)
         self.switched = False
+        self._cold = None  # the cold estimate, once asked for (it reads every entry)
 
     def compile_seconds(self) -> float:
         if self.in_workers:
@@ -89,6 +90,11 @@ class CompilePolicy:
 
     def _cold_estimate(self) -> float:
         """This machine's cold compiles of other steps, scaled by layers; else the constants."""
+        if self._cold is None:
+            self._cold = self._estimate_cold()
+        return self._cold
+
+    def _estimate_cold(self) -> float:
         per_layer = [e.info["cold_seconds"] / e.key.get("layers", self.layers) for e in compile_cache.entries() if "cold_seconds" in e.info]
         if per_layer:
             return sorted(per_layer)[len(per_layer) // 2] * self.layers

@@ -130,7 +130,7 @@ def chunked_steps(
     """The session every generation runs in the workers, with the model (and a draft) held throughout:
     start(first_chunk) prefills and returns the first tokens per row, resume(n) returns (up to n steps'
     tokens per row, whether every row is done), and the worker function `end` ends the session.
-    With a policy, resume(n, compile_fields) switches the session to compiled steps first, at the
+    With a policy, resume(n, switch=True) switches the session to compiled steps first, at the
     boundary the policy chooses (it then reports in stats["compile_seconds"])."""
     planner = ChunkPlanner(chunk)
     with model.exclusive(draft_model):  # one session at a time per model (its KV cache is one)
@@ -142,23 +142,23 @@ def chunked_steps(
             yield first
             produced = max(len(r) for r in first)
             done = produced >= max_new_tokens or all_finished(first, eos)
-            steps_done, seconds = 0, 0.0  # the last chunk's (for the planner)
-            eager_step = None  # seconds per eager step, measured on the last eager chunk
+            steps_done, seconds = 0, 0.0  # the last chunk's steps (or rounds) asked for, and its time
+            eager_step = None  # seconds per token of a row, measured on the last eager chunk
             while not done:
                 switching = policy is not None and policy.switch_now(produced, eager_step)
                 if switching:
                     policy.announce()
                     stats["compiled_from_token"] = produced
-                n = 1 if switching else planner.next(steps_done, seconds)
+                steps_done = 1 if switching else planner.next(steps_done, seconds)
                 chunk_began = time.perf_counter()
-                tokens, done = resume(n, policy.fields) if switching else resume(n)
+                tokens, done = resume(steps_done, switch=True) if switching else resume(steps_done)
                 seconds = time.perf_counter() - chunk_began
-                steps_done = max((len(r) for r in tokens), default=0)
-                produced += steps_done
+                gained = max((len(r) for r in tokens), default=0)
+                produced += gained
                 decode_seconds += seconds
                 decode_tokens += sum(len(r) for r in tokens)
-                if steps_done and not (policy and policy.switched):
-                    eager_step = seconds / steps_done
+                if gained and not (policy and policy.switched):
+                    eager_step = seconds / gained
                 if any(tokens):
                     yield tokens
         finally:
@@ -245,10 +245,12 @@ def steps(
                 pad_id(model, eos),
                 max_new_tokens,
                 first_chunk,
+                False,
+                None if policy is None else policy.fields,
             ).tolist()
 
-        def resume(n, compile_fields=None):
-            tokens, done, report = model.run(decoding.resume, model.key, n, compile_fields)
+        def resume(n, switch=False):
+            tokens, done, report = model.run(decoding.resume, model.key, n, switch)
             if report is not None:
                 stats.update(compile_seconds=report["compile_seconds"], compile_cache=report["cache"])
                 model.compiled_steps.add(policy.name)

@@ -59,9 +59,15 @@ def switch_to_compiled(fields: dict, switch: Callable[[], None], first_step: Cal
 
 
 def record_step_times(fields: dict, eager_step_seconds: float | None, compiled_step_seconds: float | None) -> None:
-    """Keep a session's measured step times in its entry: the next decision uses them instead of a guess."""
-    if not writes_cache() or not eager_step_seconds or not compiled_step_seconds:
+    """Keep a session's measured step times (either or both) in its entry, if this machine has one: the
+    next decision weighs them instead of a guess."""
+    times = {"eager_step_seconds": eager_step_seconds, "compiled_step_seconds": compiled_step_seconds}
+    times = {name: seconds for name, seconds in times.items() if seconds}
+    if not times or not writes_cache():
         return
     entry = compile_cache.lookup(compile_cache.full_key(fields))
-    if entry is not None:
-        compile_cache.record(entry, eager_step_seconds=eager_step_seconds, compiled_step_seconds=compiled_step_seconds)
+    if entry is None:
+        return
+    # a write is an fsync: only when a time moved by a tenth or more
+    if any(abs(seconds - entry.info.get(name, 0.0)) > 0.1 * seconds for name, seconds in times.items()):
+        compile_cache.record(entry, **times)

@@ -48,7 +48,8 @@ class Session:
     remaining: int
     step: Callable  # (tokens, valid, cache_position, finished) -> (next tokens, finished): see decode_one_token
     compiled_step: Callable | None = None  # () -> the compiled version of step, for a switch in flight
-    compile_fields: dict | None = None  # the compile cache key's fields, once switched
+    compile_fields: dict | None = None  # the compile cache key's fields (its entry learns the step times)
+    compiled: bool = False  # switched to the compiled step
     steps_taken: int = 0  # by the current step (a switch starts again: the compiled step's first call runs its guards)
     seconds: dict = field(default_factory=lambda: {"eager": [0.0, 0], "compiled": [0.0, 0]})  # time and steps per kind
 
@@ -57,7 +58,7 @@ class Session:
         began = time.perf_counter()
         chosen = guarded_call(self.steps_taken > 0, self.step, self.last_tokens, self.valid, position, self.finished)
         if self.steps_taken > 0:  # a first call may compile: not a step's time
-            spent = self.seconds["compiled" if self.compile_fields else "eager"]
+            spent = self.seconds["compiled" if self.compiled else "eager"]
             spent[0] += time.perf_counter() - began
             spent[1] += 1
         self.steps_taken += 1
@@ -167,8 +168,10 @@ def start(
     max_new_tokens: int,
     first_chunk: int,
     compile: bool = False,
+    compile_fields: dict | None = None,
 ):
-    """Prefill, choose the first token, then decode up to first_chunk - 1 more; return the tokens [batch, k]."""
+    """Prefill, choose the first token, then decode up to first_chunk - 1 more; return the tokens [batch, k].
+    compile_fields: the compile cache key of this session's compiled step, for a switch later (resume)."""
     model = worker_state()[key]
     device = device_of(model)
     generator = seeded_generator(params, seed, device)
@@ -186,25 +189,27 @@ def start(
             remaining=max_new_tokens - 1,
             step=decode_step(model, key, compile, eos, pad_token_id, params, generator),
             compiled_step=functools.partial(decode_step, model, key, True, eos, pad_token_id, params, generator),
+            compile_fields=compile_fields,
+            compiled=compile,
         )
         rest = decode_n_tokens(session, first_chunk - 1)
     worker_state()[owned_key(key, SESSION)] = session
     return torch.cat([first[:, None], rest], dim=1).cpu()
 
 
-def resume(key: StateKey, n: int, compile_fields: dict | None = None):
+def resume(key: StateKey, n: int, switch: bool = False):
     """Up to n more tokens of the session in flight, whether every row has finished, and a compile
-    report: with compile_fields (the compile cache key's), the session first switches to its compiled
-    step (see compiling.py); the report says how long compiling took and whether the cache had it."""
+    report: with switch, the session first switches to its compiled step (see compiling.py); the
+    report says how long compiling took and whether this machine's compile cache had it."""
     session = worker_state()[owned_key(key, SESSION)]
     report = None
-    if compile_fields is not None and session.compile_fields is None:
+    if switch and not session.compiled:
 
-        def switch():
-            session.step, session.compile_fields, session.steps_taken = session.compiled_step(), compile_fields, 0
+        def to_compiled():
+            session.step, session.compiled, session.steps_taken = session.compiled_step(), True, 0
 
         with torch.inference_mode():
-            first, report = switch_to_compiled(compile_fields, switch, lambda: decode_n_tokens(session, 1))
+            first, report = switch_to_compiled(session.compile_fields, to_compiled, lambda: decode_n_tokens(session, 1))
         n -= first.shape[1]
     tokens, done = resume_session(key, SESSION, n)
     if report is not None:
