@@ -19,10 +19,13 @@ Where: $NXD_CACHE_DIR, else $XDG_CACHE_HOME/nxd-zoo, else ~/.cache/nxd-zoo. The 
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
 import platform
+import re
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -55,11 +58,20 @@ def use_persistent_torch_cache() -> None:
     emptied at reboot, and a cold inductor cache re-runs its compiler probes (~10 s here). torch
     writes its default into the environment once asked, so that value counts as not chosen."""
     import torch
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if not chosen or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+    if not chosen or os.path.abspath(chosen) == _torch_default_cache_dir():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / f"torchinductor-{torch.__version__}")
+
+
+def _torch_default_cache_dir() -> str:
+    """torch._inductor.runtime.cache_dir_utils.default_cache_dir(), written out: importing that module
+    imports all of inductor and dynamo (2 s), which a worker that never compiles must not pay."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}"
+    return os.path.abspath(os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user)))
 
 
 def full_key(fields: dict) -> dict:

@@ -209,3 +209,22 @@ def test_speculative_rounds_compile_with_compile_none_once_these_workers_have_th
     assert not first.stats["compiled_rounds"] and compiled.stats["compiled_rounds"] and again.stats["compiled_rounds"]
     assert not other_k.stats["compiled_rounds"], "other rounds (k) were never compiled here"
     assert first.tokens == compiled.tokens == again.tokens
+
+
+def test_inductor_cache_moves_under_ours_unless_the_user_chose_one(monkeypatch, cache_dir):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    assert compile_cache._torch_default_cache_dir() == os.path.abspath(default_cache_dir()), "torch changed its default"
+    for before in (None, default_cache_dir()):  # unset, or torch's own default written into the environment
+        if before is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
+        compile_cache.use_persistent_torch_cache()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache_dir / f"torchinductor-{torch.__version__}")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/chosen")
+    compile_cache.use_persistent_torch_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/chosen"
+    # a worker that never compiles must not pay for importing the compiler (2 s)
+    code = "import sys, nxd_core.compile_cache as c; c.use_persistent_torch_cache(); print('torch._inductor' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
