@@ -154,13 +154,13 @@ def main() -> None:
     conn.send_bytes(pickle.dumps(config["rank"]))
     channel = _Channel(conn, config["heartbeat_interval"])
     channel.busy(STARTUP_REQUEST)
-    _preload(config.get("preload", ()))
     try:
         _init_worker(config)
     except BaseException as exc:
         channel.reply(STARTUP_REQUEST, "error", error_payload(exc))
         os._exit(1)
     channel.reply(STARTUP_REQUEST, "ok", os.getpid())
+    preloading = _preload(config.get("preload", ()))
 
     while True:
         try:
@@ -171,6 +171,9 @@ def main() -> None:
             break
         _, request, call = message
         channel.busy(request)  # heartbeats from here on, while the call unpickles and runs
+        if preloading is not None:  # one thread imports at a time: a call waits for the preload to end
+            preloading.join()
+            preloading = None
         try:
             fn, args, kwargs = cloudpickle.loads(call)
             result = fn(*args, **kwargs)
@@ -190,10 +193,11 @@ def main() -> None:
         os._exit(0)
 
 
-def _preload(modules) -> None:
-    """Import the modules the first calls will need in a thread, while this process joins the group and
-    the front end does its own work: imports are most of a worker's start-up. A call that needs one
-    waits on the import lock; one that fails is left for that call to raise."""
+def _preload(modules) -> threading.Thread | None:
+    """Import the modules the first calls will need, in a thread, from the moment this worker has
+    joined its group until its first call (which waits for it: imports never run in two threads at
+    once), while the front end goes on with its own work: imports are most of a worker's start-up.
+    One that fails is left for the call that needs it to raise."""
 
     def load():
         for name in modules:
@@ -202,8 +206,11 @@ def _preload(modules) -> None:
             except Exception:  # noqa: S112 - the call that needs it raises the real error
                 continue
 
-    if modules:
-        threading.Thread(target=load, daemon=True, name="nxd-preload").start()
+    if not modules:
+        return None
+    thread = threading.Thread(target=load, daemon=True, name="nxd-preload")
+    thread.start()
+    return thread
 
 
 def _init_worker(config: dict) -> None:

@@ -190,8 +190,8 @@ class WorkerGroup:
     raises there (a live worker stuck waiting on a peer that never comes).
     error_grace: seconds the other ranks get to finish after one rank raised.
     collectives: "auto" (shared memory within one host) or "gloo" to force the process group's.
-    preload: modules each worker imports in a thread as it starts (those its first calls need), so
-    that the imports overlap with joining the group and with the front end's own work.
+    preload: modules each worker imports once it has joined the group, before its first call runs
+    (those its first calls need), so that the imports overlap with the front end's own work.
     """
 
     def __init__(

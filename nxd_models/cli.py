@@ -68,22 +68,14 @@ def _generate(args) -> None:
 
 
 def _start_workers_early(tp: int):
-    """The workers start (importing torch, joining their group, then importing the model code in a
-    thread) while this process imports the front end in a thread of its own: imports are most of a
-    short `nxd generate`'s wall time (docs/startup.md)."""
-    import importlib
-    import threading
-
+    """The workers start before this process imports the front end (transformers and the models):
+    they import the model code as soon as they have joined their group, while this process imports
+    its own (docs/startup.md)."""
     from nxd_core.workers import start_workers
 
     from . import WORKER_MODULES
 
-    importer = threading.Thread(target=importlib.import_module, args=("nxd_models.loading",), daemon=True, name="nxd-import")
-    importer.start()
-    try:
-        return start_workers(tp, preload=WORKER_MODULES)
-    finally:
-        importer.join()
+    return start_workers(tp, preload=WORKER_MODULES)
 
 
 def _generate_on(workers, args, dtype) -> None:
