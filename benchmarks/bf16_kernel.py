@@ -4,8 +4,8 @@
     python benchmarks/bf16_kernel.py --rows 1 4 8    # speculative verification / small batches
     python benchmarks/bf16_kernel.py --quick         # one small shape, few runs (the test suite)
 
-Each number is the best over several batches of calls (a shared machine's noise only ever slows a
-batch down) of the mean time per call. Every call reads a different copy of the weight, enough
+Each number is the fastest single call among a few hundred (a shared machine's noise only ever
+slows a call down). Every call reads a different copy of the weight, enough
 copies to overflow the last-level cache, so the weights come from memory as in a real decode step.
 GB/s is the weight bytes read per second; the memory copy line is the roofline's bandwidth.
 """
@@ -38,15 +38,18 @@ CACHE_BYTES = 96 << 20  # more than this machine's L3 (copies rotate through at 
 
 
 def best_seconds(call, copies: int, batches: int, min_calls: int) -> float:
+    """The fastest single call over batches x max(min_calls, copies) calls: on a shared machine a
+    call the scheduler interrupted only ever takes longer (with 2 threads on 2 busy cores, most
+    batches of calls hold one)."""
     calls = max(min_calls, copies)
     for i in range(copies):
         call(i)  # warm-up: first touch
     best = float("inf")
     for _ in range(batches):
-        start = time.perf_counter()
         for i in range(calls):
+            start = time.perf_counter()
             call(i % copies)
-        best = min(best, (time.perf_counter() - start) / calls)
+            best = min(best, time.perf_counter() - start)
     return best
 
 
@@ -72,7 +75,7 @@ def main(argv=None) -> None:
     print("kernel paths: " + ", ".join(f"{k}: {v}" for k, v in cpu_kernels.path_support().items()))
     print(f"default path here: {cpu_kernels.path()}; memory copy: {copy_bandwidth(args.quick, batches):.1f} GB/s (read + write)")
     columns = ["ATen F.linear"] + [f"nxd {p}" for p in paths]
-    print(f"\nms per call (GB/s of weights read)\n{'rows  W [N, K]':30}" + "".join(f"{c:>22}" for c in columns))
+    print(f"\nms per call, fastest (GB/s of weights read)\n{'rows  W [N, K]':30}" + "".join(f"{c:>22}" for c in columns))
     for rows in args.rows:
         for name, n, k in shapes:
             copies = 2 if args.quick else max(2, -(-CACHE_BYTES // (n * k * 2)))

@@ -196,8 +196,10 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
     return out;
   }
   // x widened to fp32 once (a few KB per row), in a tensor: 64-byte aligned, rows padded with zeros
-  // to a multiple of 16 for the AVX2 tail.
-  const int64_t stride = (K + 15) / 16 * 16;
+  // to a multiple of 16 for the AVX2 tail, and 64 bytes more where rows would be a multiple of 4 KB
+  // apart (their loads would alias in L1).
+  int64_t stride = (K + 15) / 16 * 16;
+  if (stride % 1024 == 0) stride += 16;
   at::Tensor xw = at::zeros({M, stride}, xb.options().dtype(at::kFloat));
   float* xf = xw.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
