@@ -13,7 +13,7 @@ runs in this interpreter (it needs torch, transformers and sentencepiece, which 
 needs a tokenizer: the checkpoint gets a tiny sentencepiece model (the converter pads the vocabulary).
 Where llama-cpp-python is not installed, this says so and measures the rest.
 
-Every rate is decode tokens/s with the prompt's prefill left out (best of three). The roofline is the
+Every rate is decode tokens/s with the prompt's prefill left out (best of --repeats runs). The roofline is the
 copy bandwidth measured here over the bytes a token reads in that format (one embedding row, not
 the table).
 """
@@ -33,21 +33,24 @@ from pathlib import Path
 
 import torch
 
+from nxd_core.cpu_kernels import path_support
+
 sys.path.insert(0, str(Path(__file__).parent))
+import generate  # noqa: E402
 from generate import GB, hf_decode_rate, kernel_path, memory_bandwidth, ours  # noqa: E402
 from quant import bytes_read_per_token  # noqa: E402
 from random_checkpoint import LAYOUTS, decode_bytes_per_token, write_random_llama  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "nxd-zoo"
 
-# Run in --llama-python: decode tokens/s of a GGUF file (prefill left out, best of 3), and the bytes
+# Run in --llama-python: decode tokens/s of a GGUF file (prefill left out, best of REPEATS), and the bytes
 # a token reads (all tensors but the embedding table, plus one of its rows).
 LLAMA_RUN = r"""
 import json, sys, time
 import numpy as np
 import llama_cpp
 from gguf import GGUFReader
-path, threads, prompt_tokens, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, threads, prompt_tokens, new_tokens, repeats = sys.argv[1], *map(int, sys.argv[2:6])
 tensors = {t.name: (int(t.n_bytes), int(t.shape[-1])) for t in GGUFReader(path).tensors}
 embedding, rows = tensors["token_embd.weight"]
 read = sum(n for n, _ in tensors.values()) - embedding + embedding // rows
@@ -55,7 +58,7 @@ slots = prompt_tokens + new_tokens + 8
 llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=slots, n_batch=slots, verbose=False)
 prompt = [int(t) for t in np.random.default_rng(0).integers(3, llm.n_vocab(), prompt_tokens)]
 best = float("inf")
-for _ in range(3):
+for _ in range(repeats):
     llm.reset()
     llm.eval(prompt)
     token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
@@ -66,6 +69,13 @@ for _ in range(3):
     best = min(best, time.perf_counter() - start)
 print(json.dumps(dict(rate=(new_tokens - 1) / best, read=read, version=llama_cpp.__version__)))
 """
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def llama_cpp_version(python: str) -> str | None:
@@ -122,7 +132,16 @@ def llama_cpp_rows(args, path: Path, work: Path, threads: int) -> list[tuple]:
         gguf = work / f"model-{outtype}.gguf"
         convert = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(path), "--outtype", outtype, "--outfile", str(gguf)]
         subprocess.run(convert, check=True, capture_output=True)
-        run = [args.llama_python, "-c", LLAMA_RUN, str(gguf), str(threads), str(args.prompt_tokens), str(args.new_tokens)]
+        run = [
+            args.llama_python,
+            "-c",
+            LLAMA_RUN,
+            str(gguf),
+            str(threads),
+            str(args.prompt_tokens),
+            str(args.new_tokens),
+            str(generate.REPEATS),
+        ]
         done = subprocess.run(run, check=True, capture_output=True, text=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append((f"llama.cpp {version} {outtype}", result["rate"], result["read"]))
@@ -160,6 +179,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--llama-python", default=sys.executable, help="the interpreter with llama-cpp-python and gguf")
     parser.add_argument("--llama-cpp-dir", help="a llama.cpp source tree (convert_hf_to_gguf.py), instead of the sdist")
+    parser.add_argument("--repeats", type=int, default=generate.REPEATS, help="runs per measurement; the best is kept")
     parser.add_argument("--no-hf", action="store_true", help="leave out HF generate")
     parser.add_argument("--quick", action="store_true", help="tiny layout, 8 new tokens, ours eager only (a smoke test)")
     parser.add_argument("--workdir", help="where to put the checkpoints (default: a temporary directory)")
@@ -167,6 +187,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.layout, args.new_tokens, args.prompt_tokens = "tiny", 8, 8
     torch.set_num_threads(args.threads)
+    generate.REPEATS = args.repeats  # ours() and hf_decode_rate() read it
     work = Path(tempfile.mkdtemp(prefix="nxd-peers-bench-", dir=args.workdir))
     try:
         path = work / "model"
@@ -176,6 +197,7 @@ def main(argv=None) -> None:
         vocab = LAYOUTS[args.layout]["vocab_size"]
         prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
         print(
+            f"{cpu_name()}, bf16 kernel path {kernel_path()} ({', '.join(f'{k}: {v}' for k, v in path_support().items())})\n"
             f"layout {args.layout} ({weight_bytes / GB:.2f} GB bf16), {args.threads} threads, prompt {args.prompt_tokens} tokens, "
             f"{args.new_tokens} new tokens, greedy; load average {os.getloadavg()[0]:.2f}"
         )
