@@ -6,8 +6,9 @@
 //
 // Three SIMD paths in one object, chosen at run time (cpu_kernels.py reads the CPU's flags and
 // NXD_BF16_KERNEL, then calls bf16_linear_set_isa):
-//   avx2        AVX2+FMA: bf16 widened to fp32 by a shift, 8-lane FMAs (the file's baseline flags)
-//   avx512      AVX-512F/BW/VL: the same in 16 lanes, K tails by masked loads
+//   avx2        AVX2+FMA: bf16 widened to fp32 by interleaving with zeros, 8-lane FMAs (the file's
+//               baseline flags)
+//   avx512      AVX-512F/BW/VL: bf16 widened by a shift, 16-lane FMAs, K tails by masked loads
 //   avx512bf16  AVX512_BF16: _mm512_dpbf16_ps on x and W as they are (bf16 pairs), 32 per instruction
 // All accumulate in fp32 and round once to bf16, like ATen's bf16 GEMM.
 //
@@ -36,11 +37,16 @@ static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as to
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// ---- AVX2 + FMA: 8 lanes; x widened to fp32 rows of stride xs (K rounded up to 8, zero-padded) ----
+// ---- AVX2 + FMA: 8 lanes; x widened to fp32 rows of stride xs (zero-padded), permuted per block --
+//
+// A 32-byte load of 16 bf16 weights becomes two fp32 vectors by interleaving with zeros (one
+// instruction each, no shifts): elements {0-3, 8-11} and {4-7, 12-15}. x is stored once in that
+// same order (x_order), so each product pairs the right weight and input.
 
-static inline __m256 load_bf16x8(const uint16_t* p) {
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+static inline void widen16(const uint16_t* p, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
 }
 
 static inline float hsum8(__m256 v) {
@@ -50,28 +56,27 @@ static inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One weight row against MR rows of x. U = 4 accumulators per x row whatever MR is (row invariance).
+// One weight row against MR rows of x; 4 accumulators per x row whatever MR is (row invariance).
 template <int MR>
 static inline void dot_avx2(const uint16_t* w, int64_t K, const float* x, int64_t xs, float* out) {
-  constexpr int U = 4;
-  __m256 acc[MR][U];
+  __m256 acc[MR][4];
   for (int m = 0; m < MR; ++m)
-    for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+    for (int u = 0; u < 4; ++u) acc[m][u] = _mm256_setzero_ps();
+  __m256 wv[4];
   int64_t k = 0;
-  for (; k + 8 * U <= K; k += 8 * U)
-    for (int u = 0; u < U; ++u) {
-      const __m256 wv = load_bf16x8(w + k + 8 * u);
-      for (int m = 0; m < MR; ++m) acc[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * xs + k + 8 * u), acc[m][u]);
-    }
-  for (; k + 8 <= K; k += 8) {
-    const __m256 wv = load_bf16x8(w + k);
-    for (int m = 0; m < MR; ++m) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * xs + k), acc[m][0]);
+  for (; k + 32 <= K; k += 32) {
+    widen16(w + k, wv[0], wv[1]);
+    widen16(w + k + 16, wv[2], wv[3]);
+    for (int m = 0; m < MR; ++m)
+      for (int u = 0; u < 4; ++u) acc[m][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(x + m * xs + k + 8 * u), acc[m][u]);
   }
-  if (k < K) {  // the last K % 8 weights, zero-padded; x's padding is zeros too
-    uint16_t tail[8] = {0};
-    std::memcpy(tail, w + k, (K - k) * sizeof(uint16_t));
-    const __m256 wv = load_bf16x8(tail);
-    for (int m = 0; m < MR; ++m) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * xs + k), acc[m][0]);
+  for (; k < K; k += 16) {  // the rest, 16 at a time; the last weights zero-padded (x's padding is zeros)
+    uint16_t tail[16] = {0};
+    const uint16_t* src = w + k;
+    if (K - k < 16) src = static_cast<const uint16_t*>(std::memcpy(tail, w + k, (K - k) * sizeof(uint16_t)));
+    widen16(src, wv[0], wv[1]);
+    for (int m = 0; m < MR; ++m)
+      for (int u = 0; u < 2; ++u) acc[m][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(x + m * xs + k + 8 * u), acc[m][u]);
   }
   for (int m = 0; m < MR; ++m)
     out[m] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
@@ -138,6 +143,14 @@ NXD_AVX512BF16 static void dot_avx512bf16(const uint16_t* w, int64_t K, const ui
 
 // ---- driver -----------------------------------------------------------------------------------
 
+// Where input k goes in a block of `block` (16: AVX2) so that it meets its weight after widen16:
+// groups of 4 alternate between the low and the high half of the block (0: x's own order).
+static inline int64_t x_order(int64_t k, int64_t block) {
+  if (block == 0) return k;
+  const int64_t base = k - k % block, i = k % block, group = i / 4, half = group % 2;
+  return base + half * (block / 2) + (group / 2) * 4 + i % 4;
+}
+
 enum Isa { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
 static const char* const kIsaNames[] = {"avx2", "avx512", "avx512bf16"};
 static Isa g_isa = kAvx2;  // set once by cpu_kernels.prepare() (and by tests), read by every call
@@ -199,16 +212,17 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
     });
     return out;
   }
-  // x widened to fp32 once (a few KB per row), in a tensor: 64-byte aligned, rows padded with zeros
-  // to a multiple of 16 for the AVX2 tail, and 64 bytes more where rows would be a multiple of 4 KB
-  // apart (their loads would alias in L1).
-  int64_t stride = (K + 15) / 16 * 16;
-  if (stride % 1024 == 0) stride += 16;
+  // x widened to fp32 once (a few KB per row) in the order the weights are widened in (x_order), in
+  // a tensor: 64-byte aligned, rows zero-padded to whole blocks, and 128 bytes more where rows would
+  // be a multiple of 4 KB apart (their loads would alias in L1).
+  const int64_t block = g_isa == kAvx512 ? 0 : 16;  // AVX-512 widens in place: x in its own order
+  int64_t stride = (K + 31) / 32 * 32;
+  if (stride % 1024 == 0) stride += 32;
   at::Tensor xw = at::zeros({M, stride}, xb.options().dtype(at::kFloat));
   float* xf = xw.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * stride + k] = bf16_to_float(xs[m * K + k]);
-  if (g_isa == kAvx512) {
+    for (int64_t k = 0; k < K; ++k) xf[m * stride + x_order(k, block)] = bf16_to_float(xs[m * K + k]);
+  if (g_isa == kAvx512) {  // 8 rows of x x 2 accumulators: 16 of the 32 zmm registers
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       rows<float, 8, dot_avx512<1>, dot_avx512<2>, dot_avx512<4>, dot_avx512<8>>(wp, K, xf, stride, M, N, begin, end, op);
     });
