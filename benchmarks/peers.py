@@ -71,6 +71,12 @@ print(json.dumps(dict(rate=(new_tokens - 1) / best, read=read, version=llama_cpp
 """
 
 
+def measured(label: str, rate: float, read: int) -> tuple:
+    """A row, printed as soon as it is measured (a long run keeps what it has); the table follows."""
+    print(f"measured: {label} {rate:.1f} tokens/s (load average {os.getloadavg()[0]:.2f})", flush=True)
+    return label, rate, read
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -144,7 +150,7 @@ def llama_cpp_rows(args, path: Path, work: Path, threads: int) -> list[tuple]:
         ]
         done = subprocess.run(run, check=True, capture_output=True, text=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append((f"llama.cpp {version} {outtype}", result["rate"], result["read"]))
+        rows.append(measured(f"llama.cpp {version} {outtype}", result["rate"], result["read"]))
         gguf.unlink()
     return rows
 
@@ -167,7 +173,7 @@ def ours_rows(path: Path, prompt, args, threads: int, honest_bf16: int) -> list[
                 modes = (False,) if args.quick else (False, True) if method is None else (True,)
                 for compile in modes:
                     rate = ours(model, prompt, args.new_tokens, compile=compile)["decode_tokens_per_second"]
-                    rows.append((f"{label}, {'compiled' if compile else 'eager'}", rate, read))
+                    rows.append(measured(f"{label}, {'compiled' if compile else 'eager'}", rate, read))
     return rows
 
 
@@ -208,7 +214,7 @@ def main(argv=None) -> None:
         )
         rows = llama_cpp_rows(args, path, work, args.threads)
         if not args.no_hf:
-            rows.append(("HF generate bf16 (eager)", hf_decode_rate(path, prompt, args.new_tokens), honest))
+            rows.append(measured("HF generate bf16 (eager)", hf_decode_rate(path, prompt, args.new_tokens), honest))
         rows += ours_rows(path, prompt, args, args.threads, honest)
         base = rows[0][1]
         print(

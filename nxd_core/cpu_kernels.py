@@ -35,10 +35,17 @@ PATHS = {
 }
 ENV = "NXD_BF16_KERNEL"
 
-# Up to how many rows (tokens x batch: decoding and speculative verification) the kernel beats
-# ATen's F.linear, per path. Measured on 2 Zen 4 cores (benchmarks/bf16_kernel.py --rows R), where
-# ATen has native bf16 (oneDNN avx512_bf16); on AVX2-only CPUs ATen has none and the kernel wins
-# up to 8 rows. See docs/core.md for the tables.
+# Up to how many rows (tokens x batch: decoding and speculative verification) take the kernel, per
+# path. Measured on 2 Zen 4 cores with AVX512_BF16 (benchmarks/bf16_kernel.py --threads 1, fastest
+# call, ms, W [2048, 2048] / [2048, 5632]):
+#   rows                       1            4            8
+#   ATen F.linear (oneDNN)     0.67 / 2.15  0.65 / 2.08  0.83 / 2.55
+#   kernel, avx512bf16         0.29 / 0.83  0.90 / 2.17  1.36 / 3.64
+# One row is memory-bound and the kernel reads 2.3-2.6x faster; from 4 rows both are compute-bound
+# and oneDNN's blocking does more dot products per cycle. The limit stays 8 on every path anyway:
+# the rows of a verification (k + 1 rows) or a serving batch must be summed exactly as a one-row
+# decode step sums them (row invariance), which a switch to ATen at 4 rows would break. On AVX2-only
+# CPUs ATen has no bf16 instructions and the kernel wins up to 8 rows (measured before issue 21).
 MAX_ROWS = {"avx512bf16": 8, "avx512": 8, "avx2": 8}
 
 _SOURCE = Path(__file__).with_name("bf16_linear.cpp")
