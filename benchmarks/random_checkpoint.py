@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from nxd_core.safetensors_stream import SafetensorsWriter, nbytes
 from nxd_models.convert import family_specs
@@ -139,6 +140,8 @@ def write_random_llama(directory, layout: str, dtype=torch.bfloat16, max_file_by
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = layout_config(layout, dtype)
+    # The HF class, as a hub checkpoint names it: llama.cpp's converter picks its model by it.
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     config.save_pretrained(directory)
     specs, _ = family_specs(config)
     shapes = {name: tuple(t.shape) for name, t in _meta_state(config).items() if name in specs}
@@ -166,10 +169,13 @@ def write_random_llama(directory, layout: str, dtype=torch.bfloat16, max_file_by
     return total
 
 
-def decode_bytes_per_token(layout: str, weight_bytes: int, dtype=torch.bfloat16) -> int:
+def decode_bytes_per_token(layout: str, weight_bytes: int, dtype=torch.bfloat16, whole_embedding: bool = True) -> int:
     """Weight bytes one decoded token reads: all of them, except (in a MoE) the experts its router
-    did not choose. (The whole embedding is counted, as for every layout, though a token reads one row.)"""
+    did not choose. A token reads one row of the embedding table: whole_embedding=False counts
+    that row only (an untied table; a tied one is read whole by the LM head)."""
     config = layout_config(layout, dtype)
+    if not whole_embedding and not config.tie_word_embeddings:
+        weight_bytes -= nbytes(dtype, (config.vocab_size - 1, config.hidden_size))
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     if not experts:
         return weight_bytes

@@ -1,49 +1,33 @@
-// y = x W^T for bfloat16 x [M, K] (a few rows) and W [N, K] on CPUs with AVX2 and FMA.
+// y = x W^T for bfloat16 x [M, K] (a few rows) and W [N, K]: the matrix-vector product of decoding.
 //
-// Why: decoding multiplies one token's activations by every weight matrix. ATen's bfloat16
-// matrix-vector product on AVX2 (no native bf16 instructions) runs well below what the core can
-// do; widening bf16 to fp32 is a shift, so plain FMA loops are up to 2x faster. Accumulates in
-// fp32 and rounds once, like ATen's bf16 GEMM.
+// Why: decoding reads every weight once per token, so its speed is memory bandwidth. ATen's bf16
+// product for a few rows stays well below it (on AVX2 it has no native bf16 instructions at all).
+// Here each weight row is streamed once and meets every row of x while it sits in L1.
+//
+// Three SIMD paths in one object, chosen at run time (cpu_kernels.py reads the CPU's flags and
+// NXD_BF16_KERNEL, then calls bf16_linear_set_isa):
+//   avx2        AVX2+FMA: bf16 widened to fp32 by interleaving with zeros, 8-lane FMAs (the file's
+//               baseline flags)
+//   avx512      AVX-512F/BW/VL: bf16 widened by a shift, 16-lane FMAs, K tails by masked loads
+//   avx512bf16  AVX512_BF16: _mm512_dpbf16_ps on x and W as they are (bf16 pairs), 32 per instruction
+// All accumulate in fp32 and round once to bf16, like ATen's bf16 GEMM.
+//
+// Row invariance (the serving engine and speculative decoding rely on it): output [m, n] is
+// computed by the same sequence of operations whatever M is and however N is split over threads:
+// every (n, m) pair has its own U accumulators, the same k steps, tails and reduction order, and
+// threads split N only, never K.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cstring>
-#include <vector>
-
-static inline __m256 load_bf16x8(const uint16_t* p) {
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
+#include <string>
 
 static inline float bf16_to_float(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
   float f;
   std::memcpy(&f, &u, 4);
   return f;
-}
-
-// One row, four independent accumulators along k. Rows longer than a few thousand (x no longer
-// stays in L1 beside them) are left to ATen, which blocks them better: see cpu_kernels.MAX_K.
-static inline float dot_row(const uint16_t* row, int64_t K, const float* x) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    a0 = _mm256_fmadd_ps(load_bf16x8(row + k), _mm256_loadu_ps(x + k), a0);
-    a1 = _mm256_fmadd_ps(load_bf16x8(row + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-    a2 = _mm256_fmadd_ps(load_bf16x8(row + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-    a3 = _mm256_fmadd_ps(load_bf16x8(row + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-  }
-  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load_bf16x8(row + k), _mm256_loadu_ps(x + k), a0);
-  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; k < K; ++k) s += bf16_to_float(row[k]) * x[k];
-  return s;
 }
 
 static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
@@ -53,26 +37,234 @@ static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as to
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// ---- AVX2 + FMA: 8 lanes; x widened to fp32 rows of stride xs (zero-padded), permuted per block --
+//
+// A 32-byte load of 16 bf16 weights becomes two fp32 vectors by interleaving with zeros (one
+// instruction each, no shifts): elements {0-3, 8-11} and {4-7, 12-15}. x is stored once in that
+// same order (x_order), so each product pairs the right weight and input.
+
+static inline void widen16(const uint16_t* p, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
+}
+
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+// One weight row against MR rows of x; 4 accumulators per x row whatever MR is (row invariance).
+template <int MR>
+static inline void dot_avx2(const uint16_t* w, int64_t K, const float* x, int64_t xs, float* out) {
+  __m256 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int u = 0; u < 4; ++u) acc[m][u] = _mm256_setzero_ps();
+  __m256 wv[4];
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    widen16(w + k, wv[0], wv[1]);
+    widen16(w + k + 16, wv[2], wv[3]);
+    for (int m = 0; m < MR; ++m)
+      for (int u = 0; u < 4; ++u) acc[m][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(x + m * xs + k + 8 * u), acc[m][u]);
+  }
+  for (; k < K; k += 16) {  // the rest, 16 at a time; the last weights zero-padded (x's padding is zeros)
+    uint16_t tail[16] = {0};
+    const uint16_t* src = w + k;
+    if (K - k < 16) src = static_cast<const uint16_t*>(std::memcpy(tail, w + k, (K - k) * sizeof(uint16_t)));
+    widen16(src, wv[0], wv[1]);
+    for (int m = 0; m < MR; ++m)
+      for (int u = 0; u < 2; ++u) acc[m][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(x + m * xs + k + 8 * u), acc[m][u]);
+  }
+  for (int m = 0; m < MR; ++m)
+    out[m] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
+}
+
+// ---- AVX-512F/BW/VL: 16 lanes, x widened to fp32 (stride xs) ---------------------------------
+
+#define NXD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define NXD_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+
+NXD_AVX512 static inline __m512 widen_bf16x16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Not inlined into the (AVX2) driver: one call per weight row and tile of x, nothing next to the K loop.
+template <int MR>
+NXD_AVX512 static void dot_avx512(const uint16_t* w, int64_t K, const float* x, int64_t xs, float* out) {
+  constexpr int U = 2;
+  __m512 acc[MR][U];
+  for (int m = 0; m < MR; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m512 wv = widen_bf16x16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16 * u)));
+      for (int m = 0; m < MR; ++m) acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * xs + k + 16 * u), acc[m][u]);
+    }
+  for (; k < K; k += 16) {  // the rest, the last step masked (zeros beyond K)
+    const __mmask16 mask = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+    const __m512 wv = widen_bf16x16(_mm256_maskz_loadu_epi16(mask, w + k));
+    for (int m = 0; m < MR; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * xs + k), acc[m][0]);
+  }
+  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+// ---- AVX512_BF16: x as it is (bf16, stride xs = K), pairs of k per fp32 lane -----------------
+
+NXD_AVX512BF16 static inline __m512bh load_bf16x32(__mmask32 mask, const uint16_t* p) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+// vdpbf16ps: acc += w[2i] * x[2i] + w[2i+1] * x[2i+1] per lane; the products are exact in fp32,
+// the sums round to nearest even, bf16 denormals count as zero.
+template <int MR>
+NXD_AVX512BF16 static void dot_avx512bf16(const uint16_t* w, int64_t K, const uint16_t* x, int64_t xs, float* out) {
+  constexpr int U = 2;
+  constexpr __mmask32 all = ~__mmask32(0);
+  __m512 acc[MR][U];
+  for (int m = 0; m < MR; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 * U <= K; k += 32 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m512bh wv = load_bf16x32(all, w + k + 32 * u);
+      for (int m = 0; m < MR; ++m) acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wv, load_bf16x32(all, x + m * xs + k + 32 * u));
+    }
+  for (; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? all : __mmask32((1u << (K - k)) - 1);
+    const __m512bh wv = load_bf16x32(mask, w + k);
+    for (int m = 0; m < MR; ++m) acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, load_bf16x32(mask, x + m * xs + k));
+  }
+  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+// ---- driver -----------------------------------------------------------------------------------
+
+// Where input k goes in a block of `block` (16: AVX2) so that it meets its weight after widen16:
+// groups of 4 alternate between the low and the high half of the block (0: x's own order).
+static inline int64_t x_order(int64_t k, int64_t block) {
+  if (block == 0) return k;
+  const int64_t base = k - k % block, i = k % block, group = i / 4, half = group % 2;
+  return base + half * (block / 2) + (group / 2) * 4 + i % 4;
+}
+
+enum Isa { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+static const char* const kIsaNames[] = {"avx2", "avx512", "avx512bf16"};
+static Isa g_isa = kAvx2;  // set once by cpu_kernels.prepare() (and by tests), read by every call
+
+// Rows [begin, end) of W: each row streamed once against all M rows of x, MR at a time. MR only
+// groups rows of x; it never changes how one (n, m) pair is summed.
+template <typename X, int MaxMR, void (*Dot1)(const uint16_t*, int64_t, const X*, int64_t, float*),
+          void (*Dot2)(const uint16_t*, int64_t, const X*, int64_t, float*),
+          void (*Dot4)(const uint16_t*, int64_t, const X*, int64_t, float*),
+          void (*DotMax)(const uint16_t*, int64_t, const X*, int64_t, float*)>
+static void rows(const uint16_t* w, int64_t K, const X* x, int64_t xs, int64_t M, int64_t N, int64_t begin, int64_t end,
+                 uint16_t* out) {
+  float part[MaxMR];
+  for (int64_t n = begin; n < end; ++n) {
+    const uint16_t* row = w + n * K;
+    int64_t m = 0;
+    for (; m + MaxMR <= M; m += MaxMR) {
+      DotMax(row, K, x + m * xs, xs, part);
+      for (int i = 0; i < MaxMR; ++i) out[(m + i) * N + n] = float_to_bf16(part[i]);
+    }
+    if (MaxMR > 4 && M - m >= 4) {
+      Dot4(row, K, x + m * xs, xs, part);
+      for (int i = 0; i < 4; ++i) out[(m + i) * N + n] = float_to_bf16(part[i]);
+      m += 4;
+    }
+    if (MaxMR > 2 && M - m >= 2) {
+      Dot2(row, K, x + m * xs, xs, part);
+      for (int i = 0; i < 2; ++i) out[(m + i) * N + n] = float_to_bf16(part[i]);
+      m += 2;
+    }
+    if (M - m == 1) {
+      Dot1(row, K, x + m * xs, xs, part);
+      out[m * N + n] = float_to_bf16(part[0]);
+    }
+  }
+}
+
+// A task gets at least 64 output features and 128 KB of weights: below that a second thread costs
+// more than it saves (2 Zen 4 cores, one row of x, fastest call: W [256, 256] 4.1 us on one thread,
+// 5.7 us on two; [256, 688] 9.7 us against 6.8 us). at::parallel_for uses at::get_num_threads().
+constexpr int64_t kGrain = 64, kTaskBytes = 128 << 10;
+
 at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "bf16_linear: x [M, K] and w [N, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
               "bf16_linear: bfloat16 tensors, w contiguous");
   const at::Tensor xb = x_in.contiguous();
   const int64_t M = xb.size(0), K = xb.size(1), N = w.size(0);
-  // x widened to fp32 once (a few KB), then every weight row meets it in the FMA loop.
-  std::vector<float> x(M * K);
-  const uint16_t* xs = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
-  for (int64_t i = 0; i < M * K; ++i) x[i] = bf16_to_float(xs[i]);
+  const int64_t grain = std::max(kGrain, kTaskBytes / std::max<int64_t>(1, 2 * K));
   at::Tensor out = at::empty({M, N}, xb.options());
+  if (M == 0 || N == 0) return out;
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = begin; n < end; ++n) op[m * N + n] = float_to_bf16(dot_row(wp + n * K, K, x.data() + m * K));
-  });
+  if (g_isa == kAvx512Bf16) {
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      rows<uint16_t, 8, dot_avx512bf16<1>, dot_avx512bf16<2>, dot_avx512bf16<4>, dot_avx512bf16<8>>(wp, K, xs, K, M, N, begin,
+                                                                                                    end, op);
+    });
+    return out;
+  }
+  // x widened to fp32 once (a few KB per row) in the order the weights are widened in (x_order), in
+  // a tensor: 64-byte aligned, rows zero-padded to whole blocks, and 128 bytes more where rows would
+  // be a multiple of 4 KB apart (their loads would alias in L1).
+  const int64_t block = g_isa == kAvx512 ? 0 : 16;  // AVX-512 widens in place: x in its own order
+  int64_t stride = (K + 31) / 32 * 32;
+  if (stride % 1024 == 0) stride += 32;
+  at::Tensor xw = at::zeros({M, stride}, xb.options().dtype(at::kFloat));
+  float* xf = xw.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xf[m * stride + x_order(k, block)] = bf16_to_float(xs[m * K + k]);
+  if (g_isa == kAvx512) {  // 8 rows of x x 2 accumulators: 16 of the 32 zmm registers
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      rows<float, 8, dot_avx512<1>, dot_avx512<2>, dot_avx512<4>, dot_avx512<8>>(wp, K, xf, stride, M, N, begin, end, op);
+    });
+  } else {
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      rows<float, 2, dot_avx2<1>, dot_avx2<2>, dot_avx2<2>, dot_avx2<2>>(wp, K, xf, stride, M, N, begin, end, op);
+    });
+  }
   return out;
 }
 
+// The CPU itself is asked too (its flags as the OS reports them could be wrong in a test's
+// monkeypatch, never in here): an instruction the CPU lacks would kill the process.
+static bool cpu_supports(Isa isa) {
+  switch (isa) {
+    case kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    case kAvx512Bf16:
+      return cpu_supports(kAvx512) && __builtin_cpu_supports("avx512bf16");
+  }
+  return false;
+}
+
+std::string bf16_linear_set_isa(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(cpu_supports(Isa(i)), "bf16_linear_set_isa: this CPU has no ", name,
+                  "; choose one of cpu_kernels.available_paths()");
+      g_isa = Isa(i);
+      return name;
+    }
+  TORCH_CHECK(false, "bf16_linear_set_isa: unknown path '", name, "' (avx2, avx512 or avx512bf16)");
+}
+
+std::string bf16_linear_isa() { return kIsaNames[g_isa]; }
+
 // Registered with the dispatcher (not pybind): a call costs what any aten op costs.
-TORCH_LIBRARY(nxd, m) { m.def("bf16_linear(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY(nxd, m) {
+  m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("bf16_linear_set_isa(str isa) -> str", &bf16_linear_set_isa);
+  m.def("bf16_linear_isa() -> str", &bf16_linear_isa);
+}
 TORCH_LIBRARY_IMPL(nxd, CPU, m) { m.impl("bf16_linear", &bf16_linear); }

@@ -1,18 +1,25 @@
-"""A faster bfloat16 linear for decoding on CPUs with AVX2 (bf16_linear.cpp).
+"""A faster bfloat16 linear for decoding on x86 CPUs (bf16_linear.cpp).
 
-Decoding multiplies a few rows of activations by every weight matrix; on CPUs
-without native bfloat16 instructions ATen's bf16 matrix-vector product is the
-bottleneck. `prepare()` builds the kernel once per machine (torch's C++
-extension cache, seconds) and switches it on in this process; `linear()` is
-F.linear, through the kernel when the call qualifies: CPU, bfloat16, at most
-MAX_ROWS rows of at most MAX_K features, no autograd. Anything else, or a machine without AVX2/FMA or a
-compiler, takes F.linear.
+Decoding multiplies a few rows of activations by every weight matrix, so its speed is memory
+bandwidth. `prepare()` builds the kernel once per machine (torch's C++ extension cache, seconds),
+picks its SIMD path from this CPU's flags (read at run time, never assumed from the build machine)
+and switches it on in this process; `linear()` is F.linear, through the kernel when the call
+qualifies: CPU, bfloat16, at most max_rows() rows, no autograd. Anything else, or a machine without
+AVX2/FMA or a compiler, takes F.linear.
+
+Paths, best first: avx512bf16 (AVX512_BF16 dot products), avx512 (AVX-512F/BW/VL), avx2 (AVX2+FMA).
+NXD_BF16_KERNEL=avx2|avx512|avx512bf16 forces one (read by prepare(); a path this CPU lacks means
+F.linear, with a warning); NXD_BF16_KERNEL=aten switches the kernel off. AMX is not implemented:
+`path_support()` says so. Every path gives row m of an M-row call bit for bit what a one-row call
+on that row gives (the serving engine and speculative decoding rely on it).
 
 The kernel is a torch operator (nxd::bf16_linear), so torch.compile keeps it as one call.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,18 +27,66 @@ import torch.nn.functional as F
 
 from .cpp_build import build_and_load, cpu_flags
 
-# Where the kernel beats ATen (measured on AVX2 without native bf16): up to this many rows
-# (tokens x batch: decoding and speculative verification) of at most this many features.
-MAX_ROWS = 8
-MAX_K = 4096
+# The CPU flags each path needs, best path first (names as in /proc/cpuinfo).
+PATHS = {
+    "avx512bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+    "avx512": {"avx512f", "avx512bw", "avx512vl"},
+    "avx2": {"avx2", "fma"},
+}
+ENV = "NXD_BF16_KERNEL"
+
+# Up to how many rows (tokens x batch: decoding and speculative verification) take the kernel, per
+# path. Measured on 2 Zen 4 cores with AVX512_BF16 (benchmarks/bf16_kernel.py --threads 1, fastest
+# call, ms, W [2048, 2048] / [2048, 5632]):
+#   rows                       1            4            8
+#   ATen F.linear (oneDNN)     0.67 / 2.15  0.65 / 2.08  0.83 / 2.55
+#   kernel, avx512bf16         0.29 / 0.83  0.90 / 2.17  1.36 / 3.64
+# One row is memory-bound and the kernel reads 2.3-2.6x faster; from 4 rows both are compute-bound
+# and oneDNN's blocking does more dot products per cycle. The limit stays 8 on every path anyway:
+# the rows of a verification (k + 1 rows) or a serving batch must be summed exactly as a one-row
+# decode step sums them (row invariance), which a switch to ATen at 4 rows would break. On AVX2-only
+# CPUs ATen has no bf16 instructions and the kernel wins up to 8 rows (measured before issue 21).
+MAX_ROWS = {"avx512bf16": 8, "avx512": 8, "avx2": 8}
 
 _SOURCE = Path(__file__).with_name("bf16_linear.cpp")
 _extension = None  # torch.ops.nxd.bf16_linear, once prepare() succeeded in this process
-_unavailable = False  # prepare() found no AVX2/FMA or could not build: not tried again in this process
+_path = None  # the SIMD path the kernel runs
+_unavailable = False  # prepare() found no usable path or could not build: not tried again in this process
 
 
-def _cpu_has_avx2_fma() -> bool:
-    return {"avx2", "fma"} <= cpu_flags()
+def available_paths() -> list[str]:
+    """The kernel's paths this CPU can run (from its flags), best first."""
+    flags = cpu_flags()
+    return [name for name, needs in PATHS.items() if needs <= flags]
+
+
+def path_support() -> dict[str, str]:
+    """Every path, and AMX, with a word on whether it runs here: "available", "no <flags>" or
+    "not implemented"."""
+    flags = cpu_flags()
+    report = {name: "available" if needs <= flags else "no " + " ".join(sorted(needs - flags)) for name, needs in PATHS.items()}
+    report["amx"] = "not implemented" + (" (this CPU has amx_bf16)" if "amx_bf16" in flags else "")
+    return report
+
+
+def _chosen_path() -> str | None:
+    """The best path this CPU has, or the one NXD_BF16_KERNEL forces; None for F.linear."""
+    forced = os.environ.get(ENV, "").strip().lower()
+    have = available_paths()
+    if not forced:
+        return have[0] if have else None
+    if forced == "aten":
+        return None
+    if forced not in PATHS:
+        warnings.warn(
+            f"{ENV}={forced!r} is not a bf16 kernel path (one of {', '.join(PATHS)}, or aten); using torch's F.linear", stacklevel=3
+        )
+        return None
+    if forced not in have:
+        missing = " ".join(sorted(PATHS[forced] - cpu_flags()))
+        warnings.warn(f"{ENV}={forced}: this CPU lacks {missing}; using torch's F.linear (unset {ENV} to pick a path it has)", stacklevel=3)
+        return None
+    return forced
 
 
 def prepare() -> bool:
@@ -39,16 +94,39 @@ def prepare() -> bool:
     global _extension, _unavailable
     if _extension is not None:
         return True
-    if _unavailable or not _cpu_has_avx2_fma():
+    if _unavailable:
+        return False
+    chosen = _chosen_path()
+    if chosen is None:
         _unavailable = True
         return False
+    # AVX2 is the file's baseline; the AVX-512 functions carry their own target attributes.
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
     if not build_and_load("nxd_bf16_linear", _SOURCE, flags, ["-fopenmp"], "using torch's F.linear"):
         _unavailable = True
         return False
     _register_shape_function()
+    use_path(chosen)
     _extension = torch.ops.nxd.bf16_linear
     return True
+
+
+def use_path(name: str) -> None:
+    """Run the kernel on path `name` from now on in this process (tests and benchmarks)."""
+    global _path
+    if name not in available_paths():
+        raise ValueError(f"bf16 kernel path {name!r} does not run on this CPU; it has {available_paths()} (cpu_kernels.path_support())")
+    torch.ops.nxd.bf16_linear_set_isa(name)
+    _path = name
+
+
+def path() -> str | None:
+    """The kernel's SIMD path in this process, or None where it is not prepared (F.linear)."""
+    return _path if _extension is not None else None
+
+
+def max_rows() -> int:
+    return MAX_ROWS.get(_path, 0)
 
 
 def _register_shape_function() -> None:
@@ -65,9 +143,9 @@ def _qualifies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
         and weight.is_contiguous()
-        and x.shape[-1] <= MAX_K
-        and x.numel() <= MAX_ROWS * x.shape[-1]
+        and x.numel() <= max_rows() * x.shape[-1]
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
 

@@ -34,7 +34,7 @@ def test_load_prints_hf_and_parallel_rows(tmp_path):
 
 def test_generate_prints_the_comparison_table(tmp_path):
     out = _run("generate.py", "--layout", "tiny", "--draft-layout", "tiny", "--new-tokens", "8", "--workdir", str(tmp_path))
-    for row in ("HF generate (eager)", "ours, eager", "ours, compiled", "roofline", "acceptance", "rounds that accepted"):
+    for row in ("HF generate (eager)", "ours, eager", "ours, compiled", "reading one embedding row", "acceptance", "rounds that accepted"):
         assert row in out
 
 
@@ -48,6 +48,8 @@ def test_generate_runs_a_moe_layout_with_its_roofline_counting_only_chosen_exper
     # moe-tiny: 2 sparse layers, 8 experts of 3 x 128 x 64 bf16 weights, 2 chosen per token
     assert decode_bytes_per_token("moe-tiny", 10**7) == 10**7 - 2 * (8 - 2) * 3 * 128 * 64 * 2
     assert decode_bytes_per_token("tiny", 10**7) == 10**7
+    # a token reads one row of tiny's (untied) 1000 x 128 embedding table
+    assert decode_bytes_per_token("tiny", 10**7, whole_embedding=False) == 10**7 - 999 * 128 * 2
 
 
 def test_generate_demo_pair_prints_speculative_speedup():
@@ -82,6 +84,23 @@ def test_serve_prints_clients_next_to_generate_and_hf(tmp_path):
     out = _run("serve.py", "--layout", "tiny", "--clients", "1", "2", "--requests", "4", "--repeats", "1", "--workdir", str(tmp_path))
     for row in ("HF static batches of 2", "generate, one at a time", "serve, 1 clients", "serve, 2 clients", "x one stream", "ITL p99"):
         assert row in out
+
+
+def test_peers_prints_ours_next_to_llama_cpp_or_says_why_not(tmp_path):
+    out = _run("peers.py", "--quick", "--no-hf", "--workdir", str(tmp_path))
+    rows = [line.split() for line in out.splitlines() if line.startswith(("llama.cpp", "ours"))]
+    assert ("llama.cpp: not measured" in out) != any(row[0] == "llama.cpp" and row[2] == "q8_0" for row in rows)
+    assert [row[1] for row in rows if row[0] == "ours"] == ["bf16", "int8"]
+    assert all(row[-1].endswith("%") for row in rows if row[0] != "llama.cpp:") and "roofline" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_kernel_prints_every_path_next_to_aten():
+    out = _run("bf16_kernel.py", "--quick", "--rows", "1", "3")
+    assert "ATen F.linear" in out and "amx: not implemented" in out and "memory copy" in out
+    rows = [line for line in out.splitlines() if "small [512, 1024]" in line]
+    header = next(line for line in out.splitlines() if "ATen F.linear" in line)
+    assert len(rows) == 2 and all(row.count("GB/s") == 1 + header.count("nxd ") for row in rows)
 
 
 def test_int8_kernel_prints_the_decode_and_prefill_tables():
