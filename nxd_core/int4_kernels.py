@@ -9,9 +9,10 @@ dtype, through the kernel when the call qualifies: CPU, x bfloat16 or float32, p
 contiguous, bfloat16 scales, at most MAX_ROWS rows, no autograd. Anything else, or a machine
 without AVX2/FMA or a compiler, dequantizes W and multiplies in fp32 (see _fallback).
 
-The kernel picks its SIMD path (AVX-512 or AVX2) from the CPU at run time; NXD_INT4_KERNEL=avx2,
-read once per process, forces AVX2. `isa()` says which. It is a torch operator
-(nxd::int4_linear), so torch.compile keeps it as one call.
+The kernel picks its SIMD path from the CPU at run time: AVX-512 BF16 (nibbles looked up as bf16,
+vdpbf16ps; for bf16 x and groups of 8..128 dividing 128 or multiples of 128), else AVX-512, else
+AVX2. NXD_INT4_KERNEL=avx512 or avx2, read once per process, lowers it (avx512bf16: the default).
+`isa()` says which. It is a torch operator (nxd::int4_linear), so torch.compile keeps it as one call.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def prepare() -> bool:
 
 
 def isa() -> str | None:
-    """The kernel's SIMD path in this process ("avx512" or "avx2"), or None where it is not prepared."""
+    """The kernel's best SIMD path in this process ("avx512bf16", "avx512" or "avx2"), or None where it is
+    not prepared. On "avx512bf16", float32 x and groups the BF16 path does not fit take "avx512"."""
     return torch.ops.nxd.int4_linear_isa() if _extension is not None else None
 
 
