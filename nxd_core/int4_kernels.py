@@ -17,6 +17,7 @@ AVX2. NXD_INT4_KERNEL=avx512 or avx2, read once per process, lowers it (avx512bf
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -60,7 +61,18 @@ def prepare() -> bool:
         return False
     _register_shape_function()
     _extension = torch.ops.nxd.int4_linear
+    _check_override()
     return True
+
+
+PATHS = ("avx512bf16", "avx512", "avx2")  # best first; NXD_INT4_KERNEL names one to lower the path to
+
+
+def _check_override() -> None:
+    """One warning for an NXD_INT4_KERNEL the kernel does not know (it then takes the CPU's best path)."""
+    forced = os.environ.get("NXD_INT4_KERNEL")
+    if forced and forced not in PATHS:
+        warnings.warn(f"NXD_INT4_KERNEL={forced} is none of {', '.join(PATHS)}: the int4 kernel takes this CPU's best path", stacklevel=3)
 
 
 def isa() -> str | None:
