@@ -41,11 +41,11 @@ def _within_rounding(out, x, packed, scale, reference=None):
 
 
 def _sweep() -> list[str]:
-    """Every (rows, K, group, N, dtype) of the grid, and rows up to MAX_ROWS on a few shapes, through
+    """Every (rows, K, group, N, dtype) of the grid, and rows up to max_rows on a few shapes, through
     the kernel in this process; the failures. Each row count is the first rows of one x."""
     failures = []
     cases = [(ROWS, n, k, group) for n in OUTPUTS for k in FEATURES for group in GROUPS if k % group == 0]
-    cases += [([17, 40, int4_kernels.MAX_ROWS], n, k, group) for n, k, group in ((67, 160, 32), (33, 320, 64))]
+    cases += [([17, 40, int4_kernels.max_rows(torch.bfloat16)], n, k, group) for n, k, group in ((67, 160, 32), (33, 320, 64))]
     for rows, n, k, group in cases:
         generator = torch.Generator().manual_seed(n * 10007 + k + group)
         packed, scale = quantize_int4(torch.randn(n, k, generator=generator), group)
@@ -162,8 +162,9 @@ def test_fallback_for_inputs_that_do_not_qualify(monkeypatch):
     bias = torch.randn(48, generator=generator)
     cases = [
         (torch.randn(2, 3, 64, generator=generator).bfloat16(), True),  # 3-D, 6 rows: the kernel
-        (torch.randn(int4_kernels.MAX_ROWS + 1, 64, generator=generator).bfloat16(), False),  # too many rows
+        (torch.randn(int4_kernels.max_rows(torch.bfloat16) + 1, 64, generator=generator).bfloat16(), False),  # too many rows
         (torch.randn(4, 64, generator=generator).half(), False),  # fp16
+        (torch.randn(int4_kernels.max_rows(torch.float32) + 1, 64, generator=generator), False),  # too many fp32 rows
         (torch.randn(4, 64, generator=generator), True),  # fp32: the kernel
     ]
     for x, _ in cases:
