@@ -78,18 +78,20 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", help="where to put the checkpoints (default: a temporary directory)")
     args = parser.parse_args(argv)
 
-    from nxd_core import int8_kernels
+    from nxd_core import int4_kernels, int8_kernels
     from nxd_core.workers import WorkerGroup
     from nxd_models import from_pretrained_parallel
 
     cores = os.cpu_count() or 1
     bandwidth = memory_bandwidth()
     int8_kernels.prepare()
+    int4_kernels.prepare()
     print(
         f"memory bandwidth {bandwidth / GB:.1f} GB/s; {cores} cores; int8 kernel: {int8_kernels.isa() or 'none (fallback)'}; "
+        f"int4 kernel: {int4_kernels.isa() or 'none (fallback)'}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}; "
         f"decode of {args.new_tokens} tokens after a {args.prompt_tokens}-token prompt, compiled, best of {REPEATS}\n"
     )
-    header = f"{'layout':7s} {'tp':>3s} {'weights':12s} {'tokens/s':>9s} {'vs bf16':>8s} {'GB read/rank':>13s} {'roofline':>9s} {'of roofline':>12s}"
+    header = f"{'layout':7s} {'tp':>3s} {'weights':12s} {'tokens/s':>9s} {'vs bf16':>8s} {'GB read/rank':>13s} {'roofline':>9s} {'of roofline':>12s} {'load':>6s}"
     rows = []
     work = Path(tempfile.mkdtemp(prefix="nxd-quant-bench-", dir=args.workdir))
     try:
@@ -123,7 +125,7 @@ def main(argv=None) -> None:
                         roofline = bandwidth / read
                         rows.append(
                             f"{layout:7s} {tp:3d} {method or 'bf16':12s} {rate:9.1f} {rate / base:7.2f}x {read / GB:13.3f} "
-                            f"{roofline:9.1f} {rate / roofline:11.0%}"
+                            f"{roofline:9.1f} {rate / roofline:11.0%} {os.getloadavg()[0]:6.1f}"
                         )
                         print(rows[-1], flush=True)
             shutil.rmtree(path, ignore_errors=True)

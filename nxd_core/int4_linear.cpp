@@ -3,8 +3,9 @@
 //
 // Why: decoding reads every weight once per token, so its speed is memory bandwidth; int4 weights
 // are a quarter of the bytes of bf16 (plus 2 bytes of scale per group). Activations stay floating
-// point: each nibble becomes q - 8 in int8 (and, shift, subtract), is widened to fp32 and meets x in
-// an FMA; each group's fp32 sum is multiplied by its scale into the row's fp32 total, rounded once.
+// point: on the fp32 paths each nibble becomes q - 8, is widened to fp32 and meets x in an FMA (the
+// BF16 path: see dot_bf16); each group's fp32 sum is multiplied by its scale into the row's fp32
+// total, rounded once.
 //
 // The format (nxd_core.quantization.quantize_int4): q + 8 in a nibble, two per byte, the low nibble
 // the even input k, the high nibble k + 1. x is permuted once per call into that order (in each
@@ -255,8 +256,8 @@ NXD_AVX512 static void dot_words_avx512(const uint8_t* w, const uint16_t* s, int
 
 #define NXD_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 
-// Why: the fp32 paths spend ~4 instructions widening each 16 weights before one FMA, and top out
-// near 11 G weights/s per core, below what memory delivers. Here a 64-byte load holds 128 weights as
+// Why: the fp32 paths spend 3 instructions widening each 16 weights before their FMA and top out
+// near 15-20 G weights/s per core with W in cache (Zen 4), below what memory delivers. Here a 64-byte load holds 128 weights as
 // 32 words of 4 nibbles; vpermw of (word >> 4j) against a table of the bf16 values of -8..7 (repeated,
 // so index bit 4, the next nibble's low bit, is ignored) gives 32 weights as bf16, and vdpbf16ps
 // multiplies them by 32 bf16 x into 16 fp32 sums: per 128 weights 3 shifts, 4 lookups, 4 dot
@@ -267,7 +268,8 @@ NXD_AVX512 static void dot_words_avx512(const uint8_t* w, const uint16_t* s, int
 // a group (a multiple of 8 that divides or is a multiple of 128) covers whole lanes, and each block's
 // sums meet a vector of per-lane scales. x is permuted into [j][e] per block, zero-padded to whole
 // blocks (Kp inputs); a last partial block loads only its weights (the rest read as nibble 0, -8,
-// against x = 0) and only its scales (0 for the padded lanes).
+// against x = 0) and only its scales (0 for the padded lanes). Weights in cache: ~40 G/s per core.
+
 // The bf16 values of q - 8 for nibbles 0..15, twice (vpermw's 5-bit index: bit 4 ignored).
 alignas(64) static const uint16_t kBf16Table[32] = {
     0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
