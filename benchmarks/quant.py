@@ -75,6 +75,7 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--no-hf", action="store_true", help="leave out the HF rows")
+    parser.add_argument("--threads", type=int, help="threads per worker (default: all cores / tp; 1 is steadier on a shared machine)")
     parser.add_argument("--workdir", help="where to put the checkpoints (default: a temporary directory)")
     args = parser.parse_args(argv)
 
@@ -108,7 +109,7 @@ def main(argv=None) -> None:
                 ao = hf_rate(path, prompt, args.new_tokens, quantize=True)
                 rows.append(f"{layout:7s} {1:3d} {'HF torchao':12s} " + (f"{ao:9.1f} {ao / hf:7.2f}x" if isinstance(ao, float) else ao))
             for tp in args.tp:
-                with WorkerGroup(tp, threads_per_worker=max(1, cores // tp)) as group:
+                with WorkerGroup(tp, threads_per_worker=args.threads or max(1, cores // tp)) as group:
                     base = None
                     for method in [None, *args.methods]:
                         load = dict(tp=tp, dtype=torch.bfloat16, max_seq_len=slots, workers=group, progress=False, quantize=method)
