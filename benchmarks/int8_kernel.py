@@ -3,14 +3,16 @@
     python benchmarks/int8_kernel.py                 # 1.1B Llama and 7B shapes, one row of x
     python benchmarks/int8_kernel.py --rows 4        # speculative verification: 4 rows
     python benchmarks/int8_kernel.py --quick         # small shapes, few runs (the test suite)
+    python benchmarks/int8_kernel.py --shapes 1.1B --threads 1   # one core: robust on a shared machine
 
 Each number is the best over several batches of calls (a shared machine's noise only ever slows a
 batch down) of the mean time per call. Every call reads a different copy of the weight, enough
 copies to overflow the last-level cache, so the weights come from memory as in a real decode step.
-GB/s is the weight bytes (plus scales) read per second. The kernels' AVX2 columns run in a child
-process with NXD_INT8_KERNEL=avx2 and NXD_INT4_KERNEL=avx2 (the choice is read once per process).
-int4 is group-wise (g32, g128: one bf16 scale per 32 or 128 inputs). The prefill table compares
-the ways int8_kernels could compute many rows without the kernel (its fallback).
+GB/s is the weight bytes (plus scales) read per second. The kernels' lower SIMD paths run in child
+processes (the choice is read once per process): int4 with NXD_INT4_KERNEL=avx512 (where this CPU's
+best is avx512bf16) and, with int8's, =avx2. int4 is group-wise (g32, g128: one bf16 scale per 32 or
+128 inputs). The prefill table compares the ways int8_kernels could compute many rows without the
+kernel (its fallback).
 """
 
 from __future__ import annotations
@@ -82,12 +84,12 @@ def _int4_bytes(n: int, k: int, group: int) -> int:
     return n * k // 2 + n * (k // group) * 2
 
 
-def int8_rows(rows: int, shapes, batches: int, quick: bool) -> dict:
+def int8_rows(rows: int, shapes, batches: int, quick: bool, int4_only: bool = False) -> dict:
     """Seconds per call of the int8 and int4 kernels in this process (their ISAs as chosen here), per shape."""
     if not int8_kernels.prepare():
         return {}
     out = {}
-    for name, n, k in shapes:
+    for name, n, k in [] if int4_only else shapes:
         _, int8 = _weights(n, k, quick)
         x = torch.randn(rows, k).bfloat16()
         out[name] = _best_seconds(lambda i, x=x, int8=int8: int8_kernels.int8_linear(x, *int8[i]), len(int8), batches, 20)
@@ -104,11 +106,21 @@ def int8_rows(rows: int, shapes, batches: int, quick: bool) -> dict:
     return result
 
 
-def _avx2_child(rows: int, quick: bool, batches: int) -> dict:
-    args = [sys.executable, __file__, "--int8-only", "--rows", str(rows), "--batches", str(batches)] + (["--quick"] if quick else [])
-    done = subprocess.run(
-        args, capture_output=True, text=True, env={**os.environ, "NXD_INT8_KERNEL": "avx2", "NXD_INT4_KERNEL": "avx2"}, timeout=1200
-    )
+def _child(rows: int, shapes, batches: int, quick: bool, env: dict, int4_only: bool = False) -> dict:
+    """int8_rows in a child process with these NXD_*_KERNEL variables (read once per process)."""
+    args = [
+        sys.executable,
+        __file__,
+        "--int8-only",
+        "--rows",
+        str(rows),
+        "--batches",
+        str(batches),
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
+    args += ["--shapes", *[name for name, _, _ in shapes]] + (["--quick"] if quick else []) + (["--int4-only"] if int4_only else [])
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **env}, timeout=1200)
     if done.returncode != 0:
         print(done.stderr[-2000:], file=sys.stderr)
         return {}
@@ -126,8 +138,17 @@ def decode_table(rows: int, shapes, batches: int, quick: bool) -> None:
     have_bf16 = cpu_kernels.prepare()
     have_int8 = int8_kernels.prepare()
     here = int8_rows(rows, shapes, batches, quick) if have_int8 else {}
-    avx2 = _avx2_child(rows, quick, batches) if have_int8 and here.get("isa") != "avx2" else {}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, x [{rows}, K] bf16; ms per call (GB/s of weights read)")
+    # int4's fp32 AVX-512 path where this CPU's best is the BF16 one (int4 only), then both at AVX2.
+    lower = _child(rows, shapes, batches, quick, {"NXD_INT4_KERNEL": "avx512"}, True) if here.get("int4_isa") == "avx512bf16" else {}
+    avx2 = (
+        _child(rows, shapes, batches, quick, {"NXD_INT8_KERNEL": "avx2", "NXD_INT4_KERNEL": "avx2"})
+        if have_int8 and here.get("isa") != "avx2"
+        else {}
+    )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, x [{rows}, K] bf16; ms per call (GB/s of weights read); "
+        f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
+    )
     print(f"memory copy of a large buffer: {_copy_bandwidth(quick, batches):.1f} GB/s (read + write)")
     columns = ["ATen bf16 F.linear", "nxd bf16_linear"]
     if here:
@@ -135,7 +156,7 @@ def decode_table(rows: int, shapes, batches: int, quick: bool) -> None:
     if avx2:
         columns.append(f"int8 kernel ({avx2['isa']})")
     columns += ["int8 fallback", "_weight_int8pack_mm"]
-    int4_runs = [run for run in (here, avx2) if "int4" in run]
+    int4_runs = [run for run in (here, lower, avx2) if "int4" in run]
     columns += [f"int4 g{g} ({run['int4_isa']})" for g in INT4_GROUPS for run in int4_runs]
     ratios = ["int8/bf16_linear"] + [f"int4 g{g}/bf16_linear" for g in INT4_GROUPS if int4_runs]
     print(f"{'W [N, K]':28}" + "".join(f"{c:>24}" for c in columns) + "".join(f"{r:>22}" for r in ratios))
@@ -224,15 +245,24 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=1, help="rows of x (1: one token)")
     parser.add_argument("--batches", type=int, default=7, help="batches of calls; the best is reported")
     parser.add_argument("--quick", action="store_true", help="one small shape, few batches (a smoke test)")
-    parser.add_argument("--int8-only", action="store_true", help=argparse.SUPPRESS)  # the AVX2 child (int8 and int4)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--shapes", nargs="+", help="only the shapes whose names start with one of these (e.g. 1.1B)")
+    parser.add_argument("--no-prefill", action="store_true", help="leave out the prefill table")
+    parser.add_argument("--int8-only", action="store_true", help=argparse.SUPPRESS)  # a child: kernels only (int8 and int4)
+    parser.add_argument("--int4-only", action="store_true", help=argparse.SUPPRESS)  # a child: leave int8 out
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [s for s in shapes if any(s[0].startswith(prefix) for prefix in args.shapes)]
     batches = 2 if args.quick else args.batches
     if args.int8_only:
-        print(json.dumps(int8_rows(args.rows, shapes, batches, args.quick)))
+        print(json.dumps(int8_rows(args.rows, shapes, batches, args.quick, args.int4_only)))
         return
     decode_table(args.rows, shapes, batches, args.quick)
-    prefill_table(batches, args.quick)
+    if not args.no_prefill:
+        prefill_table(batches, args.quick)
 
 
 if __name__ == "__main__":

@@ -75,21 +75,24 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--no-hf", action="store_true", help="leave out the HF rows")
+    parser.add_argument("--threads", type=int, help="threads per worker (default: all cores / tp; 1 is steadier on a shared machine)")
     parser.add_argument("--workdir", help="where to put the checkpoints (default: a temporary directory)")
     args = parser.parse_args(argv)
 
-    from nxd_core import int8_kernels
+    from nxd_core import int4_kernels, int8_kernels
     from nxd_core.workers import WorkerGroup
     from nxd_models import from_pretrained_parallel
 
     cores = os.cpu_count() or 1
     bandwidth = memory_bandwidth()
     int8_kernels.prepare()
+    int4_kernels.prepare()
     print(
         f"memory bandwidth {bandwidth / GB:.1f} GB/s; {cores} cores; int8 kernel: {int8_kernels.isa() or 'none (fallback)'}; "
+        f"int4 kernel: {int4_kernels.isa() or 'none (fallback)'}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}; "
         f"decode of {args.new_tokens} tokens after a {args.prompt_tokens}-token prompt, compiled, best of {REPEATS}\n"
     )
-    header = f"{'layout':7s} {'tp':>3s} {'weights':12s} {'tokens/s':>9s} {'vs bf16':>8s} {'GB read/rank':>13s} {'roofline':>9s} {'of roofline':>12s}"
+    header = f"{'layout':7s} {'tp':>3s} {'weights':12s} {'tokens/s':>9s} {'vs bf16':>8s} {'GB read/rank':>13s} {'roofline':>9s} {'of roofline':>12s} {'load':>6s}"
     rows = []
     work = Path(tempfile.mkdtemp(prefix="nxd-quant-bench-", dir=args.workdir))
     try:
@@ -106,7 +109,7 @@ def main(argv=None) -> None:
                 ao = hf_rate(path, prompt, args.new_tokens, quantize=True)
                 rows.append(f"{layout:7s} {1:3d} {'HF torchao':12s} " + (f"{ao:9.1f} {ao / hf:7.2f}x" if isinstance(ao, float) else ao))
             for tp in args.tp:
-                with WorkerGroup(tp, threads_per_worker=max(1, cores // tp)) as group:
+                with WorkerGroup(tp, threads_per_worker=args.threads or max(1, cores // tp)) as group:
                     base = None
                     for method in [None, *args.methods]:
                         load = dict(tp=tp, dtype=torch.bfloat16, max_seq_len=slots, workers=group, progress=False, quantize=method)
@@ -123,7 +126,7 @@ def main(argv=None) -> None:
                         roofline = bandwidth / read
                         rows.append(
                             f"{layout:7s} {tp:3d} {method or 'bf16':12s} {rate:9.1f} {rate / base:7.2f}x {read / GB:13.3f} "
-                            f"{roofline:9.1f} {rate / roofline:11.0%}"
+                            f"{roofline:9.1f} {rate / roofline:11.0%} {os.getloadavg()[0]:6.1f}"
                         )
                         print(rows[-1], flush=True)
             shutil.rmtree(path, ignore_errors=True)

@@ -6,16 +6,18 @@ group of inputs are about a quarter of the bytes of bfloat16. Activations stay f
 `prepare()` builds the kernel once per machine (torch's C++ extension cache, seconds) and switches
 it on in this process; `int4_linear()` computes x @ W^T (+ bias) in fp32 and rounds once to x's
 dtype, through the kernel when the call qualifies: CPU, x bfloat16 or float32, packed uint8
-contiguous, bfloat16 scales, at most MAX_ROWS rows, no autograd. Anything else, or a machine
+contiguous, bfloat16 scales, at most max_rows(x.dtype) rows, no autograd. Anything else, or a machine
 without AVX2/FMA or a compiler, dequantizes W and multiplies in fp32 (see _fallback).
 
-The kernel picks its SIMD path (AVX-512 or AVX2) from the CPU at run time; NXD_INT4_KERNEL=avx2,
-read once per process, forces AVX2. `isa()` says which. It is a torch operator
-(nxd::int4_linear), so torch.compile keeps it as one call.
+The kernel picks its SIMD path from the CPU at run time: AVX-512 BF16 (nibbles looked up as bf16,
+vdpbf16ps; for bf16 x and groups of 8..128 dividing 128 or multiples of 128), else AVX-512, else
+AVX2. NXD_INT4_KERNEL=avx512 or avx2, read once per process, lowers it (avx512bf16: the default).
+`isa()` says which. It is a torch operator (nxd::int4_linear), so torch.compile keeps it as one call.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -24,16 +26,21 @@ import torch.nn.functional as F
 
 from .cpp_build import build_and_load, cpu_flags
 
-# Up to this many rows the kernel beats the fallback, which must first dequantize all of W to fp32
-# (measured on 2 shared Zen 4 cores, AVX-512, W [5632, 2048] g128, bf16 x, ms per call, best of 3):
-#   rows                     16    64   128   256
-#   kernel                  5.4    24    50   143
-#   fallback (dequantize)   190   248   297   280
-# Beyond, the kernel's fp32 FMAs grow with the rows while the fallback's dequantization does not.
-MAX_ROWS = 256
+# Up to this many rows (per path) the kernel takes a call; beyond, the fallback, which dequantizes
+# all of W to fp32 first. Measured on one shared Zen 4 core (load average ~6), W [5632, 2048] g128,
+# bf16 x, ms per call, best of 3 (the fallback's numbers from the same runs):
+#   rows                      16    64   128   256   512  1024  2048  4096
+#   kernel, avx512bf16       4.3    11    29    58   124   254   577  1213
+#   kernel, avx512           4.4    22    49   110   145   377   860
+#   kernel, avx2             8.7    41    84   169   347   725
+#   fallback (dequantize)     96   171   184   218   306   497   860  1726
+# The fp32 paths' FMAs grow with the rows while the fallback's dequantization does not: AVX2 loses
+# past ~300 rows. The BF16 path (2 multiply-adds per lane per instruction) still wins at 4096.
+MAX_ROWS = {"avx512bf16": 4096, "avx512": 1024, "avx2": 256}
 
 _SOURCE = Path(__file__).with_name("int4_linear.cpp")
 _extension = None  # torch.ops.nxd.int4_linear, once prepare() succeeded in this process
+_row_limits: dict[torch.dtype, int] = {}  # max_rows per dtype of x, once prepared
 _unavailable = False  # prepare() found no AVX2/FMA or could not build: not tried again in this process
 
 
@@ -59,12 +66,34 @@ def prepare() -> bool:
         return False
     _register_shape_function()
     _extension = torch.ops.nxd.int4_linear
+    _check_override()
+    _row_limits.update({dtype: max_rows(dtype) for dtype in (torch.bfloat16, torch.float32)})
     return True
 
 
+PATHS = ("avx512bf16", "avx512", "avx2")  # best first; NXD_INT4_KERNEL names one to lower the path to
+
+
+def _check_override() -> None:
+    """One warning for an NXD_INT4_KERNEL the kernel does not know (it then takes the CPU's best path)."""
+    forced = os.environ.get("NXD_INT4_KERNEL")
+    if forced and forced not in PATHS:
+        warnings.warn(f"NXD_INT4_KERNEL={forced} is none of {', '.join(PATHS)}: the int4 kernel takes this CPU's best path", stacklevel=3)
+
+
 def isa() -> str | None:
-    """The kernel's SIMD path in this process ("avx512" or "avx2"), or None where it is not prepared."""
+    """The kernel's best SIMD path in this process ("avx512bf16", "avx512" or "avx2"), or None where it is
+    not prepared. On "avx512bf16", float32 x and groups the BF16 path does not fit take "avx512"."""
     return torch.ops.nxd.int4_linear_isa() if _extension is not None else None
+
+
+def max_rows(dtype: torch.dtype) -> int:
+    """Rows of x of this dtype up to which int4_linear takes the kernel here (0 where not prepared):
+    float32 x takes the fp32 AVX-512 path on a BF16 CPU."""
+    path = isa()
+    if path is None:
+        return 0
+    return MAX_ROWS["avx512" if path == "avx512bf16" and dtype != torch.bfloat16 else path]
 
 
 def _register_shape_function() -> None:
@@ -85,7 +114,7 @@ def _qualifies(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> bo
         and packed.is_contiguous()
         and scale.dtype == torch.bfloat16
         and scale.device.type == "cpu"
-        and x.numel() <= MAX_ROWS * x.shape[-1]
+        and x.numel() <= _row_limits.get(x.dtype, 0) * x.shape[-1]
         and not (torch.is_grad_enabled() and x.requires_grad)
     )
 

@@ -3,20 +3,25 @@
 //
 // Why: decoding reads every weight once per token, so its speed is memory bandwidth; int4 weights
 // are a quarter of the bytes of bf16 (plus 2 bytes of scale per group). Activations stay floating
-// point: each nibble becomes q - 8 in int8 (and, shift, subtract), is widened to fp32 and meets x in
-// an FMA; each group's fp32 sum is multiplied by its scale into the row's fp32 total, rounded once.
+// point: on the fp32 paths each nibble becomes q - 8, is widened to fp32 and meets x in an FMA (the
+// BF16 path: see dot_bf16); each group's fp32 sum is multiplied by its scale into the row's fp32
+// total, rounded once.
 //
 // The format (nxd_core.quantization.quantize_int4): q + 8 in a nibble, two per byte, the low nibble
 // the even input k, the high nibble k + 1. x is permuted once per call into that order (in each
 // block of 32 inputs of a group: the 16 even inputs, then the 16 odd ones), so the weight side needs
 // no shuffles. A group's last G % 32 inputs (G not a multiple of 32) stay in order, done in scalar.
 //
-// Two SIMD paths in one object: AVX2+FMA (the file's baseline flags) and AVX-512 (function-level
-// target attributes), chosen at run time from the CPU, never assumed. NXD_INT4_KERNEL=avx2 forces
-// the AVX2 path (read once per process) so it can be tested on an AVX-512 machine.
+// Three SIMD paths in one object: AVX2+FMA (the file's baseline flags), AVX-512 and AVX-512 BF16
+// (function-level target attributes), chosen at run time from the CPU, never assumed. The BF16 path
+// (dot_bf16: nibbles to bf16 by table lookup, vdpbf16ps) takes bf16 x with a group that is a
+// multiple of 8 dividing, or a multiple of, 128; other calls take the fp32 AVX-512 path there.
+// NXD_INT4_KERNEL=avx2 or avx512 (read once per process) lowers the path, so each can be tested on
+// one machine.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -60,6 +65,11 @@ static void tails(const uint8_t* w, const uint16_t* s, int64_t K, int64_t G, con
       for (int m = 0; m < MR; ++m) out[r * MR + m] += sc * part[m];
     }
 }
+
+// Software prefetch of the weight stream, this many bytes ahead, into L2: the hardware prefetcher
+// alone kept one core near 7 GB/s here, against ~20 GB/s with it (Zen 4; 2-6 KB ahead did best,
+// T0 and NTA did worse). Rows are contiguous, so past a row's end this is the next rows' start.
+static constexpr int64_t kPrefetch = 4096;
 
 // ---- AVX2 + FMA: 8 lanes ----------------------------------------------------------------------
 
@@ -133,6 +143,7 @@ static inline void dot_words_avx2(const uint8_t* w, const uint16_t* s, int64_t K
   for (int64_t k = 0; k < K; k += 64) {
     __m256i D[NR];
     for (int r = 0; r < NR; ++r) D[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * KB + k / 2));
+    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * KB + k / 2 + kPrefetch), _MM_HINT_T1);
     __m256 acc[NR][MR];
     for (int r = 0; r < NR; ++r)
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -216,6 +227,7 @@ NXD_AVX512 static void dot_words_avx512(const uint8_t* w, const uint16_t* s, int
   for (int64_t k = 0; k < K; k += 128) {
     __m512i D[NR];
     for (int r = 0; r < NR; ++r) D[r] = _mm512_loadu_si512(w + r * KB + k / 2);
+    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * KB + k / 2 + kPrefetch), _MM_HINT_T1);
     __m512 acc[NR][MR];
     for (int r = 0; r < NR; ++r)
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -240,25 +252,108 @@ NXD_AVX512 static void dot_words_avx512(const uint8_t* w, const uint16_t* s, int
     for (int m = 0; m < MR; ++m) out[r * MR + m] = _mm512_reduce_add_ps(tot[r][m]);
 }
 
+// ---- AVX-512 BF16: table lookup and bf16 pair dot products (bf16 x only) --------------------------
+
+#define NXD_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+
+// Why: the fp32 paths spend 3 instructions widening each 16 weights before their FMA and top out
+// near 15-20 G weights/s per core with W in cache (Zen 4), below what memory delivers. Here a 64-byte load holds 128 weights as
+// 32 words of 4 nibbles; vpermw of (word >> 4j) against a table of the bf16 values of -8..7 (repeated,
+// so index bit 4, the next nibble's low bit, is ignored) gives 32 weights as bf16, and vdpbf16ps
+// multiplies them by 32 bf16 x into 16 fp32 sums: per 128 weights 3 shifts, 4 lookups, 4 dot
+// products. Products of bf16 x and q are exact; sums are fp32 (vdpbf16ps flushes denormals).
+//
+// Layout per block of 128 inputs: word e of vector j is input 4e + j, and vdpbf16ps adds words
+// 2i, 2i + 1 into lane i, so lane i sums inputs 8i .. 8i + 7 of the block, as in dot_words_avx512:
+// a group (a multiple of 8 that divides or is a multiple of 128) covers whole lanes, and each block's
+// sums meet a vector of per-lane scales. x is permuted into [j][e] per block, zero-padded to whole
+// blocks (Kp inputs); a last partial block loads only its weights (the rest read as nibble 0, -8,
+// against x = 0) and only its scales (0 for the padded lanes). Weights in cache: ~40 G/s per core.
+
+// The bf16 values of q - 8 for nibbles 0..15, twice (vpermw's 5-bit index: bit 4 ignored).
+alignas(64) static const uint16_t kBf16Table[32] = {
+    0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+    0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0};
+
+static bool bf16_fits(int64_t G) { return G % 8 == 0 && (128 % G == 0 || G % 128 == 0); }
+
+template <int NR, int MR>
+NXD_AVX512BF16 static void dot_bf16(const uint8_t* w, const uint16_t* s, int64_t K, int64_t Kp, int64_t G, const uint16_t* x, float* out) {
+  const int64_t KB = K / 2, ng = K / G;
+  const __m512i lut = _mm512_load_si512(kBf16Table);
+  // lane l's group within the block: 8l / G (G < 128), else the block's one scale.
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i idx = G < 128 ? _mm512_srlv_epi32(lanes, _mm512_set1_epi32(__builtin_ctzll(G / 8))) : _mm512_setzero_si512();
+  const int per = G < 128 ? int(128 / G) : 1;  // scales per block
+  __m512 tot[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Kp; k += 128) {
+    const bool partial = k + 128 > K;  // only the last block, where K is not a multiple of 128
+    const __mmask32 wmask = partial ? __mmask32((1u << ((K - k) / 4)) - 1) : ~__mmask32(0);
+    const int nscales = partial ? int(std::min<int64_t>(per, (K - k + G - 1) / G)) : per;
+    const __mmask16 smask = __mmask16((1u << nscales) - 1);
+    __m512i D[NR];
+    for (int r = 0; r < NR; ++r) D[r] = _mm512_maskz_loadu_epi16(wmask, w + r * KB + k / 2);
+    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * KB + k / 2 + kPrefetch), _MM_HINT_T1);
+    __m512 acc[NR][MR];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      __m512i wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = _mm512_permutexvar_epi16(j == 0 ? D[r] : _mm512_srli_epi16(D[r], 4 * j), lut);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xv = _mm512_loadu_si512(x + m * Kp + k + 32 * j);
+        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      __m512 sv;
+      if (per == 1) {  // G >= 128: the block's one scale
+        sv = _mm512_set1_ps(bf16_to_float(s[r * ng + k / G]));
+      } else {
+        const __m256i raw = _mm256_maskz_loadu_epi16(smask, s + r * ng + k / G);
+        sv = _mm512_permutexvar_ps(idx, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+      }
+      for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv, tot[r][m]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[r * MR + m] = _mm512_reduce_add_ps(tot[r][m]);
+}
+
+
 // ---- driver -----------------------------------------------------------------------------------
 
-enum Isa { kAvx2 = 0, kAvx512 = 1 };
+// The CPU's best path; NXD_INT4_KERNEL (avx2, avx512, avx512bf16; read once per process) lowers it
+// so each path can be tested on one machine, never raises it past what the CPU has.
+enum Isa { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
 
 static Isa chosen_isa() {
   static const Isa isa = [] {
-    const char* forced = std::getenv("NXD_INT4_KERNEL");
-    if (forced && std::string(forced) == "avx2") return kAvx2;
     // __builtin_cpu_supports also checks that the OS saves the AVX-512 registers.
-    return (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) ? kAvx512 : kAvx2;
+    Isa best = kAvx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = kAvx512;
+    if (best == kAvx512 && __builtin_cpu_supports("avx512bf16")) best = kAvx512Bf16;
+    const char* forced = std::getenv("NXD_INT4_KERNEL");
+    const std::string f = forced ? forced : "";
+    if (f == "avx2") return kAvx2;
+    if (f == "avx512") return std::min(best, kAvx512);
+    return best;
   }();
   return isa;
 }
+
+// A call's path: the bf16 one only for bf16 x (fp32 x rounded to bf16 would lose precision) and a
+// group it fits; words: the fp32 paths' word-lane layout (see dot_words_avx2).
+enum Path { kPathAvx2 = 0, kPathAvx512 = 1, kPathBf16 = 2 };
 
 struct Weights {
   const uint8_t* w;   // packed [N, K / 2]
   const uint16_t* s;  // bf16 scales [N, ng]
   int64_t K, G, ng;
-  bool words;  // the word-lane layout (see dot_words_avx2)
+  bool words;
+  int64_t Kp;  // the bf16 path's row stride of x: K rounded up to 128
 };
 
 // Whether the word-lane layout fits K and G for blocks of `block` (64 or 128) inputs.
@@ -266,41 +361,84 @@ static bool words_fit(int64_t K, int64_t G, int64_t block) {
   return K % block == 0 && G % 8 == 0 && (block % G == 0 || G % block == 0);
 }
 
-template <bool AVX512, int NR, int MR>
-static inline void tile(const Weights& W, const float* x, int64_t m, int64_t n, int64_t nb, float* acc) {
+template <int P, int NR, int MR>
+static inline void tile(const Weights& W, const void* xv, int64_t m, int64_t n, int64_t nb, float* acc) {
   float part[NR * MR];
   const uint8_t* w = W.w + n * (W.K / 2);
   const uint16_t* s = W.s + n * W.ng;
-  if (W.words) {
-    if constexpr (AVX512) dot_words_avx512<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
-    else dot_words_avx2<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+  if constexpr (P == kPathBf16) {
+    dot_bf16<NR, MR>(w, s, W.K, W.Kp, W.G, static_cast<const uint16_t*>(xv) + m * W.Kp, part);
   } else {
-    if constexpr (AVX512) dot_avx512<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
-    else dot_avx2<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
-    if (W.G % 32) tails<NR, MR>(w, s, W.K, W.G, x + m * W.K, part);
+    const float* x = static_cast<const float*>(xv) + m * W.K;
+    if (W.words) {
+      if constexpr (P == kPathAvx512) dot_words_avx512<NR, MR>(w, s, W.K, W.G, x, part);
+      else dot_words_avx2<NR, MR>(w, s, W.K, W.G, x, part);
+    } else {
+      if constexpr (P == kPathAvx512) dot_avx512<NR, MR>(w, s, W.K, W.G, x, part);
+      else dot_avx2<NR, MR>(w, s, W.K, W.G, x, part);
+      if (W.G % 32) tails<NR, MR>(w, s, W.K, W.G, x, part);
+    }
   }
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MR; ++i) acc[(m + i) * nb + n + r] = part[r * MR + i];
 }
 
 // NR weight rows at a time against all M rows of x, MR at a time, while those rows sit in L1.
-// Registers: NR * MR group sums and as many totals (AVX2: 16 ymm, AVX-512: 32 zmm).
-template <bool AVX512, int NR>
-static void rows_tiles(const Weights& W, const float* x, int64_t M, int64_t n, int64_t nb, float* acc) {
-  constexpr int kMaxMR = AVX512 ? 4 : 2;
+// Registers: NR * MR group sums and as many totals (AVX2: 16 ymm, AVX-512: 32 zmm). Each (weight
+// row, x row) pair is summed in the same order whatever the tile, so a row's result does not
+// depend on M or on the thread split.
+template <int P, int NR>
+static void rows_tiles(const Weights& W, const void* x, int64_t M, int64_t n, int64_t nb, float* acc) {
+  constexpr int kMaxMR = P == kPathAvx2 ? 2 : 4;
   int64_t m = 0;
-  for (; m + kMaxMR <= M; m += kMaxMR) tile<AVX512, NR, kMaxMR>(W, x, m, n, nb, acc);
-  if (kMaxMR > 2 && M - m >= 2) tile<AVX512, NR, 2>(W, x, m, n, nb, acc), m += 2;
-  if (M - m == 1) tile<AVX512, NR, 1>(W, x, m, n, nb, acc);
+  for (; m + kMaxMR <= M; m += kMaxMR) tile<P, NR, kMaxMR>(W, x, m, n, nb, acc);
+  if (kMaxMR > 2 && M - m >= 2) tile<P, NR, 2>(W, x, m, n, nb, acc), m += 2;
+  if (M - m == 1) tile<P, NR, 1>(W, x, m, n, nb, acc);
 }
 
 // Rows [0, nb) of W (already offset) against all M rows of x into acc[M][nb]. Two weight rows per
 // tile halve the loads of x, which are 8 bytes per weight byte (fp32 x against two int4).
-template <bool AVX512>
-static void rows_range(const Weights& W, const float* x, int64_t M, int64_t nb, float* acc) {
+template <int P>
+static void rows_range(const Weights& W, const void* x, int64_t M, int64_t nb, float* acc) {
   int64_t n = 0;
-  for (; n + 2 <= nb; n += 2) rows_tiles<AVX512, 2>(W, x, M, n, nb, acc);
-  if (n < nb) rows_tiles<AVX512, 1>(W, x, M, n, nb, acc);
+  for (; n + 2 <= nb; n += 2) rows_tiles<P, 2>(W, x, M, n, nb, acc);
+  if (n < nb) rows_tiles<P, 1>(W, x, M, n, nb, acc);
+}
+
+// x widened to fp32 and permuted into the fp32 paths' nibble order, [M, K].
+static void permute_fp32(const at::Tensor& xc, bool words, int64_t block, int64_t G, float* xd) {
+  const int64_t M = xc.size(0), K = xc.size(1), lanes = block / 8, full = G / 32 * 32;
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) : nullptr;
+  const float* xf = bf16 ? nullptr : xc.data_ptr<float>();
+  auto at_k = [&](int64_t i) { return bf16 ? bf16_to_float(xb[i]) : xf[i]; };
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; words && b < K; b += block)
+      for (int64_t l = 0; l < lanes; ++l)
+        for (int i = 0; i < 8; ++i) xd[m * K + b + i * lanes + l] = at_k(m * K + b + 8 * l + i);
+  for (int64_t m = 0; m < M && !words; ++m)
+    for (int64_t k0 = 0; k0 < K; k0 += G) {
+      const int64_t row = m * K;
+      for (int64_t b = k0; b < k0 + full; b += 32)
+        for (int i = 0; i < 16; ++i) {
+          xd[row + b + i] = at_k(row + b + 2 * i);
+          xd[row + b + 16 + i] = at_k(row + b + 2 * i + 1);
+        }
+      for (int64_t k = k0 + full; k < k0 + G; ++k) xd[row + k] = at_k(row + k);
+    }
+}
+
+// bf16 x permuted into the bf16 path's order ([j][e] is input 4e + j per block), [M, Kp], zero-padded.
+static void permute_bf16(const at::Tensor& xc, int64_t Kp, uint16_t* xd) {
+  const int64_t M = xc.size(0), K = xc.size(1);
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < Kp; b += 128)
+      for (int j = 0; j < 4; ++j)
+        for (int e = 0; e < 32; ++e) {
+          const int64_t k = b + 4 * e + j;
+          xd[m * Kp + b + 32 * j + e] = k < K ? xb[m * K + k] : 0;
+        }
 }
 
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale) {
@@ -311,39 +449,28 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
               "int4_linear: scale bfloat16 [N, groups]");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = packed.size(0), ng = scale.size(1);
   TORCH_CHECK(K % ng == 0 && (K / ng) % 2 == 0, "int4_linear: the groups must split K into equal even parts");
-  const int64_t G = K / ng, full = G / 32 * 32;
+  const int64_t G = K / ng;
   const at::Tensor xc = x_in.contiguous();
   const at::Tensor sc = scale.contiguous();
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
-  const bool avx512 = chosen_isa() == kAvx512;
-  const int64_t block = avx512 ? 128 : 64, lanes = block / 8;
-  const bool words = words_fit(K, G, block);
-  // x widened to fp32 and permuted into nibble order once (a few KB per row), in a tensor: 64-byte
-  // aligned, so no 64-byte load of x straddles two cache lines.
-  at::Tensor xw = at::empty({M, K}, xc.options().dtype(at::kFloat));
-  {
-    const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) : nullptr;
-    const float* xf = bf16 ? nullptr : xc.data_ptr<float>();
-    float* xd = xw.data_ptr<float>();
-    auto at_k = [&](int64_t i) { return bf16 ? bf16_to_float(xb[i]) : xf[i]; };
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t b = 0; words && b < K; b += block)
-        for (int64_t l = 0; l < lanes; ++l)
-          for (int i = 0; i < 8; ++i) xd[m * K + b + i * lanes + l] = at_k(m * K + b + 8 * l + i);
-    for (int64_t m = 0; m < M && !words; ++m)
-      for (int64_t k0 = 0; k0 < K; k0 += G) {
-        const int64_t row = m * K;
-        for (int64_t b = k0; b < k0 + full; b += 32)
-          for (int i = 0; i < 16; ++i) {
-            xd[row + b + i] = at_k(row + b + 2 * i);
-            xd[row + b + 16 + i] = at_k(row + b + 2 * i + 1);
-          }
-        for (int64_t k = k0 + full; k < k0 + G; ++k) xd[row + k] = at_k(row + k);
-      }
+  const Isa isa = chosen_isa();
+  const Path path = isa == kAvx512Bf16 && bf16 && bf16_fits(G) ? kPathBf16 : isa >= kAvx512 ? kPathAvx512 : kPathAvx2;
+  const int64_t block = path == kPathAvx2 ? 64 : 128, Kp = (K + 127) / 128 * 128;
+  const bool words = path != kPathBf16 && words_fit(K, G, block);
+  // x permuted once per call (a few KB per row), in a tensor: 64-byte aligned, so no 64-byte load
+  // of x straddles two cache lines.
+  at::Tensor xw;
+  if (path == kPathBf16) {
+    xw = at::empty({M, Kp}, xc.options());
+    permute_bf16(xc, Kp, reinterpret_cast<uint16_t*>(xw.data_ptr<at::BFloat16>()));
+  } else {
+    xw = at::empty({M, K}, xc.options().dtype(at::kFloat));
+    permute_fp32(xc, words, block, G, xw.data_ptr<float>());
   }
-  const float* x = xw.data_ptr<float>();
+  const char* x = static_cast<const char*>(xw.data_ptr());
+  const int64_t x_row_bytes = path == kPathBf16 ? Kp * 2 : K * 4;
   at::Tensor out = at::empty({M, N}, xc.options());
-  const Weights W{packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>()), K, G, ng, words};
+  const Weights W{packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>()), K, G, ng, words, Kp};
   uint16_t* ob = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   float* of = bf16 ? nullptr : out.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
@@ -354,11 +481,13 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     // More than 16 rows of x: the next 16 meet the same block of W again, now in L2.
     for (int64_t n0 = begin; n0 < end; n0 += kBlock) {
       const int64_t n1 = std::min(end, n0 + kBlock), nb = n1 - n0;
-      const Weights Wb{W.w + n0 * (K / 2), W.s + n0 * ng, K, G, ng, words};
+      const Weights Wb{W.w + n0 * (K / 2), W.s + n0 * ng, K, G, ng, words, Kp};
       for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t mc = std::min(mb, M - m0);
-        if (avx512) rows_range<true>(Wb, x + m0 * K, mc, nb, acc);
-        else rows_range<false>(Wb, x + m0 * K, mc, nb, acc);
+        const void* xm = x + m0 * x_row_bytes;
+        if (path == kPathBf16) rows_range<kPathBf16>(Wb, xm, mc, nb, acc);
+        else if (path == kPathAvx512) rows_range<kPathAvx512>(Wb, xm, mc, nb, acc);
+        else rows_range<kPathAvx2>(Wb, xm, mc, nb, acc);
         for (int64_t m = 0; m < mc; ++m)
           for (int64_t n = n0; n < n1; ++n) {
             const float v = acc[m * nb + n - n0];
@@ -371,7 +500,10 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   return out;
 }
 
-std::string int4_linear_isa() { return chosen_isa() == kAvx512 ? "avx512" : "avx2"; }
+std::string int4_linear_isa() {
+  const Isa isa = chosen_isa();
+  return isa == kAvx512Bf16 ? "avx512bf16" : isa == kAvx512 ? "avx512" : "avx2";
+}
 
 // Registered with the dispatcher (not pybind): a call costs what any aten op costs. A fragment of
 // the nxd namespace, which bf16_linear.cpp defines.
