@@ -29,7 +29,8 @@ from .cpp_build import build_and_load, cpu_flags
 #   rows                     8    16    64   128   512
 #   kernel                 2.0   2.9   9.3  17.8    67
 #   fallback (dequantize)   26    40    27  16-28   34
-# Up to ~8 rows the kernel is memory-bound (1.6-2.3x nxd's bf16_linear on bf16 weights, see
+# Up to ~8 rows the kernel is memory-bound (1.6-2.3x the AVX2-only bf16_linear of its day on bf16 weights; the
+# bf16 kernel has AVX-512 BF16 paths since, so measure the two again with
 # benchmarks/int8_kernel.py); beyond, it does one fp32 FMA per 16 multiply-adds, while ATen's bf16
 # GEMM (avx512_bf16) does two, so prefill-sized calls go to ATen after all.
 MAX_ROWS = 128
