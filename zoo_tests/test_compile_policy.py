@@ -39,7 +39,7 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.fixture
 def compiling_pays(monkeypatch, cache_dir):
     """Make the policy's estimate of compiling free, so that compile=None switches at the first boundary
-    that has a measured eager step (the second chunk): a switch in the middle, not at the start."""
+    with an eager step measured over MEASURED_STEPS (after token 22 here): a switch in the middle."""
     monkeypatch.setattr(CompilePolicy, "compile_seconds", lambda self: 0.0)
 
 
@@ -62,13 +62,13 @@ def test_switching_to_compiled_mid_generation_keeps_greedy_tokens(tp_runner, che
 def test_switching_keeps_seeded_sampling_reproducible(tp_runner, checkpoint, compiling_pays):
     ids, mask = left_padded_batch()
     with from_pretrained_parallel(
-        checkpoint, tp=2, max_batch_size=3, max_seq_len=40, workers=tp_runner.workers(2), progress=False
+        checkpoint, tp=2, max_batch_size=3, max_seq_len=64, workers=tp_runner.workers(2), progress=False
     ) as model:
         draw = lambda seed: model.generate(  # noqa: E731
-            input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=True, seed=seed, eos_token_id=[], compile=None
+            input_ids=ids, attention_mask=mask, max_new_tokens=36, do_sample=True, seed=seed, eos_token_id=[], compile=None
         )
         first, again, other = draw(0), draw(0), draw(1)
-    assert 1 < first.stats["compiled_from_token"] < 20 and 1 < again.stats["compiled_from_token"] < 20
+    assert 1 < first.stats["compiled_from_token"] < 36 and 1 < again.stats["compiled_from_token"] < 36
     assert first.tokens == again.tokens
     assert first.tokens != other.tokens
 
@@ -94,13 +94,16 @@ def _policy(entry_info=None, layers=4, max_new_tokens=1000):
 
 def test_the_decision_weighs_the_compile_against_the_tokens_left(cache_dir):
     warm = {"warm_seconds": 2.0, "eager_step_seconds": 0.004, "compiled_step_seconds": 0.002}
-    # 1000 tokens left, each saving 2 ms: 2 s saved, not more than the 2 s compile
+    # the workers measured 2 ms saved per step: 1000 tokens left save 2 s, not more than the 2 s compile,
+    # however slow one eager chunk looked from the front end
     assert not _policy(warm).switch_now(produced=0, eager_step=0.004)
-    # 1000 tokens left saving 3 ms each: 3 s saved for 2 s of compiling
-    assert _policy(warm).switch_now(produced=0, eager_step=0.006)
-    assert not _policy(warm, max_new_tokens=400).switch_now(produced=0, eager_step=0.006)
+    assert not _policy(warm).switch_now(produced=0, eager_step=0.05)
+    faster = {**warm, "compiled_step_seconds": 0.001}  # 3 ms saved per step: 3 s for 2 s of compiling
+    assert _policy(faster).switch_now(produced=0, eager_step=0.004)
+    assert not _policy(faster).switch_now(produced=0, eager_step=0.0015), "never more than the eager step itself"
+    assert not _policy(faster, max_new_tokens=400).switch_now(produced=0, eager_step=0.004)
     assert not _policy(warm).switch_now(produced=0, eager_step=None), "nothing measured yet: no decision"
-    policy = _policy(warm)
+    policy = _policy(faster)
     assert policy.switch_now(produced=10, eager_step=0.006) and not policy.switch_now(produced=20, eager_step=0.006), "once"
     # nothing measured on this machine: a cold estimate that grows with the layers, savings capped per layer
     cold = _policy(layers=4)
@@ -111,6 +114,9 @@ def test_the_decision_weighs_the_compile_against_the_tokens_left(cache_dir):
     compiled = _policy(warm)
     compiled.in_workers = True  # these workers compiled the step already: switching costs nothing
     assert compiled.compile_seconds() == 0.0 and compiled.switch_now(produced=990, eager_step=0.004)
+    forced = _policy(warm)
+    forced.force = True  # compile=True: at the first boundary, measured or not
+    assert forced.switch_now(produced=1, eager_step=None)
 
 
 def _model(tp=2, dtype=torch.bfloat16, batch_size=4, layers=4, hidden=64):

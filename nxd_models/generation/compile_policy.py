@@ -25,6 +25,8 @@ COLD_SECONDS_BASE, COLD_SECONDS_PER_LAYER = 10.0, 1.5
 SAVED_PER_LAYER_STEP = 0.2e-3
 # A warm compile (the cache has the step) costs about this fraction of a cold one until measured.
 WARM_FRACTION = 0.25
+# The eager step's time is trusted from a chunk of at least this many steps.
+MEASURED_STEPS = 16
 
 
 @functools.cache
@@ -101,20 +103,29 @@ class CompilePolicy:
         return COLD_SECONDS_BASE + COLD_SECONDS_PER_LAYER * self.layers
 
     def saved_per_step(self, eager_step: float) -> float:
+        """Seconds a compiled step saves: what the workers measured for this key (both steps timed the
+        same way, inside the worker), else a guess; never more than the eager step measured now."""
         info = self.entry.info if self.entry is not None else {}
         if "eager_step_seconds" in info and "compiled_step_seconds" in info:
-            return eager_step * (1 - info["compiled_step_seconds"] / info["eager_step_seconds"])
+            return min(eager_step, max(0.0, info["eager_step_seconds"] - info["compiled_step_seconds"]))
         return min(eager_step / 2, SAVED_PER_LAYER_STEP * self.layers)
 
     def switch_now(self, produced: int, eager_step: float | None) -> bool:
         """Whether to compile before the next chunk: produced tokens so far (per row, the most), the
-        eager step's measured seconds (None before one was measured)."""
-        if self.switched or eager_step is None:
+        eager step's seconds measured on a chunk of at least MEASURED_STEPS (None before that:
+        a chunk of one step is mostly its round trip, and once switched the generation into a run
+        1.8x slower than eager)."""
+        if self.switched:
+            return False
+        if self.force:
+            self.switched = self.max_new_tokens - produced >= 2
+            return self.switched
+        if eager_step is None:
             return False
         remaining = self.max_new_tokens - produced
         if remaining < 2:
             return False
-        if self.force or remaining * self.saved_per_step(eager_step) > self.compile_seconds():
+        if remaining * self.saved_per_step(eager_step) > self.compile_seconds():
             self.switched = True
             return True
         return False

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..inputs import check_generation, check_mask, check_vocabulary, is_token_ids, sampling_seed, token_batch
-from .compile_policy import CompilePolicy, speculative_rounds_name
+from .compile_policy import MEASURED_STEPS, CompilePolicy, speculative_rounds_name
 from .worker import decoding, speculative
 from .worker.sampling import SamplingParams
 
@@ -157,7 +157,7 @@ def chunked_steps(
                 produced += gained
                 decode_seconds += seconds
                 decode_tokens += sum(len(r) for r in tokens)
-                if gained and not (policy and policy.switched):
+                if gained >= MEASURED_STEPS and not (policy and policy.switched):
                     eager_step = seconds / gained
                 if any(tokens):
                     yield tokens
