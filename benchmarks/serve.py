@@ -4,6 +4,7 @@ one-at-a-time model.generate and Hugging Face's static batched generate, on the 
     python benchmarks/serve.py                       # the 20M layout (bf16) at tp=1, 1/4/16/32 clients
     python benchmarks/serve.py --tp 1 2 --demo       # the bundled demo-llama (fp32) at tp=1 and tp=2
     python benchmarks/serve.py --layout tiny --clients 1 4 --requests 8   # a quick look
+    python benchmarks/serve.py --compile             # compiled decode steps (compiled before timing)
 
 Clients are threads that stream from the Engine in this process (the HTTP layer adds the same
 small cost to every setting and is left out). Requests mix prompt lengths (16-200 tokens) and
@@ -81,10 +82,10 @@ def run_clients(engine, requests, clients: int) -> dict:
     )
 
 
-def one_at_a_time(model, requests) -> float:
+def one_at_a_time(model, requests, compile: bool = False) -> float:
     began, tokens = time.perf_counter(), 0
     for prompt, new in requests:
-        tokens += len(model.generate(input_ids=[prompt], max_new_tokens=new, eos_token_id=[], compile=False).tokens[0])
+        tokens += len(model.generate(input_ids=[prompt], max_new_tokens=new, eos_token_id=[], compile=compile).tokens[0])
     return tokens / (time.perf_counter() - began)
 
 
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--compile", action="store_true", help="compiled decode steps (the engine's and generate's), compiled before timing")
     args = parser.parse_args()
 
     from nxd_models import from_pretrained_parallel
@@ -139,21 +141,24 @@ def main() -> None:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         name = "demo-llama" if args.demo else f"{args.layout} layout"
         print(f"{name}, {dtype}, {len(requests)} requests (prompts {prompt_range}, completions {new_range} tokens), {rows} rows")
-        print(f"best of {args.repeats} runs; ITL: the time between tokens of one stream")
+        print(f"best of {args.repeats} runs; ITL: the time between tokens of one stream; {'compiled' if args.compile else 'eager'} decode steps")
         hf = max(hf_static(path, requests, rows, dtype) for _ in range(args.repeats))
         print(f"{'':28s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'ITL p50':>8s} {'ITL p99':>8s}")
         print(f"{f'HF static batches of {rows}':28s} {hf:8.1f}")
         for tp in args.tp:
             with from_pretrained_parallel(path, tp=tp, dtype=dtype, max_batch_size=rows, max_seq_len=seq, progress=False) as model:
-                alone = max(one_at_a_time(model, requests[: max(4, len(requests) // 8)]) for _ in range(args.repeats))
+                alone_requests = requests[: max(4, len(requests) // 8)]
+                if args.compile:
+                    one_at_a_time(model, alone_requests[:1], compile=True)  # compiles outside the timing
+                alone = max(one_at_a_time(model, alone_requests, args.compile) for _ in range(args.repeats))
                 print(f"{f'tp={tp} generate, one at a time':28s} {alone:8.1f}")
-                with Engine(model) as engine:
+                with Engine(model, compile=args.compile) as engine:
                     engine.eos = []  # every request runs to its max_tokens: the same work in every setting
                     run_clients(engine, requests[:2], 2)  # warm-up: first calls of every kernel
                     single = None
                     for clients in args.clients:
-                        runs = [run_clients(engine, requests if clients > 1 else requests[: max(4, len(requests) // 8)], clients)]
-                        runs += [run_clients(engine, requests, clients) for _ in range(args.repeats - 1)] if clients > 1 else []
+                        share = requests if clients > 1 else requests[: max(4, len(requests) // 8)]
+                        runs = [run_clients(engine, share, clients) for _ in range(args.repeats)]
                         best = max(runs, key=lambda r: r["tok_s"])
                         single = single or best
                         ratio = f"  {best['tok_s'] / single['tok_s']:.1f}x one stream, {best['tok_s'] / hf:.2f}x HF"

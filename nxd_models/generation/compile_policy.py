@@ -143,8 +143,12 @@ class CompilePolicy:
         )
 
     def announce(self) -> None:
-        """The notice on stderr; under torchrun only the first rank says it."""
+        """The notice on stderr when there is something to wait for (a compile or a cache load; a
+        step these workers compiled before switches at once, silently: a notebook's every call
+        would print it); under torchrun only the first rank says it."""
         import torch.distributed as dist
 
+        if self.in_workers:
+            return
         if not (dist.is_initialized() and dist.get_rank() != 0):
             print(self.notice(), file=sys.stderr, flush=True)
