@@ -14,8 +14,9 @@ which ship with every interpreter, so no download is needed. The steps:
    tokenizer files, and report validation loss, the draft's greedy agreement
    with the target and a few greedy samples.
 
-The default output is the package's own nxd_models/demo_models/. A quick smoke
-run into another directory:
+The default output is the package's own nxd_models/demo_models/. `--models large`
+trains only demo-llama-large (a bigger target for the same draft, on the pair's
+tokenizer). A quick smoke run into another directory:
 
     python scripts/train_demo_models.py --steps 2 --tokenizer-vocab 400 \\
         --max-files 12 --val-files 2 --context 64 --eval-windows 2 --out OUT
@@ -37,11 +38,14 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "nxd_models" / "demo_models"
-TARGET_NAME, DRAFT_NAME = "demo-llama", "demo-llama-draft"
+TARGET_NAME, DRAFT_NAME, LARGE_NAME = "demo-llama", "demo-llama-draft", "demo-llama-large"
 
 # Head counts divide by 2 and 4 so both run at tp=2 and tp=4.
 TARGET_ARCH = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=8, num_key_value_heads=4)
 DRAFT_ARCH = dict(hidden_size=128, num_hidden_layers=2, intermediate_size=384, num_attention_heads=4, num_key_value_heads=4)
+# The speculative-decoding target (--models large): about 3x demo-llama's weights and twice its
+# layers, so that a draft step costs a small fraction of a target step (what makes drafting pay).
+LARGE_ARCH = dict(hidden_size=384, num_hidden_layers=8, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4)
 
 # Generated tables, English prose and test suites say little about everyday Python.
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "encodings", "pydoc_data", "__pycache__"}
@@ -54,6 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="parent of the two model directories")
     p.add_argument("--target-minutes", type=float, default=34.0, help="training time budget of the target")
     p.add_argument("--draft-minutes", type=float, default=10.0, help="training time budget of the draft")
+    p.add_argument(
+        "--models",
+        choices=["pair", "large"],
+        default="pair",
+        help="pair: the tokenizer, demo-llama and its draft; large: only demo-llama-large, with the pair's tokenizer from --out",
+    )
+    p.add_argument("--large-minutes", type=float, default=45.0, help="training time budget of demo-llama-large")
+    p.add_argument("--large-lr", type=float, default=8e-4)
     p.add_argument("--steps", type=int, default=None, help="exact optimizer steps per model (overrides the minutes)")
     p.add_argument("--tokenizer-vocab", type=int, default=4096)
     p.add_argument("--context", type=int, default=512, help="training context = max_position_embeddings")
@@ -271,6 +283,28 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
+def train_large(args, train_texts: list[str], val_texts: list[str]) -> None:
+    """demo-llama-large: a bigger target for the bundled draft, on the pair's own tokenizer (the
+    same token ids), then the draft's and demo-llama's greedy agreement with it."""
+    pair = args.out / TARGET_NAME
+    tok = LlamaTokenizer.from_pretrained(pair, add_prefix_space=False, legacy=False, pad_token="<pad>", model_max_length=args.context)
+    proto = (pair / "tokenizer.model").read_bytes()
+    train_ids, val_ids = encode_corpus(tok, train_texts), encode_corpus(tok, val_texts)
+    windows = val_windows(val_ids, args.context, args.eval_windows)
+    print(f"tokenizer of {pair}: {len(tok)} pieces; {len(train_ids):,} train / {len(val_ids):,} validation tokens", flush=True)
+    model = make_model(LARGE_ARCH, len(tok), args.context, args.seed)
+    report(LARGE_NAME, model, evaluate(model, windows, args.batch_size), "before")
+    report(LARGE_NAME, model, train(model, train_ids, windows, args, args.large_lr, args.large_minutes, LARGE_NAME), "after")
+    save(model, tok, proto, args.out / LARGE_NAME)
+    copy_tokenizer(pair, args.out / LARGE_NAME)
+    for name in (DRAFT_NAME, TARGET_NAME):
+        other = LlamaForCausalLM.from_pretrained(args.out / name, dtype=torch.float32)
+        rate = greedy_acceptance(model, other, windows, args.batch_size)
+        print(f"greedy acceptance of {name} against {LARGE_NAME} (argmax equal on validation): {rate:.3f}", flush=True)
+    for prompt in SAMPLE_PROMPTS:
+        print(f"--- {LARGE_NAME} greedy from {prompt!r}:\n{sample(model, tok, prompt)}", flush=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -278,6 +312,8 @@ def main(argv=None) -> None:
     val_texts, train_texts = read_texts(files[: args.val_files]), read_texts(files[args.val_files :])
     print(f"corpus: {len(train_texts)} train / {len(val_texts)} validation stdlib files from {sysconfig.get_paths()['stdlib']}", flush=True)
 
+    if args.models == "large":
+        return train_large(args, train_texts, val_texts)
     tok, proto = train_tokenizer(train_texts, args.tokenizer_vocab, args.context, args.seed)
     check_round_trip(tok)
     train_ids, val_ids = encode_corpus(tok, train_texts), encode_corpus(tok, val_texts)
