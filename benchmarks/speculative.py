@@ -2,6 +2,7 @@
 
     python benchmarks/speculative.py                 # tp=1 and tp=2, eager and compiled, three tasks
     python benchmarks/speculative.py --tp 1 --new-tokens 512
+    python benchmarks/speculative.py --target DIR    # another target with the pair's tokenizer (train_demo_models.py --models large)
 
 Three tasks: free generation (DEMO_PROMPT, code the model writes from a class header, greedy), an
 input-grounded one (a file given in the prompt, then its first lines again: the answer can repeat
@@ -81,6 +82,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--target", default="demo-llama", help="the target model, a zoo name or a directory (the draft is demo-llama-draft)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--k", type=int, default=4, help="draft tokens per round")
     # 7: a verification of 8 rows stays on the bf16 decode kernel, which computes each row alike at
@@ -93,7 +95,7 @@ def main() -> None:
     from nxd_models import from_pretrained_parallel
 
     modes = {"both": (False, True), "eager": (False,), "compiled": (True,)}[args.compile]
-    print(f"demo-llama, draft demo-llama-draft (a copy in each worker), {args.new_tokens} new tokens, best of {REPEATS}")
+    print(f"{args.target}, draft demo-llama-draft (a copy in each worker), {args.new_tokens} new tokens, best of {REPEATS}")
     print(f"draft k={args.k}, prompt lookup k={args.lookup_k} (n-grams up to 2)\n")
     header = f"{'tp':>2s} {'step':8s} {'task':27s} {'target':>9s} {'draft':>9s} {'x':>6s} {'acc':>5s} {'lookup':>9s} {'x':>6s} {'acc':>5s}"
     print(header + "\n" + "-" * len(header))
@@ -102,7 +104,7 @@ def main() -> None:
         threads = max(1, (os.cpu_count() or 1) // tp)
         with WorkerGroup(tp, threads_per_worker=threads) as group:
             load = dict(workers=group, max_seq_len=1024, progress=False)
-            target = from_pretrained_parallel("demo-llama", tp=tp, **load)
+            target = from_pretrained_parallel(args.target, tp=tp, **load)
             draft = from_pretrained_parallel("demo-llama-draft", tp=1, **load)
             for compile in modes:
                 for task, prompt, sampling in TASKS:

@@ -138,3 +138,12 @@ def test_training_script_runs_end_to_end(tmp_path):
         assert model.config.max_position_embeddings == 64
     for name in TOKENIZER_FILES:
         assert (tmp_path / "demo-llama" / name).read_bytes() == (tmp_path / "demo-llama-draft" / name).read_bytes()
+
+    # --models large: a bigger target on the pair's tokenizer (not bundled: see the demo models' README)
+    large = subprocess.run([sys.executable, str(SCRIPT), *args, "--models", "large"], capture_output=True, text=True, timeout=300)
+    assert large.returncode == 0, large.stderr[-3000:]
+    assert "greedy acceptance of demo-llama-draft against demo-llama-large" in large.stdout
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "demo-llama-large", local_files_only=True)
+    assert model.config.num_hidden_layers == 8 and model.config.vocab_size == 400
+    for name in TOKENIZER_FILES:
+        assert (tmp_path / "demo-llama" / name).read_bytes() == (tmp_path / "demo-llama-large" / name).read_bytes()
