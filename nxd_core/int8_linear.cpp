@@ -8,9 +8,13 @@
 // Two SIMD paths in one object: AVX2+FMA (the file's baseline flags) and AVX-512 (function-level
 // target attributes), chosen at run time from the CPU, never assumed. NXD_INT8_KERNEL=avx2 forces
 // the AVX2 path (read once per process) so it can be tested on an AVX-512 machine.
+//
+// Threads take chunks of 64 rows from a shared counter (split_rows), never split K.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -166,6 +170,20 @@ static void rows_range(const int8_t* w, int64_t K, const float* x, int64_t M, in
   if (n < nb) rows_tiles<AVX512, 1>(w, K, x, M, n, nb, acc);
 }
 
+// f(begin, end) over chunks of `chunk` rows of [0, N): at most one thread per chunk (at::get_num_threads()
+// of them), each taking the next chunk from a shared counter until none is left (as llama.cpp does):
+// on a shared machine one thread often starts or runs late, and a fixed share each would wait for it.
+template <typename F>
+static void split_rows(int64_t N, int64_t chunk, const F& f) {
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1) return f(0, N);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) f(c * chunk, std::min(N, (c + 1) * chunk));
+  });
+}
+
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "int8_linear: x [M, K] and w [N, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat, "int8_linear: x bfloat16 or float32");
@@ -190,7 +208,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   uint16_t* ob = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   float* of = bf16 ? nullptr : out.data_ptr<float>();
   const bool avx512 = chosen_isa() == kAvx512;
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+  split_rows(N, 64, [&](int64_t begin, int64_t end) {  // chunks of 64 rows: whole blocks
     // Blocks of rows so the fp32 sums for all M rows stay on the stack, then scale and round once.
     constexpr int64_t kBlock = 64;
     float acc[16 * kBlock];
