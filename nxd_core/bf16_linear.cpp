@@ -17,15 +17,16 @@
 // every (n, m) pair has its own U accumulators, the same k steps, tails and reduction order, and
 // threads split N only, never K.
 //
-// Threads take chunks of rows from a shared counter (split_rows, as llama.cpp does) rather than one
-// fixed share each: on a shared machine one thread often starts or runs late, and a fixed split waits
-// for its whole share. Which thread computes a row changes nothing in how it is computed.
+// Threads split N in chunks of rows (split_rows): each streams its own share, then takes the chunks
+// another thread has not reached: on a shared machine one thread often starts or runs late, and a
+// fixed split waits for its whole share. Which thread computes a row changes nothing in how it is computed.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <string>
 
 static inline float bf16_to_float(uint16_t h) {
@@ -198,16 +199,23 @@ static void rows(const uint16_t* w, int64_t K, const X* x, int64_t xs, int64_t M
 // 5.7 us on two; [256, 688] 9.7 us against 6.8 us).
 constexpr int64_t kGrain = 64, kTaskBytes = 128 << 10;
 
-// f(begin, end) over chunks of `chunk` rows of [0, N): at most one thread per chunk (at::get_num_threads()
-// of them), each taking the next chunk from a shared counter until none is left.
+// f(begin, end) over chunks of `chunk` rows of [0, N). Each of at::get_num_threads() threads (at
+// most one per chunk) owns a contiguous share and takes its chunks in order (one stream, as a fixed
+// split), then takes what is left of the other shares. Measured (2 Zen 4 cores, one row of x, machine
+// shared, best call of 40 x 32 copies, GB/s): [5632, 2048] fixed halves 54.9, one counter for all
+// chunks 47.9, shares with stealing 53.3, medians 37.7 / 36.7 / 39.8; [2048, 2048] 42.0 / 40.9 / 45.2.
 template <typename F>
 static void split_rows(int64_t N, int64_t chunk, const F& f) {
   const int64_t chunks = (N + chunk - 1) / chunk;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
   if (threads <= 1) return f(0, N);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) f(c * chunk, std::min(N, (c + 1) * chunk));
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[threads]);  // next chunk of each share
+  for (int64_t t = 0; t < threads; ++t) next[t] = chunks * t / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t) {
+    for (int64_t i = 0; i < threads; ++i) {  // its own share first, then the others' leftovers
+      const int64_t t = (first + i) % threads, stop = chunks * (t + 1) / threads;
+      for (int64_t c; (c = next[t].fetch_add(1, std::memory_order_relaxed)) < stop;) f(c * chunk, std::min(N, (c + 1) * chunk));
+    }
   });
 }
 

@@ -19,7 +19,7 @@
 // NXD_INT4_KERNEL=avx2 or avx512 (read once per process) lowers the path, so each can be tested on
 // one machine.
 //
-// Threads take chunks of 64 rows from a shared counter (split_rows), never split K.
+// Threads take chunks of 64 rows, their own share first, then others' leftovers (split_rows); never split K.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -27,6 +27,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 
 static inline float bf16_to_float(uint16_t h) {
@@ -444,17 +445,21 @@ static void permute_bf16(const at::Tensor& xc, int64_t Kp, uint16_t* xd) {
         }
 }
 
-// f(begin, end) over chunks of `chunk` rows of [0, N): at most one thread per chunk (at::get_num_threads()
-// of them), each taking the next chunk from a shared counter until none is left (as llama.cpp does):
-// on a shared machine one thread often starts or runs late, and a fixed share each would wait for it.
+// f(begin, end) over chunks of `chunk` rows of [0, N): each of at::get_num_threads() threads (at most
+// one per chunk) takes the chunks of its own contiguous share in order, then what is left of the
+// others' (as bf16_linear.cpp, where it is measured): a late thread no longer holds up the call.
 template <typename F>
 static void split_rows(int64_t N, int64_t chunk, const F& f) {
   const int64_t chunks = (N + chunk - 1) / chunk;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
   if (threads <= 1) return f(0, N);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) f(c * chunk, std::min(N, (c + 1) * chunk));
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[threads]);  // next chunk of each share
+  for (int64_t t = 0; t < threads; ++t) next[t] = chunks * t / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t) {
+    for (int64_t i = 0; i < threads; ++i) {  // its own share first, then the others' leftovers
+      const int64_t t = (first + i) % threads, stop = chunks * (t + 1) / threads;
+      for (int64_t c; (c = next[t].fetch_add(1, std::memory_order_relaxed)) < stop;) f(c * chunk, std::min(N, (c + 1) * chunk));
+    }
   });
 }
 
