@@ -71,7 +71,7 @@ def test_lower_paths_match_reference(path):
 
 @needs_kernel
 def test_vnni_path_is_row_invariant_and_keeps_small_inputs_and_nans():
-    """On AVX512_VNNI, bf16 x becomes int16 parts per block of 128 inputs: a row of an M-row call is
+    """On AVX512_VNNI, bf16 x becomes int16 parts per block of 256 inputs: a row of an M-row call is
     bit for bit a one-row call; inputs 2^20 below their block's largest still count (exactly: hi + lo
     parts); a NaN in one row of x gives NaN in that row only (the call takes the fp32 path)."""
     if int8_kernels.isa() != "avx512vnni":
