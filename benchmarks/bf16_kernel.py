@@ -7,7 +7,8 @@
 Each number is the fastest single call among a few hundred (a shared machine's noise only ever
 slows a call down). Every call reads a different copy of the weight, enough
 copies to overflow the last-level cache, so the weights come from memory as in a real decode step.
-GB/s is the weight bytes read per second; the memory copy line is the roofline's bandwidth.
+GB/s is the weight bytes read per second; the memory read line (generate.memory_bandwidth) is the roofline's
+bandwidth, printed next to a copy's (read + write).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import memory_bandwidth  # noqa: E402
 
 from nxd_core import cpu_kernels  # noqa: E402
 
@@ -73,7 +77,11 @@ def main(argv=None) -> None:
     paths = cpu_kernels.available_paths() if cpu_kernels.prepare() else []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     print("kernel paths: " + ", ".join(f"{k}: {v}" for k, v in cpu_kernels.path_support().items()))
-    print(f"default path here: {cpu_kernels.path()}; memory copy: {copy_bandwidth(args.quick, batches):.1f} GB/s (read + write)")
+    read = memory_bandwidth(16 << 20 if args.quick else 1 << 30, batches)
+    print(
+        f"default path here: {cpu_kernels.path()}; memory read: {read / 1e9:.1f} GB/s; "
+        f"memory copy: {copy_bandwidth(args.quick, batches):.1f} GB/s (read + write)"
+    )
     columns = ["ATen F.linear"] + [f"nxd {p}" for p in paths]
     print(f"\nms per call, fastest (GB/s of weights read)\n{'rows  W [N, K]':30}" + "".join(f"{c:>22}" for c in columns))
     for rows in args.rows:

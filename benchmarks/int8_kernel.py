@@ -138,8 +138,13 @@ def decode_table(rows: int, shapes, batches: int, quick: bool) -> None:
     have_bf16 = cpu_kernels.prepare()
     have_int8 = int8_kernels.prepare()
     here = int8_rows(rows, shapes, batches, quick) if have_int8 else {}
-    # int4's fp32 AVX-512 path where this CPU's best is the BF16 one (int4 only), then both at AVX2.
-    lower = _child(rows, shapes, batches, quick, {"NXD_INT4_KERNEL": "avx512"}, True) if here.get("int4_isa") == "avx512bf16" else {}
+    # The AVX-512 paths below this CPU's best (int4's fp32 one below BF16, int8's below VNNI), then both at AVX2.
+    vnni = here.get("isa") == "avx512vnni"
+    lower = (
+        _child(rows, shapes, batches, quick, {"NXD_INT4_KERNEL": "avx512", "NXD_INT8_KERNEL": "avx512"}, not vnni)
+        if here.get("int4_isa") == "avx512bf16" or vnni
+        else {}
+    )
     avx2 = (
         _child(rows, shapes, batches, quick, {"NXD_INT8_KERNEL": "avx2", "NXD_INT4_KERNEL": "avx2"})
         if have_int8 and here.get("isa") != "avx2"
@@ -153,6 +158,8 @@ def decode_table(rows: int, shapes, batches: int, quick: bool) -> None:
     columns = ["ATen bf16 F.linear", "nxd bf16_linear"]
     if here:
         columns.append(f"int8 kernel ({here['isa']})")
+    if lower.get("seconds"):
+        columns.append(f"int8 kernel ({lower['isa']})")
     if avx2:
         columns.append(f"int8 kernel ({avx2['isa']})")
     columns += ["int8 fallback", "_weight_int8pack_mm"]
@@ -177,6 +184,8 @@ def decode_table(rows: int, shapes, batches: int, quick: bool) -> None:
                 )
             if here:
                 cells[f"int8 kernel ({here['isa']})"] = (here["seconds"][name], int8_bytes)
+            if lower.get("seconds"):
+                cells[f"int8 kernel ({lower['isa']})"] = (lower["seconds"][name], int8_bytes)
             if avx2:
                 cells[f"int8 kernel ({avx2['isa']})"] = (avx2["seconds"][name], int8_bytes)
             cells["int8 fallback"] = (

@@ -14,7 +14,7 @@ needs a tokenizer: the checkpoint gets a tiny sentencepiece model (the converter
 Where llama-cpp-python is not installed, this says so and measures the rest.
 
 Every rate is decode tokens/s with the prompt's prefill left out (best of --repeats runs). The roofline is the
-copy bandwidth measured here over the bytes a token reads in that format (one embedding row, not
+memory read bandwidth measured here (generate.memory_bandwidth, on --threads threads) over the bytes a token reads in that format (one embedding row, not
 the table).
 """
 
@@ -209,7 +209,7 @@ def main(argv=None) -> None:
         )
         bandwidth = memory_bandwidth()
         print(
-            f"memory bandwidth {bandwidth / GB:.1f} GB/s (copy); bf16 roofline {bandwidth / honest:.1f} tokens/s "
+            f"memory read bandwidth {bandwidth / GB:.1f} GB/s ({args.threads} threads); bf16 roofline {bandwidth / honest:.1f} tokens/s "
             f"({honest / GB:.3f} GB per token: one embedding row), {bandwidth / whole:.1f} counting the whole table\n"
         )
         rows = llama_cpp_rows(args, path, work, args.threads)

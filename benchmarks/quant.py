@@ -5,7 +5,7 @@
 
 Every row decodes the same prompt on the same random weights, compiled (the int8 matrix-vector kernel
 is one call inside the compiled step), best of three runs; prefill is left out (generate.py's method).
-The roofline is this machine's memory bandwidth over the weight bytes one decoded token reads per
+The roofline is this machine's memory read bandwidth (generate.memory_bandwidth, on every core) over the weight bytes one decoded token reads per
 rank: every weight and scale, except the embedding table (a token reads one row of it). HF rows run
 in this process on every core: bf16, and int8 weight-only through torchao where it is installed.
 """
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     int8_kernels.prepare()
     int4_kernels.prepare()
     print(
-        f"memory bandwidth {bandwidth / GB:.1f} GB/s; {cores} cores; int8 kernel: {int8_kernels.isa() or 'none (fallback)'}; "
+        f"memory read bandwidth {bandwidth / GB:.1f} GB/s ({torch.get_num_threads()} threads); {cores} cores; int8 kernel: {int8_kernels.isa() or 'none (fallback)'}; "
         f"int4 kernel: {int4_kernels.isa() or 'none (fallback)'}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}; "
         f"decode of {args.new_tokens} tokens after a {args.prompt_tokens}-token prompt, compiled, best of {REPEATS}\n"
     )

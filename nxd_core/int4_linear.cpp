@@ -18,12 +18,16 @@
 // multiple of 8 dividing, or a multiple of, 128; other calls take the fp32 AVX-512 path there.
 // NXD_INT4_KERNEL=avx2 or avx512 (read once per process) lowers the path, so each can be tested on
 // one machine.
+//
+// Threads take chunks of 64 rows, their own share first, then others' leftovers (split_rows); never split K.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 
 static inline float bf16_to_float(uint16_t h) {
@@ -441,6 +445,24 @@ static void permute_bf16(const at::Tensor& xc, int64_t Kp, uint16_t* xd) {
         }
 }
 
+// f(begin, end) over chunks of `chunk` rows of [0, N): each of at::get_num_threads() threads (at most
+// one per chunk) takes the chunks of its own contiguous share in order, then what is left of the
+// others' (as bf16_linear.cpp, where it is measured): a late thread no longer holds up the call.
+template <typename F>
+static void split_rows(int64_t N, int64_t chunk, const F& f) {
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1) return f(0, N);
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[threads]);  // next chunk of each share
+  for (int64_t t = 0; t < threads; ++t) next[t] = chunks * t / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t) {
+    for (int64_t i = 0; i < threads; ++i) {  // its own share first, then the others' leftovers
+      const int64_t t = (first + i) % threads, stop = chunks * (t + 1) / threads;
+      for (int64_t c; (c = next[t].fetch_add(1, std::memory_order_relaxed)) < stop;) f(c * chunk, std::min(N, (c + 1) * chunk));
+    }
+  });
+}
+
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale) {
   TORCH_CHECK(x_in.dim() == 2 && packed.dim() == 2 && x_in.size(1) == 2 * packed.size(1), "int4_linear: x [M, K] and packed [N, K / 2]");
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat, "int4_linear: x bfloat16 or float32");
@@ -473,7 +495,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   const Weights W{packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>()), K, G, ng, words, Kp};
   uint16_t* ob = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   float* of = bf16 ? nullptr : out.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+  split_rows(N, 64, [&](int64_t begin, int64_t end) {  // chunks of 64 rows: whole blocks
     // Blocks of rows so the fp32 sums for all M rows stay on the stack, then round once.
     constexpr int64_t kBlock = 64;
     float acc[16 * kBlock];

@@ -1,4 +1,4 @@
-"""Weight-only int8 linear for decoding on CPUs with AVX2 or AVX-512 (int8_linear.cpp).
+"""Weight-only int8 linear for decoding on CPUs with AVX2, AVX-512 or AVX512_VNNI (int8_linear.cpp).
 
 Decoding reads every weight once per token, so its speed is memory bandwidth: int8 weights with one
 fp32 scale per output row are half the bytes of bfloat16. Activations stay floating point (no
@@ -9,8 +9,11 @@ and rounds once to x's dtype, through the kernel when the call qualifies: CPU, x
 float32, at most MAX_ROWS rows, no autograd. Anything else, or a machine without AVX2/FMA or a
 compiler, dequantizes W and takes ATen's linear (see _fallback).
 
-The kernel picks its SIMD path (AVX-512 or AVX2) from the CPU at run time; NXD_INT8_KERNEL=avx2,
-read once per process, forces AVX2. `isa()` says which. It is a torch operator
+The kernel picks its SIMD path (avx512vnni, avx512 or avx2) from the CPU at run time;
+NXD_INT8_KERNEL=avx2 or avx512, read once per process, lowers it. `isa()` says which. On avx512vnni,
+bf16 x is split per block of 256 inputs into two int16 parts (vpdpwssd against the weights): every
+input within 2^22 of its block's largest is exact, a smaller one off by at most 2^-30 of that
+largest; fp32 x takes the avx512 path. It is a torch operator
 (nxd::int8_linear), so torch.compile keeps it as one call.
 """
 
@@ -66,7 +69,7 @@ def prepare() -> bool:
 
 
 def isa() -> str | None:
-    """The kernel's SIMD path in this process ("avx512" or "avx2"), or None where it is not prepared."""
+    """The kernel's SIMD path in this process ("avx512vnni", "avx512" or "avx2"), or None where it is not prepared."""
     return torch.ops.nxd.int8_linear_isa() if _extension is not None else None
 
 

@@ -5,14 +5,25 @@
 // are half the bytes of bf16. Activations stay floating point: each weight byte is widened to fp32
 // (sign-extend, convert) and meets x in an FMA, accumulated in fp32, scaled and rounded once.
 //
-// Two SIMD paths in one object: AVX2+FMA (the file's baseline flags) and AVX-512 (function-level
-// target attributes), chosen at run time from the CPU, never assumed. NXD_INT8_KERNEL=avx2 forces
-// the AVX2 path (read once per process) so it can be tested on an AVX-512 machine.
+// Three SIMD paths in one object, chosen at run time from the CPU, never assumed:
+//   avx2        AVX2+FMA (the file's baseline flags): bytes widened to fp32, 8-lane FMAs
+//   avx512      AVX-512F/BW/VL (function-level target attributes): the same with 16 lanes
+//   avx512vnni  AVX512_VNNI, bf16 x only: x as two int16 parts with a power-of-two scale per 256
+//               inputs, weights sign-extended to int16, vpdpwssd (accuracy: see the section); fp32
+//               x, or x holding a NaN or an infinity, takes the avx512 path
+// NXD_INT8_KERNEL=avx2 or avx512 (read once per process) lowers the path, so each can be tested on
+// one machine.
+//
+// Threads take chunks of 64 rows, their own share first, then others' leftovers (split_rows); never split K.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 
 static inline float bf16_to_float(uint16_t h) {
@@ -116,16 +127,156 @@ NXD_AVX512 static void dot_avx512(const int8_t* w, int64_t K, const float* x, fl
     }
 }
 
+// ---- AVX512_VNNI: bf16 x as two 16-bit integers per input, vpdpwssd -------------------------------
+//
+// Why: the fp32 paths spend 3 instructions on every 16 weights (sign-extend, convert, FMA) and top
+// out near 21-25 G weights/s per core with W in L2 (Zen 4), about what memory delivers to one core,
+// so two threads are compute-bound. Here x is turned once per call into int16 (quantize_x), the
+// weights are sign-extended to int16 (32 per instruction) and vpdpwssd sums 32 exact products into
+// 16 int32 lanes: per 256 weights 8 extends and 16 dot products (x's two parts), then per part one
+// convert and one FMA of the block's int32 sums into fp32 (L2-resident W [256, 2048], one core:
+// ~27 G weights/s with blocks of 128, against 21 on the avx512 path).
+//
+// Accuracy: per block of 256 inputs x = hi * 2^-s + lo * 2^-(s+15), hi and lo int16, with the
+// block's largest |x| * 2^s in [2^14, 2^15). bf16 has 8 significant bits, so hi alone holds every
+// input within 2^7 of the largest exactly, and hi + lo every input within 2^22; a smaller one is off
+// by at most 2^-30 of the largest (fp32's own rounding is 2^-24). Products and block sums are exact
+// integers (int32: at most 16 * 2 * 127 * 32767 per lane per block); each block's two sums become
+// fp32 once each, the same way for every row of x (row invariance). Only bf16 x takes this path, and only finite x (a NaN or an infinity
+// anywhere sends the call to the fp32 path, which propagates it).
+
+#define NXD_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+constexpr int64_t kQBlock = 256;  // inputs per scale of x
+
+// Rows longer than a page (K > 4096) prefetch the weights 4 KB ahead into L2, as int4_linear.cpp
+// does. Measured on one Zen 4 core (machine shared, best of 15 passes over 256 MB of copies, GB/s):
+// W [2048, 5632] 11.2-12.2 without, 15.8-16.4 with; W [2048, 2048] and [5632, 2048] (2 KB rows)
+// 16.6-20.5 without, 14.5-17.5 with, so shorter rows leave it to the hardware prefetcher.
+constexpr int64_t kPrefetch = 4096;
+
+// bf16 x [M, K] -> int16 xq [M][2][Kp] (hi then lo, zero-padded to whole blocks) and fp32 scales
+// [M, Kp / 256] (the value of one unit of hi); false where x holds a NaN or an infinity.
+NXD_AVX512VNNI static bool quantize_x(const uint16_t* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
+  const int64_t Kp = (K + kQBlock - 1) / kQBlock * kQBlock, Kb = Kp / kQBlock;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < Kb; ++b) {
+      const int64_t k0 = b * kQBlock;
+      __m512 v[kQBlock / 16];
+      __m512 mx = _mm512_setzero_ps();
+      __mmask16 bad = 0;
+      for (int j = 0; j < kQBlock / 16; ++j) {
+        const int64_t k = k0 + 16 * j, left = std::max<int64_t>(0, std::min<int64_t>(16, K - k));
+        const __mmask16 mask = left == 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+        const __m256i h = _mm256_maskz_loadu_epi16(mask, x + m * K + k);
+        bad |= _mm256_cmpge_epu16_mask(_mm256_and_si256(h, _mm256_set1_epi16(0x7fff)), _mm256_set1_epi16(0x7f80));
+        v[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v[j]));
+      }
+      if (bad) return false;
+      int e = 0;
+      std::frexp(_mm512_reduce_max_ps(mx), &e);  // largest < 2^e (e = 0 for a block of zeros)
+      // largest * 2^shift in [2^14, 2^15); 2^-shift stays a normal float, and lo's 2^-(shift+15) too
+      // except for blocks below 2^-96 (there lo loses its smallest bits: gradual underflow).
+      const int shift = std::min(15 - e, 126);
+      xs[m * Kb + b] = std::ldexp(1.0f, -shift);
+      // 2^shift in two steps (shift may exceed 127, the largest power of two in a float)
+      const __m512 up = _mm512_set1_ps(std::ldexp(1.0f, std::min(shift, 100))), up2 = _mm512_set1_ps(std::ldexp(1.0f, shift - std::min(shift, 100)));
+      const __m512 lo_up = _mm512_set1_ps(32768.0f);
+      for (int j = 0; j < kQBlock / 16; ++j) {
+        const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(v[j], up), up2);  // exact (a power of two)
+        const __m512 hi = _mm512_roundscale_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512i lo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(scaled, hi), lo_up));  // the rest, exact; rounded
+        int16_t* dst = xq + m * 2 * Kp + k0 + 16 * j;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(hi)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + Kp), _mm512_cvtepi32_epi16(lo));
+      }
+    }
+  return true;
+}
+
+// One weight row against MR rows of xq ([hi, lo] of 2 * Kp each): int32 sums per block and part,
+// converted once and scaled into fp32.
+template <int MR>
+NXD_AVX512VNNI static void dot_vnni(const int8_t* w, int64_t K, const int16_t* xq, int64_t Kp, const float* xs, float* out) {
+  const int64_t Kb = Kp / kQBlock;
+  __m512 tot[MR];
+  for (int m = 0; m < MR; ++m) tot[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < Kb; ++b) {
+    const int64_t k0 = b * kQBlock;
+    // One chain per part and row of x: the next block's chains start fresh, so they overlap this one's.
+    __m512i hi[MR], lo[MR];
+    for (int m = 0; m < MR; ++m) hi[m] = lo[m] = _mm512_setzero_si512();
+    const bool whole = k0 + kQBlock <= K;
+    if (K > kPrefetch)
+      for (int j = 0; j < kQBlock / 64; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + k0 + 64 * j + kPrefetch), _MM_HINT_T1);
+    for (int j = 0; j < kQBlock / 32 && k0 + 32 * j < K; ++j) {
+      __m512i wv;
+      if (whole) {
+        wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k0 + 32 * j)));
+      } else {  // the last block: weights beyond K read as 0 (x there is 0 too)
+        const int64_t left = std::min<int64_t>(32, K - k0 - 32 * j);
+        const __mmask32 mask = left == 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);
+        wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + k0 + 32 * j));
+      }
+      for (int m = 0; m < MR; ++m) {
+        const int16_t* xm = xq + m * 2 * Kp + k0 + 32 * j;
+        hi[m] = _mm512_dpwssd_epi32(hi[m], wv, _mm512_loadu_si512(xm));
+        lo[m] = _mm512_dpwssd_epi32(lo[m], wv, _mm512_loadu_si512(xm + Kp));
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      const float scale = xs[m * Kb + b];
+      tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[m]), _mm512_set1_ps(scale), tot[m]);
+      tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[m]), _mm512_set1_ps(scale * (1.0f / 32768.0f)), tot[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(tot[m]);
+}
+
+// Rows [0, nb) of W (already offset) against M rows of xq into acc[M][nb], 8 rows of x at a time.
+NXD_AVX512VNNI static void rows_range_vnni(const int8_t* w, int64_t K, const int16_t* xq, int64_t Kp, const float* xs, int64_t M,
+                                          int64_t nb, float* acc) {
+  const int64_t Kb = Kp / kQBlock;
+  float part[8];
+  for (int64_t n = 0; n < nb; ++n) {
+    const int8_t* row = w + n * K;
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) {
+      dot_vnni<8>(row, K, xq + m * 2 * Kp, Kp, xs + m * Kb, part);
+      for (int i = 0; i < 8; ++i) acc[(m + i) * nb + n] = part[i];
+    }
+    if (M - m >= 4) {
+      dot_vnni<4>(row, K, xq + m * 2 * Kp, Kp, xs + m * Kb, part);
+      for (int i = 0; i < 4; ++i) acc[(m + i) * nb + n] = part[i];
+      m += 4;
+    }
+    if (M - m >= 2) {
+      dot_vnni<2>(row, K, xq + m * 2 * Kp, Kp, xs + m * Kb, part);
+      for (int i = 0; i < 2; ++i) acc[(m + i) * nb + n] = part[i];
+      m += 2;
+    }
+    if (M - m == 1) {
+      dot_vnni<1>(row, K, xq + m * 2 * Kp, Kp, xs + m * Kb, part);
+      acc[m * nb + n] = part[0];
+    }
+  }
+}
+
 // ---- driver -----------------------------------------------------------------------------------
 
-enum Isa { kAvx2 = 0, kAvx512 = 1 };
+enum Isa { kAvx2 = 0, kAvx512 = 1, kAvx512Vnni = 2 };
+static const char* const kIsaNames[] = {"avx2", "avx512", "avx512vnni"};
 
 static Isa chosen_isa() {
   static const Isa isa = [] {
+    // __builtin_cpu_supports also checks that the OS saves the AVX-512 registers.
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    const Isa best = !avx512 ? kAvx2 : __builtin_cpu_supports("avx512vnni") ? kAvx512Vnni : kAvx512;
     const char* forced = std::getenv("NXD_INT8_KERNEL");
     if (forced && std::string(forced) == "avx2") return kAvx2;
-    // __builtin_cpu_supports also checks that the OS saves the AVX-512 registers.
-    return (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) ? kAvx512 : kAvx2;
+    if (forced && std::string(forced) == "avx512" && best >= kAvx512) return kAvx512;
+    return best;
   }();
   return isa;
 }
@@ -166,6 +317,24 @@ static void rows_range(const int8_t* w, int64_t K, const float* x, int64_t M, in
   if (n < nb) rows_tiles<AVX512, 1>(w, K, x, M, n, nb, acc);
 }
 
+// f(begin, end) over chunks of `chunk` rows of [0, N): each of at::get_num_threads() threads (at most
+// one per chunk) takes the chunks of its own contiguous share in order, then what is left of the
+// others' (as bf16_linear.cpp, where it is measured): a late thread no longer holds up the call.
+template <typename F>
+static void split_rows(int64_t N, int64_t chunk, const F& f) {
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1) return f(0, N);
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[threads]);  // next chunk of each share
+  for (int64_t t = 0; t < threads; ++t) next[t] = chunks * t / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t) {
+    for (int64_t i = 0; i < threads; ++i) {  // its own share first, then the others' leftovers
+      const int64_t t = (first + i) % threads, stop = chunks * (t + 1) / threads;
+      for (int64_t c; (c = next[t].fetch_add(1, std::memory_order_relaxed)) < stop;) f(c * chunk, std::min(N, (c + 1) * chunk));
+    }
+  });
+}
+
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "int8_linear: x [M, K] and w [N, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat, "int8_linear: x bfloat16 or float32");
@@ -175,22 +344,33 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   const at::Tensor sc = scale.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
-  // x widened to fp32 once (a few KB per row), in a tensor: 64-byte aligned, so no 64-byte load
-  // of x straddles two cache lines. fp32 x is used in place.
-  at::Tensor xw = bf16 ? at::empty({M, K}, xc.options().dtype(at::kFloat)) : xc;
-  if (bf16) {
+  // bf16 x on AVX512_VNNI: int16 per block (quantize_x); a NaN or infinity in x keeps the fp32 path.
+  const int64_t Kp = (K + kQBlock - 1) / kQBlock * kQBlock;
+  at::Tensor xq, xqs;
+  bool vnni = false;
+  if (bf16 && chosen_isa() == kAvx512Vnni) {
+    xq = at::empty({M, 2, Kp}, xc.options().dtype(at::kShort));
+    xqs = at::empty({M, Kp / kQBlock}, xc.options().dtype(at::kFloat));
+    vnni = quantize_x(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, xq.data_ptr<int16_t>(), xqs.data_ptr<float>());
+  }
+  const int16_t* xqp = vnni ? xq.data_ptr<int16_t>() : nullptr;
+  const float* xqsp = vnni ? xqs.data_ptr<float>() : nullptr;
+  // Otherwise x widened to fp32 once (a few KB per row), in a tensor: 64-byte aligned, so no 64-byte
+  // load of x straddles two cache lines. fp32 x is used in place.
+  at::Tensor xw = bf16 && !vnni ? at::empty({M, K}, xc.options().dtype(at::kFloat)) : xc;
+  if (bf16 && !vnni) {
     const uint16_t* xs = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
     float* xd = xw.data_ptr<float>();
     for (int64_t i = 0; i < M * K; ++i) xd[i] = bf16_to_float(xs[i]);
   }
-  const float* x = xw.data_ptr<float>();
+  const float* x = vnni ? nullptr : xw.data_ptr<float>();
   at::Tensor out = at::empty({M, N}, xc.options());
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   uint16_t* ob = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   float* of = bf16 ? nullptr : out.data_ptr<float>();
-  const bool avx512 = chosen_isa() == kAvx512;
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+  const bool avx512 = chosen_isa() >= kAvx512;
+  split_rows(N, 64, [&](int64_t begin, int64_t end) {  // chunks of 64 rows: whole blocks
     // Blocks of rows so the fp32 sums for all M rows stay on the stack, then scale and round once.
     constexpr int64_t kBlock = 64;
     float acc[16 * kBlock];
@@ -200,7 +380,8 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
       const int64_t n1 = std::min(end, n0 + kBlock), nb = n1 - n0;
       for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t mc = std::min(mb, M - m0);
-        if (avx512) rows_range<true>(wp + n0 * K, K, x + m0 * K, mc, nb, acc);
+        if (vnni) rows_range_vnni(wp + n0 * K, K, xqp + m0 * 2 * Kp, Kp, xqsp + m0 * (Kp / kQBlock), mc, nb, acc);
+        else if (avx512) rows_range<true>(wp + n0 * K, K, x + m0 * K, mc, nb, acc);
         else rows_range<false>(wp + n0 * K, K, x + m0 * K, mc, nb, acc);
         for (int64_t m = 0; m < mc; ++m)
           for (int64_t n = n0; n < n1; ++n) {
@@ -214,7 +395,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   return out;
 }
 
-std::string int8_linear_isa() { return chosen_isa() == kAvx512 ? "avx512" : "avx2"; }
+std::string int8_linear_isa() { return kIsaNames[chosen_isa()]; }
 
 // Registered with the dispatcher (not pybind): a call costs what any aten op costs. A fragment of
 // the nxd namespace, which bf16_linear.cpp defines.

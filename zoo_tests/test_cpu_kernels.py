@@ -100,10 +100,11 @@ def test_every_path_matches_f_linear_within_bf16_rounding(kernel_path, n, k):
         assert (ours.double() - F.linear(x, w).double()).abs().max() <= 2 * 2**-8 * scale
 
 
-@pytest.mark.parametrize("n, k", [(67, 31), (300, 4099)])
+@pytest.mark.parametrize("n, k", [(67, 31), (300, 4099), (1000, 2048)])
 def test_every_path_is_row_and_thread_invariant(kernel_path, n, k):
     """Row m of an M-row call is bit for bit a one-row call on that row, for every M, and the
-    result does not depend on how many threads split N."""
+    result does not depend on how many threads split N, nor on which thread takes which chunk of
+    rows (W [1000, 2048]: 16 chunks, taken in a different order from call to call)."""
     generator = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=generator).bfloat16()
     x = torch.randn(8, k, generator=generator).bfloat16()
@@ -118,6 +119,8 @@ def test_every_path_is_row_and_thread_invariant(kernel_path, n, k):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one_thread, single)
+    for _ in range(5):
+        assert torch.equal(torch.ops.nxd.bf16_linear(x, w), single)
 
 
 def test_the_dispatcher_picks_the_best_path_this_cpu_has():

@@ -51,19 +51,46 @@ def _sweep() -> list[str]:
 
 @needs_kernel
 def test_kernel_matches_reference_on_this_cpus_path():
-    assert int8_kernels.isa() in ("avx512", "avx2")
+    assert int8_kernels.isa() in ("avx512vnni", "avx512", "avx2")
     assert _sweep() == []
 
 
 @needs_kernel
-def test_avx2_path_matches_reference():
-    """NXD_INT8_KERNEL is read once per process: the AVX2 path runs in a child."""
+@pytest.mark.parametrize("path", ["avx2", "avx512"])
+def test_lower_paths_match_reference(path):
+    """NXD_INT8_KERNEL is read once per process: a lower path runs in a child."""
+    if path == "avx512" and int8_kernels.isa() not in ("avx512", "avx512vnni"):
+        pytest.skip("this CPU has no AVX-512")
     code = "import json; from nxd_core import int8_kernels as k; from zoo_tests import test_int8_kernel as t; k.prepare(); print(json.dumps([k.isa(), t._sweep()]))"
-    env = {**os.environ, "NXD_INT8_KERNEL": "avx2", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "NXD_INT8_KERNEL": path, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     isa, failures = json.loads(done.stdout.strip().splitlines()[-1])
-    assert isa == "avx2" and failures == []
+    assert isa == path and failures == []
+
+
+@needs_kernel
+def test_vnni_path_is_row_invariant_and_keeps_small_inputs_and_nans():
+    """On AVX512_VNNI, bf16 x becomes int16 parts per block of 256 inputs: a row of an M-row call is
+    bit for bit a one-row call; inputs 2^20 below their block's largest still count (exactly: hi + lo
+    parts); a NaN in one row of x gives NaN in that row only (the call takes the fp32 path)."""
+    if int8_kernels.isa() != "avx512vnni":
+        pytest.skip("this CPU has no AVX512_VNNI")
+    generator = torch.Generator().manual_seed(3)
+    q, scale = quantize_int8(torch.randn(70, 300, generator=generator))
+    x = torch.randn(8, 300, generator=generator).bfloat16()
+    single = torch.cat([torch.ops.nxd.int8_linear(x[m : m + 1], q, scale) for m in range(8)])
+    for rows in range(1, 9):
+        assert torch.equal(torch.ops.nxd.int8_linear(x[:rows], q, scale), single[:rows]), rows
+    tiny = torch.zeros(1, 300).bfloat16()
+    tiny[0, 0], tiny[0, 1] = 1.0, 2.0**-20  # one block: the second input only in lo
+    q0 = q.clone()
+    q0[:, 0] = 0  # the largest input meets zero weights: the output is the small input's alone
+    expected = (2.0**-20 * q0[:, 1].float() * scale).bfloat16()
+    assert expected.abs().min() > 0 and torch.equal(torch.ops.nxd.int8_linear(tiny, q0, scale)[0], expected)
+    x[3, 17] = float("nan")
+    out = torch.ops.nxd.int8_linear(x, q, scale)
+    assert out[3].isnan().all() and not out[torch.arange(8) != 3].isnan().any()
 
 
 @needs_kernel
