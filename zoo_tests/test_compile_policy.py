@@ -171,33 +171,94 @@ def test_a_corrupt_or_foreign_entry_is_ignored_with_a_warning_never_loaded(cache
     with pytest.warns(UserWarning, match="another key.*tp: 4 here, 2 wanted"):
         assert compile_cache.lookup(key) is None
     assert loaded == [b"artifacts"], "nothing but the sound entry was ever loaded"
+
+    # a precompiled step is checked the same way, per fingerprint of the arguments it was compiled for
+    compile_cache.store(key, precompiled=("fingerprint", b"compiled step"))
+    entry = compile_cache.lookup(key)
+    assert compile_cache.precompiled_bytes(entry, "fingerprint") == b"compiled step"
+    assert compile_cache.precompiled_bytes(entry, "another fingerprint") is None, "none for other arguments: no warning"
+    [precompiled] = path.glob("precompiled-*.bin")
+    precompiled.write_bytes(b"compiled step, truncated")
+    with pytest.warns(UserWarning, match="precompiled-.*does not match the checksum"):
+        assert compile_cache.precompiled_bytes(compile_cache.lookup(key), "fingerprint") is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert compile_cache.lookup(compile_cache.full_key({"step": "never compiled"})) is None, "no entry: no warning"
 
 
-def test_a_second_process_finds_the_compile_cache(checkpoint, tmp_path):
-    """Two processes, one cache folder: the first compiles and stores its entry, the second loads it
-    (shown by the worker's counters, not by timing)."""
-    env = {**os.environ, "NXD_CACHE_DIR": str(tmp_path / "nxd-cache")}
+def _compile_in_a_new_process(checkpoint, env) -> tuple[dict, str]:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "compile_twice.py"), str(checkpoint)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_a_second_process_loads_the_precompiled_step(checkpoint, tmp_path):
+    """Processes sharing one cache folder: the first compiles and stores its entry with the step compiled
+    ahead of time, the second loads that without tracing (shown by the worker's counters, not by
+    timing), with the eager tokens; a third, given a precompiled step torch cannot load (its checksum
+    matching), warns, compiles afresh and still decodes the same tokens."""
+    cache = tmp_path / "nxd-cache"
+    env = {**os.environ, "NXD_CACHE_DIR": str(cache)}
     # torch's own caches stay where the suite keeps them warm: what is tested is our entry
     compile_cache.use_persistent_torch_cache()
     env["TORCHINDUCTOR_CACHE_DIR"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    runs = []
-    for _ in range(2):
-        done = subprocess.run(
-            [sys.executable, str(SCRIPTS / "compile_twice.py"), str(checkpoint)], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stderr
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    first, second = runs
+    first, _ = _compile_in_a_new_process(checkpoint, env)
+    second, _ = _compile_in_a_new_process(checkpoint, env)
     assert first["compile_cache"] == "miss" and first["worker_counters"]["stored"] == 1
-    assert second["compile_cache"] == "hit" and second["worker_counters"]["hits"] == 1 and second["worker_counters"]["stored"] == 0
-    assert second["tokens"] == first["tokens"]
-    [entry] = list((tmp_path / "nxd-cache" / "compiled").glob("*/entry.json"))
-    info = json.loads(entry.read_text())["info"]
+    assert not first["compile_precompiled"] and first["worker_counters"]["precompiled"] == 0
+    assert second["compile_cache"] == "hit" and second["compile_precompiled"]
+    assert second["worker_counters"]["precompiled"] == 1 and second["worker_counters"]["hits"] == 1
+    assert second["worker_counters"]["stored"] == 0 and second["worker_counters"]["ignored"] == 0
+    assert first["tokens"] == first["eager_tokens"] and second["tokens"] == second["eager_tokens"] == first["tokens"]
+    assert len(set(first["tokens"][0])) > 2, "outputs must vary for the comparison to mean something"
+    [entry_file] = list((cache / "compiled").glob("*/entry.json"))
+    data = json.loads(entry_file.read_text())
+    info = data["info"]
     assert info["cold_seconds"] > 0 and info["warm_seconds"] > 0, "both compiles were timed"
     assert info["compiled_step_seconds"] > 0, "the compiled steps' time was learnt for the next decision"
+    [(fingerprint, sha)] = info["precompiled"].items()
+
+    # bytes that pass their checksum but that torch cannot load: ignored with a warning, never fatal
+    garbage = b"not a compiled function"
+    precompiled = entry_file.parent / f"precompiled-{sha[:16]}.bin"
+    precompiled.unlink()
+    sha = hashlib.sha256(garbage).hexdigest()
+    (entry_file.parent / f"precompiled-{sha[:16]}.bin").write_bytes(garbage)
+    info["precompiled"][fingerprint] = sha
+    entry_file.write_text(json.dumps(data))
+    third, stderr = _compile_in_a_new_process(checkpoint, env)
+    assert "torch cannot load its precompiled step" in stderr
+    assert third["worker_counters"]["ignored"] == 1 and third["worker_counters"]["precompiled"] == 0
+    assert not third["compile_precompiled"] and third["tokens"] == first["tokens"]
+    info = json.loads(entry_file.read_text())["info"]
+    assert info["precompiled"][fingerprint] != sha, "the step compiled afresh replaced the one torch could not load"
+
+
+def test_a_precompiled_step_is_chosen_by_what_it_was_compiled_for():
+    """dynamo's guards are not saved with a precompiled step: the fingerprint stands for them, and
+    changes with every shape, dtype, constant and weight layout the compiled code depends on."""
+    from nxd_core.precompile import fingerprint
+    from nxd_models.generation.worker.sampling import SamplingParams
+
+    model = torch.nn.Linear(4, 4)
+    args = (model, torch.zeros(1, 8, dtype=torch.long), torch.tensor([2]), 0, SamplingParams())
+    base = fingerprint(args)
+    assert base == fingerprint((torch.nn.Linear(4, 4), torch.ones(1, 8, dtype=torch.long), torch.tensor([7]), 0, SamplingParams()))
+    others = [
+        (model, torch.zeros(2, 8, dtype=torch.long), *args[2:]),  # batch
+        (model, torch.zeros(1, 8, dtype=torch.int32), *args[2:]),  # dtype
+        (*args[:2], torch.tensor([2, 3]), *args[3:]),  # two end-of-sequence ids
+        (*args[:3], 1, args[4]),  # another padding id
+        (*args[:4], SamplingParams(do_sample=True, temperature=0.5)),
+        (torch.nn.Linear(4, 6), *args[1:]),  # weights of another shape
+    ]
+    digests = {fingerprint(other) for other in others}
+    assert len(digests) == len(others) and base not in digests
+    assert fingerprint(args, collectives={"group": "1"}) != fingerprint(args, collectives={"group": "2"})
+    with torch.inference_mode():
+        assert fingerprint(args) != base, "inference mode is part of it"
 
 
 def test_speculative_rounds_compile_with_compile_none_once_these_workers_have_them(tp_runner, checkpoint):

@@ -23,8 +23,11 @@ from nxd_core import compile_cache
 # Measured on a 2-core VM (demo model, 20M and 1.1B layouts): cold 10-50 s; saves 0.15-0.35 ms per layer.
 COLD_SECONDS_BASE, COLD_SECONDS_PER_LAYER = 10.0, 1.5
 SAVED_PER_LAYER_STEP = 0.2e-3
-# A warm compile (the cache has the step) costs about this fraction of a cold one until measured.
+# A warm compile (the cache has the step) costs about this fraction of a cold one until measured:
+# torch.compile with warm caches still traces (a quarter); a precompiled step is only loaded
+# (measured 0.07-0.09 of the cold compile on a 2-core VM, demo model at tp=2).
 WARM_FRACTION = 0.25
+PRECOMPILED_WARM_FRACTION = 0.1
 # The eager step's time is trusted from a chunk of at least this many steps.
 MEASURED_STEPS = 16
 
@@ -87,7 +90,7 @@ class CompilePolicy:
         if info and "warm_seconds" in info:
             return info["warm_seconds"]
         if info and "cold_seconds" in info:
-            return WARM_FRACTION * info["cold_seconds"]
+            return (PRECOMPILED_WARM_FRACTION if info.get("precompiled") else WARM_FRACTION) * info["cold_seconds"]
         return self._cold_estimate()
 
     def _cold_estimate(self) -> float:
