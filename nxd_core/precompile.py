@@ -37,8 +37,8 @@ import torch
 
 
 def fingerprint(args: tuple, **extra) -> str:
-    """What a compiled call specialised on, as a digest: each tensor's shape, dtype and device, each
-    module's parameters' and buffers' shapes and dtypes, every other value as itself, plus `extra`
+    """What a compiled call specialised on, as a digest: each tensor's shape, strides, dtype and device,
+    the same of each module's parameters and buffers, every other value as itself, plus `extra`
     (grad mode, the process group...). Two calls with the same fingerprint run the same graph."""
     described = [_describe(a) for a in args]
     described.append({"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(), **extra})
@@ -47,10 +47,10 @@ def fingerprint(args: tuple, **extra) -> str:
 
 def _describe(value: Any):
     if isinstance(value, torch.Tensor):
-        return ["tensor", list(value.shape), str(value.dtype), str(value.device)]
+        return ["tensor", list(value.shape), list(value.stride()), str(value.dtype), str(value.device)]
     if isinstance(value, torch.nn.Module):
         tensors = [*value.named_parameters(), *value.named_buffers()]
-        return ["module", type(value).__qualname__, [[n, list(t.shape), str(t.dtype), str(t.device)] for n, t in tensors]]
+        return ["module", type(value).__qualname__, [[n, *_describe(t)[1:]] for n, t in tensors]]
     if dataclasses.is_dataclass(value):
         return ["dataclass", type(value).__qualname__, repr(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
