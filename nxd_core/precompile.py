@@ -37,7 +37,7 @@ import torch
 
 
 def fingerprint(args: tuple, **extra) -> str:
-    """What a compiled call specialised on, as a digest: each tensor's shape, strides, dtype and device,
+    """What a compiled call specialised on, as a digest: each tensor's shape, strides, offset, dtype and device,
     the same of each module's parameters and buffers, every other value as itself, plus `extra`
     (grad mode, the process group...). Two calls with the same fingerprint run the same graph."""
     described = [_describe(a) for a in args]
@@ -47,7 +47,7 @@ def fingerprint(args: tuple, **extra) -> str:
 
 def _describe(value: Any):
     if isinstance(value, torch.Tensor):
-        return ["tensor", list(value.shape), list(value.stride()), str(value.dtype), str(value.device)]
+        return ["tensor", list(value.shape), list(value.stride()), value.storage_offset(), str(value.dtype), str(value.device)]
     if isinstance(value, torch.nn.Module):
         tensors = [*value.named_parameters(), *value.named_buffers()]
         return ["module", type(value).__qualname__, [[n, *_describe(t)[1:]] for n, t in tensors]]

@@ -38,9 +38,14 @@ def cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def compiling_pays(monkeypatch, cache_dir):
-    """Make the policy's estimate of compiling free, so that compile=None switches at the first boundary
-    with an eager step measured over MEASURED_STEPS (after token 22 here): a switch in the middle."""
+    """Make the policy's estimate of compiling free and let it trust an eager chunk of any length, so
+    that compile=None switches at the second chunk boundary (after token 5): a switch in the middle.
+    (With chunks of MEASURED_STEPS, the boundary depends on how fast the machine decodes: a loaded
+    machine sized every chunk below 16 steps and never switched.)"""
+    from nxd_models.generation import generate
+
     monkeypatch.setattr(CompilePolicy, "compile_seconds", lambda self: 0.0)
+    monkeypatch.setattr(generate, "MEASURED_STEPS", 1)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -197,8 +202,9 @@ def _compile_in_a_new_process(checkpoint, env) -> tuple[dict, str]:
 def test_a_second_process_loads_the_precompiled_step(checkpoint, tmp_path):
     """Processes sharing one cache folder: the first compiles and stores its entry with the step compiled
     ahead of time, the second loads that without tracing (shown by the worker's counters, not by
-    timing), with the eager tokens; a third, given a precompiled step torch cannot load (its checksum
-    matching), warns, compiles afresh and still decodes the same tokens."""
+    timing), with the eager tokens, and so does a third with other weights of the same shapes; a
+    fourth, given a precompiled step torch cannot load (its checksum matching), warns, compiles
+    afresh and still decodes the same tokens."""
     cache = tmp_path / "nxd-cache"
     env = {**os.environ, "NXD_CACHE_DIR": str(cache)}
     # torch's own caches stay where the suite keeps them warm: what is tested is our entry
@@ -219,6 +225,17 @@ def test_a_second_process_loads_the_precompiled_step(checkpoint, tmp_path):
     assert info["cold_seconds"] > 0 and info["warm_seconds"] > 0, "both compiles were timed"
     assert info["compiled_step_seconds"] > 0, "the compiled steps' time was learnt for the next decision"
     [(fingerprint, sha)] = info["precompiled"].items()
+
+    # the weights are read from the model on each call, never kept in the precompiled step: a checkpoint
+    # of the same config with other weights loads the same step and decodes its own tokens
+    other_weights = tmp_path / "other-weights"
+    save_tiny_llama(other_weights, "gqa", seed=1, initializer_range=0.2)
+    other, _ = _compile_in_a_new_process(other_weights, env)
+    assert other["compile_cache"] == "hit" and other["compile_precompiled"]
+    assert other["tokens"] == other["eager_tokens"] != first["tokens"]
+    data = json.loads(entry_file.read_text())
+    info = data["info"]
+    assert info["precompiled"] == {fingerprint: sha}, "the same step served both checkpoints"
 
     # bytes that pass their checksum but that torch cannot load: ignored with a warning, never fatal
     garbage = b"not a compiled function"
