@@ -5,9 +5,9 @@ Two layers:
   under our cache directory instead of /tmp (`use_persistent_torch_cache`), so they outlive a reboot.
 - One entry per compiled step and key: `entry.json` (the whole key, the artifacts' checksums, how long
   compiling took cold and warm, the step's time eager and compiled), `artifacts-<sha>.bin`, torch's
-  "mega-cache" bytes (`torch.compiler.save_cache_artifacts`), and `precompiled-<sha>.bin`, the step
-  compiled ahead of time (nxd_core.precompile), one per fingerprint of the arguments it was
-  compiled for. A process that finds a precompiled step for its fingerprint loads it and skips
+  "mega-cache" bytes (`torch.compiler.save_cache_artifacts`), and `precompiled-<sha>.pt2` (or `.bin`),
+  the step compiled ahead of time by AOTInductor (or torch's precompile: nxd_core.precompile), one
+  per fingerprint of the arguments it was compiled for. A process that finds a precompiled step for its fingerprint loads it and skips
   tracing (a fraction of a second); else it loads the mega-cache bytes into torch's caches before
   compiling, so inductor and AOTAutograd hit (seconds: dynamo still traces).
 
@@ -51,6 +51,8 @@ counters = {"hits": 0, "misses": 0, "stored": 0, "ignored": 0, "precompiled": 0}
 # At most this many precompiled steps per entry (one per fingerprint: eos ids, padding, sampling
 # parameters); the oldest goes.
 MAX_PRECOMPILED = 4
+# The kinds of precompiled step (nxd_core.precompile) and their files' suffixes.
+PRECOMPILED_KINDS = {"aoti": "pt2", "dynamo": "bin"}
 
 
 def cache_root() -> Path:
@@ -148,9 +150,9 @@ def load_artifacts(entry: Entry) -> bool:
     return True
 
 
-def store(key: dict, precompiled: tuple[str, bytes] | None = None, **info) -> None:
+def store(key: dict, precompiled: tuple[str, str, bytes] | None = None, **info) -> None:
     """Save what this process has compiled so far (torch's mega-cache) as the key's entry, with info,
-    and precompiled = (fingerprint, bytes) of the step compiled ahead of time, if any.
+    and precompiled = (fingerprint, kind, bytes) of the step compiled ahead of time, if any.
     The files are written first, under their checksum's name, and entry.json last, replaced
     atomically: a reader sees the old entry or the new one, never half of one, even with two writers."""
     import torch
@@ -169,9 +171,9 @@ def store(key: dict, precompiled: tuple[str, bytes] | None = None, **info) -> No
     counters["stored"] += 1
 
 
-def record(entry: Entry, precompiled: tuple[str, bytes] | None = None, **info) -> None:
-    """Add timings to an existing entry, and a precompiled step (fingerprint, bytes) if given (the
-    other files stay as they are)."""
+def record(entry: Entry, precompiled: tuple[str, str, bytes] | None = None, **info) -> None:
+    """Add timings to an existing entry, and a precompiled step (fingerprint, kind, bytes) if given
+    (the other files stay as they are)."""
     entry.info.update(info)
     if precompiled is not None:
         _add_precompiled(entry.path, entry.info, *precompiled)
@@ -179,29 +181,34 @@ def record(entry: Entry, precompiled: tuple[str, bytes] | None = None, **info) -
     write_json_atomically(path, {"key": entry.key, "info": entry.info}, tmp=entry.path / f".{ENTRY}.{os.getpid()}.tmp")
 
 
-def precompiled_bytes(entry: Entry, fingerprint: str) -> bytes | None:
-    """The entry's precompiled step for this fingerprint, checked against its checksum; None where
-    there is none, or (warned, counted as ignored) where its file is missing or altered."""
-    sha = (entry.info.get("precompiled") or {}).get(fingerprint)
-    if not isinstance(sha, str):
+def precompiled(entry: Entry, fingerprint: str) -> tuple[str, Path] | None:
+    """The entry's precompiled step for this fingerprint: (its kind, "aoti" or "dynamo", and its file),
+    checked against its checksum; None where there is none, or (warned, counted as ignored) where
+    its file is missing or altered."""
+    known = (entry.info.get("precompiled") or {}).get(fingerprint)
+    if not isinstance(known, dict) or not isinstance(known.get("sha256"), str) or known.get("kind") not in PRECOMPILED_KINDS:
         return None
-    name = _precompiled_name(sha)
+    path = entry.path / precompiled_name(known["kind"], known["sha256"])
     try:
-        blob = (entry.path / name).read_bytes()
+        blob = path.read_bytes()
     except OSError as error:
-        _ignore(entry.path, f"its {name} cannot be read ({error})")
+        _ignore(entry.path, f"its {path.name} cannot be read ({error})")
         return None
-    if hashlib.sha256(blob).hexdigest() != sha:
-        _ignore(entry.path, f"its {name} does not match the checksum in {ENTRY} (truncated or altered)")
+    if hashlib.sha256(blob).hexdigest() != known["sha256"]:
+        _ignore(entry.path, f"its {path.name} does not match the checksum in {ENTRY} (truncated or altered)")
         return None
-    return blob
+    return known["kind"], path
 
 
 def precompiled_failed(entry: Entry, fingerprint: str, error: BaseException) -> None:
     """torch could not load the entry's precompiled step (its checksum matched): warn, count it as
     ignored, and forget it in the entry so that the next process compiles it afresh."""
     _ignore(entry.path, f"torch cannot load its precompiled step ({type(error).__name__}: {error})")
-    entry.info.get("precompiled", {}).pop(fingerprint, None)
+    (entry.info.get("precompiled") or {}).pop(fingerprint, None)
+
+
+def precompiled_name(kind: str, sha: str) -> str:
+    return f"precompiled-{sha[:16]}.{PRECOMPILED_KINDS[kind]}"
 
 
 def _write_blob(path: Path, blob: bytes, name) -> str:
@@ -212,15 +219,15 @@ def _write_blob(path: Path, blob: bytes, name) -> str:
     return sha
 
 
-def _add_precompiled(path: Path, info: dict, fingerprint: str, blob: bytes) -> None:
-    """Write the bytes and name them in info["precompiled"] (fingerprint -> checksum, newest last)."""
-    sha = _write_blob(path, blob, _precompiled_name)
-    known = {k: v for k, v in (info.get("precompiled") or {}).items() if k != fingerprint}
-    known[fingerprint] = sha
+def _add_precompiled(path: Path, info: dict, fingerprint: str, kind: str, blob: bytes) -> None:
+    """Write the bytes and name them in info["precompiled"] (fingerprint -> kind and checksum, newest last)."""
+    sha = _write_blob(path, blob, lambda sha: precompiled_name(kind, sha))
+    known = {k: v for k, v in (info.get("precompiled") or {}).items() if k != fingerprint and isinstance(v, dict)}
+    known[fingerprint] = {"kind": kind, "sha256": sha}
     for old in list(known)[: max(0, len(known) - MAX_PRECOMPILED)]:
         gone = known.pop(old)
-        if gone not in known.values():
-            (path / _precompiled_name(gone)).unlink(missing_ok=True)
+        if gone["sha256"] not in {v["sha256"] for v in known.values()} and gone.get("kind") in PRECOMPILED_KINDS:
+            (path / precompiled_name(gone["kind"], gone["sha256"])).unlink(missing_ok=True)
     info["precompiled"] = known
 
 
@@ -238,10 +245,6 @@ def entries() -> list[Entry]:
 
 def _artifacts_name(sha: str) -> str:
     return f"artifacts-{sha[:16]}.bin"
-
-
-def _precompiled_name(sha: str) -> str:
-    return f"precompiled-{sha[:16]}.bin"
 
 
 def _ignore(path: Path, why: str) -> None:

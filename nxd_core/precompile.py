@@ -1,15 +1,22 @@
-"""A function compiled ahead of time: traced once, saved as bytes, loaded by a later process without tracing.
+"""A function compiled ahead of time: compiled once, saved as bytes, loaded by a later process without tracing.
 
 torch.compile in a new process re-runs dynamo's bytecode tracing (seconds for a decode step) even
-when inductor's caches hold every kernel. torch's precompile (`torch.compile(fn, fullgraph=True)
-.aot_compile(example)`, `save_compiled_function`, `torch.compiler.load_compiled_function`) keeps
-dynamo's output too, so loading skips tracing and goes straight to inductor's compiled code.
+when inductor's caches hold every kernel. Two ways to keep the compiled step, in the order tried:
 
-EXPERIMENTAL: that API is marked experimental in torch 2.13 ("subject to change"), and what this module
-does around it reaches into private parts of torch (torch._inductor.cpu_vec_isa). Every use is
-fenced: a failure to compile, save or load ahead of time is reported to the caller, which falls back
-to plain torch.compile. The cache key pins torch's version (compile_cache.full_key), so a torch
-that changes the format gets new entries, never old bytes.
+- "aoti": AOTInductor (`torch.export` + `torch._inductor.aoti_compile_and_package`): the step as a C++
+  package; loading it (`aoti_load_package`) opens a shared library and imports no compiler module:
+  milliseconds. The model's weights and KV cache are handed to it as user-managed constants.
+- "dynamo": torch's precompile (`torch.compile(fn, fullgraph=True).aot_compile(example)`,
+  `torch.compiler.load_compiled_function`) keeps dynamo's output, so loading skips tracing; but
+  running inductor's Python wrapper imports inductor's modules (about a second of CPU).
+
+EXPERIMENTAL: both APIs are young in torch 2.13 (precompile is marked "experimental, subject to
+change"; AOTInductor's package format and `always_keep_tensor_constants` are inductor internals),
+and what this module does around them reaches into private parts of torch
+(torch._inductor.cpu_vec_isa). Every use is fenced: a failure to compile, save or load ahead of time
+is reported to the caller, which falls back to the next way and then to plain torch.compile. The
+cache key pins torch's version (compile_cache.full_key), so a torch that changes a format gets new
+entries, never old bytes.
 
 What the artifact holds and what it does not:
 - `fn` takes the model as an argument (a module-level function, not a bound method or a partial):
@@ -30,6 +37,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -120,3 +129,78 @@ def _candidate_isas() -> list[str]:
 
     flags = cpu_vec_isa.x86_isa_checker()
     return [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+
+
+# -- AOTInductor: the step as a C++ package, loaded without importing the compiler ---------------
+
+
+class _Step(torch.nn.Module):
+    """fn(model, *args) as a module for torch.export: the model's parameters and buffers become the
+    package's constants (given back at load, never stored: `PackagedStep`), the tensors are its
+    inputs, and every other argument (padding id, sampling parameters) is a constant of the graph."""
+
+    def __init__(self, fn: Callable, model: torch.nn.Module, args: tuple):
+        super().__init__()
+        self.fn, self.model = fn, model
+        self.is_tensor = [isinstance(a, torch.Tensor) for a in args]
+        self.constants = [None if t else a for a, t in zip(args, self.is_tensor)]
+
+    def forward(self, *tensors):
+        given = iter(tensors)
+        return self.fn(self.model, *(next(given) if t else c for t, c in zip(self.is_tensor, self.constants)))
+
+
+def compile_package(fn: Callable, args: tuple) -> bytes:
+    """fn(model, *rest) = fn(*args) exported and compiled by AOTInductor into a package (.pt2 bytes)
+    that holds no weights: `load_package` runs it on any model of the same shapes. Raises whatever
+    torch raises (a model torch.export cannot trace, a compiler error)."""
+    model, rest = args[0], args[1:]
+    step = _Step(fn, model, rest)
+    exported = torch.export.export(step, tuple(a for a in rest if isinstance(a, torch.Tensor)), strict=False)
+    options = {
+        # the weights and the KV cache are the caller's, given at load (user-managed: no copy)
+        "aot_inductor.package_constants_in_so": False,
+        # and none of their values may end up in the code: inductor inlines buffers of up to 8
+        # elements (ParallelEmbedding's vocabulary range: rank 0's range in rank 1's package)
+        "always_keep_tensor_constants": True,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        path = torch._inductor.aoti_compile_and_package(exported, package_path=os.path.join(folder, "step.pt2"), inductor_configs=options)
+        with open(path, "rb") as file:
+            return file.read()
+
+
+class PackagedStep:
+    """A package from `compile_package`, called as fn(model, *args) was. The model's tensors are
+    handed to the package's runner as its constants (user-managed: the runner reads and writes them
+    in place, the KV cache included) before the first call with a model, and again whenever another
+    model (or the same model's re-allocated tensors) comes."""
+
+    def __init__(self, path: str):
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        # torch's loader (the C++ runner: no compiler module imported), without the compatibility
+        # check aoti_load_package adds: it probes the CPU's vector ISAs in subprocesses (seconds
+        # under load) only to warn on a mismatch, which the cache key (CPU features, torch) rules out.
+        # Private names (torch._C._aoti, pt2_archive._package): fenced by the caller's fallback.
+        self.runner = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1))
+        self.names = self.runner.get_constant_fqns()
+        self.bound: list[int] | None = None
+
+    def __call__(self, model, *args):
+        self._bind(model)
+        out = self.runner(*(a for a in args if isinstance(a, torch.Tensor)))
+        return tuple(out) if isinstance(out, list) else out
+
+    def _bind(self, model) -> None:
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        tensors = {f"model.{name}": t for name, t in named}
+        chosen = {name: tensors[name] for name in self.names}  # a KeyError: another model than compiled for
+        identity = [t.data_ptr() for t in chosen.values()]
+        if identity != self.bound:
+            self.runner.load_constants(chosen, check_full_update=True, user_managed=True)
+            self.bound = identity
+
+
+def load_package(path: str) -> PackagedStep:
+    return PackagedStep(path)

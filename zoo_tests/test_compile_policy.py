@@ -178,14 +178,14 @@ def test_a_corrupt_or_foreign_entry_is_ignored_with_a_warning_never_loaded(cache
     assert loaded == [b"artifacts"], "nothing but the sound entry was ever loaded"
 
     # a precompiled step is checked the same way, per fingerprint of the arguments it was compiled for
-    compile_cache.store(key, precompiled=("fingerprint", b"compiled step"))
+    compile_cache.store(key, precompiled=("fingerprint", "aoti", b"compiled step"))
     entry = compile_cache.lookup(key)
-    assert compile_cache.precompiled_bytes(entry, "fingerprint") == b"compiled step"
-    assert compile_cache.precompiled_bytes(entry, "another fingerprint") is None, "none for other arguments: no warning"
-    [precompiled] = path.glob("precompiled-*.bin")
-    precompiled.write_bytes(b"compiled step, truncated")
+    kind, file = compile_cache.precompiled(entry, "fingerprint")
+    assert kind == "aoti" and file.suffix == ".pt2" and file.read_bytes() == b"compiled step"
+    assert compile_cache.precompiled(entry, "another fingerprint") is None, "none for other arguments: no warning"
+    file.write_bytes(b"compiled step, truncated")
     with pytest.warns(UserWarning, match="precompiled-.*does not match the checksum"):
-        assert compile_cache.precompiled_bytes(compile_cache.lookup(key), "fingerprint") is None
+        assert compile_cache.precompiled(compile_cache.lookup(key), "fingerprint") is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert compile_cache.lookup(compile_cache.full_key({"step": "never compiled"})) is None, "no entry: no warning"
@@ -224,7 +224,8 @@ def test_a_second_process_loads_the_precompiled_step(checkpoint, tmp_path):
     info = data["info"]
     assert info["cold_seconds"] > 0 and info["warm_seconds"] > 0, "both compiles were timed"
     assert info["compiled_step_seconds"] > 0, "the compiled steps' time was learnt for the next decision"
-    [(fingerprint, sha)] = info["precompiled"].items()
+    [(fingerprint, known)] = info["precompiled"].items()
+    assert known["kind"] == "aoti", "the tiny Llama's step is an AOTInductor package (no compiler imported to load it)"
 
     # the weights are read from the model on each call, never kept in the precompiled step: a checkpoint
     # of the same config with other weights loads the same step and decodes its own tokens
@@ -235,22 +236,21 @@ def test_a_second_process_loads_the_precompiled_step(checkpoint, tmp_path):
     assert other["tokens"] == other["eager_tokens"] != first["tokens"]
     data = json.loads(entry_file.read_text())
     info = data["info"]
-    assert info["precompiled"] == {fingerprint: sha}, "the same step served both checkpoints"
+    assert info["precompiled"] == {fingerprint: known}, "the same step served both checkpoints"
 
     # bytes that pass their checksum but that torch cannot load: ignored with a warning, never fatal
     garbage = b"not a compiled function"
-    precompiled = entry_file.parent / f"precompiled-{sha[:16]}.bin"
-    precompiled.unlink()
+    (entry_file.parent / compile_cache.precompiled_name("aoti", known["sha256"])).unlink()
     sha = hashlib.sha256(garbage).hexdigest()
-    (entry_file.parent / f"precompiled-{sha[:16]}.bin").write_bytes(garbage)
-    info["precompiled"][fingerprint] = sha
+    (entry_file.parent / compile_cache.precompiled_name("aoti", sha)).write_bytes(garbage)
+    info["precompiled"][fingerprint] = {"kind": "aoti", "sha256": sha}
     entry_file.write_text(json.dumps(data))
     third, stderr = _compile_in_a_new_process(checkpoint, env)
     assert "torch cannot load its precompiled step" in stderr
     assert third["worker_counters"]["ignored"] == 1 and third["worker_counters"]["precompiled"] == 0
     assert not third["compile_precompiled"] and third["tokens"] == first["tokens"]
     info = json.loads(entry_file.read_text())["info"]
-    assert info["precompiled"][fingerprint] != sha, "the step compiled afresh replaced the one torch could not load"
+    assert info["precompiled"][fingerprint]["sha256"] != sha, "the step compiled afresh replaced the one torch could not load"
 
 
 def test_a_precompiled_step_is_chosen_by_what_it_was_compiled_for():

@@ -28,6 +28,9 @@ SAVED_PER_LAYER_STEP = 0.2e-3
 # (measured 0.07-0.09 of the cold compile on a 2-core VM, demo model at tp=2).
 WARM_FRACTION = 0.25
 PRECOMPILED_WARM_FRACTION = 0.1
+# An AOTInductor package loads in milliseconds (timed when it is compiled); the first step in a new
+# process and the switch's round trip come on top (measured under 0.1 s).
+PACKAGE_LOAD_MARGIN = 0.1
 # The eager step's time is trusted from a chunk of at least this many steps.
 MEASURED_STEPS = 16
 
@@ -89,6 +92,8 @@ class CompilePolicy:
         info = self.entry.info if self.entry is not None and self.entry.has_artifacts else None
         if info and "warm_seconds" in info:
             return info["warm_seconds"]
+        if info and "package_load_seconds" in info:  # an AOTInductor package, whose load was timed when compiled
+            return PACKAGE_LOAD_MARGIN + info["package_load_seconds"]
         if info and "cold_seconds" in info:
             return (PRECOMPILED_WARM_FRACTION if info.get("precompiled") else WARM_FRACTION) * info["cold_seconds"]
         return self._cold_estimate()

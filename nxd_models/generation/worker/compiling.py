@@ -7,15 +7,17 @@ keeps what it learnt in the entry.
 
 The step is compiled ahead of time (nxd_core.precompile) on its first call, for that call's
 arguments: a process that finds the step precompiled for the same fingerprint in the entry loads it
-without tracing (a fraction of a second, against seconds for torch.compile with warm caches);
-otherwise it loads the entry's mega-cache artifacts into torch's caches, compiles, and keeps the
-precompiled step in the entry for the next process. Where torch cannot compile the step ahead of time
-(a graph break, an error in torch's experimental API) it falls back to plain torch.compile, warned once.
+without tracing (milliseconds for an AOTInductor package, about a second for torch's precompile,
+against seconds for torch.compile with warm caches); otherwise it loads the entry's mega-cache
+artifacts into torch's caches, compiles, and keeps the precompiled step in the entry for the next
+process. Where AOTInductor cannot compile the step (torch.export fails on the model, a compiler
+error) it tries torch's precompile, then plain torch.compile, warned once each.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -32,7 +34,7 @@ _compiled_here: set[str] = set()
 # Steps compiled (or loaded) ahead of time in this process, by (entry, fingerprint): they take the
 # model as an argument, so every model of the same key and shapes shares them.
 _ahead: dict[tuple[str, str], Callable] = {}
-_warned_fallback = False
+_warned: set[tuple[str, str]] = set()  # (step, what failed) warned about in this process
 
 
 class AheadOfTime:
@@ -44,7 +46,8 @@ class AheadOfTime:
         self.name, self.entry = name, entry
         self.outcome: str | None = None
         self.artifacts_loaded = False
-        self.new: tuple[str, bytes] | None = None  # (fingerprint, bytes) compiled here, for the entry
+        self.load_seconds: float | None = None  # loading the package compiled here (the next process's warm cost)
+        self.new: tuple[str, str, bytes] | None = None  # (fingerprint, kind, bytes) compiled here, for the entry
 
     def step(self, fn: Callable) -> Callable:
         """fn(model, *args) compiled on its first call; fn must be a module-level function of the model."""
@@ -65,11 +68,15 @@ class AheadOfTime:
             self.outcome = "memory"
             return known
         if self.entry is not None:
-            blob = compile_cache.precompiled_bytes(self.entry, fingerprint)
-            if blob is not None:
+            found = compile_cache.precompiled(self.entry, fingerprint)
+            if found is not None:
+                kind, path = found
                 try:
-                    loaded = precompile.load(blob, self.entry.info.get("vector_isas"))
-                except Exception as error:  # torch's experimental format: never fail a generation over it
+                    if kind == "aoti":
+                        loaded = precompile.load_package(str(path))
+                    else:
+                        loaded = precompile.load(path.read_bytes(), self.entry.info.get("vector_isas"))
+                except Exception as error:  # torch's young formats: never fail a generation over them
                     compile_cache.precompiled_failed(self.entry, fingerprint, error)
                 else:
                     compile_cache.counters["hits"] += 1
@@ -79,17 +86,35 @@ class AheadOfTime:
                     return loaded
             self.artifacts_loaded = compile_cache.load_artifacts(self.entry)
         self.outcome = "compiled"
+        compiled = self._compile_new(fn, args, fingerprint)
+        _ahead[(self.name, fingerprint)] = compiled
+        return compiled
+
+    def _compile_new(self, fn: Callable, args: tuple, fingerprint: str) -> Callable:
+        """AOTInductor, else torch's precompile, else torch.compile; self.new: what the entry keeps."""
+        try:
+            blob = precompile.compile_package(fn, args)
+            with tempfile.TemporaryDirectory() as folder:  # the loader unpacks the package elsewhere
+                path = os.path.join(folder, "step.pt2")
+                with open(path, "wb") as file:
+                    file.write(blob)
+                began = time.perf_counter()
+                compiled = precompile.load_package(path)
+                self.load_seconds = time.perf_counter() - began  # what the next process will pay, about
+        except Exception as error:
+            _warn_fallback(fn, "compiled by AOTInductor", "trying torch's precompile", error)
+        else:
+            self.new = (fingerprint, "aoti", blob)
+            return compiled
         try:
             compiled = precompile.compile_ahead(fn, args)
         except Exception as error:
-            _warn_fallback(fn, error)
-            compiled = _plain_compile(fn)
-        else:
-            try:
-                self.new = (fingerprint, precompile.save(compiled))
-            except Exception as error:
-                _warn_fallback(fn, error)
-        _ahead[(self.name, fingerprint)] = compiled
+            _warn_fallback(fn, "precompiled", "using torch.compile, which traces it again in every new process", error)
+            return _plain_compile(fn)
+        try:
+            self.new = (fingerprint, "dynamo", precompile.save(compiled))
+        except Exception as error:
+            _warn_fallback(fn, "saved precompiled", "it will be compiled again in the next process", error)
         return compiled
 
 
@@ -100,15 +125,10 @@ def _plain_compile(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
-def _warn_fallback(fn: Callable, error: Exception) -> None:
-    global _warned_fallback
-    if not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn(
-            f"nxd-zoo: {fn.__qualname__} could not be compiled ahead of time ({type(error).__name__}: {error}); "
-            "using torch.compile, which traces it again in every new process",
-            stacklevel=3,
-        )
+def _warn_fallback(fn: Callable, what: str, instead: str, error: Exception) -> None:
+    if (fn.__qualname__, what) not in _warned:
+        _warned.add((fn.__qualname__, what))
+        warnings.warn(f"nxd-zoo: {fn.__qualname__} could not be {what} ({type(error).__name__}: {error}); {instead}", stacklevel=3)
 
 
 def _collectives() -> dict | None:
@@ -160,7 +180,10 @@ def switch_to_compiled(fields: dict, switch: Callable[[AheadOfTime], None], firs
         elif source == "miss":
             timings = {k: v for k, v in (entry.info if entry else {}).items() if k.endswith("step_seconds")}
             isas = precompile.probed_vector_isas()
-            compile_cache.store(key, cold_seconds=seconds, precompiled=ahead.new, **timings, **({"vector_isas": isas} if isas else {}))
+            learnt = {"vector_isas": isas} if isas else {}
+            if ahead.load_seconds is not None:
+                learnt["package_load_seconds"] = ahead.load_seconds
+            compile_cache.store(key, cold_seconds=seconds, precompiled=ahead.new, **timings, **learnt)
         elif ahead.new is not None and entry is not None:  # this process compiled another fingerprint
             compile_cache.record(entry, precompiled=ahead.new)
     # the CPU time this process spent too: on a shared machine, wall time also counts other jobs
