@@ -31,6 +31,11 @@ PRECOMPILED_WARM_FRACTION = 0.1
 # An AOTInductor package loads in milliseconds (timed when it is compiled); the first step in a new
 # process and the switch's round trip come on top (measured under 0.1 s).
 PACKAGE_LOAD_MARGIN = 0.1
+# A switch must save more than this many times its estimated cost, plus SWITCH_SECONDS (the switch's
+# round trip, the first compiled step): a precompiled step loads in a tenth of a second, about what a
+# 96-token run of the demo model could save, so an estimate off by a little would make a short run
+# slower than eager; the margin costs a long run at most a few tenths of a second of saving.
+SWITCH_MARGIN, SWITCH_SECONDS = 1.5, 0.05
 # The eager step's time is trusted from a chunk of at least this many steps.
 MEASURED_STEPS = 16
 
@@ -133,7 +138,10 @@ class CompilePolicy:
         remaining = self.max_new_tokens - produced
         if remaining < 2:
             return False
-        if remaining * self.saved_per_step(eager_step) > self.compile_seconds():
+        cost = self.compile_seconds()
+        if cost > 0:  # a compile or a load to come: its estimate with a margin (see SWITCH_MARGIN)
+            cost = SWITCH_MARGIN * cost + SWITCH_SECONDS
+        if remaining * self.saved_per_step(eager_step) > cost:
             self.switched = True
             return True
         return False
@@ -144,7 +152,7 @@ class CompilePolicy:
         if self.in_workers:
             return f"nxd-zoo: switching to {what}, compiled in these workers already"
         if self.entry is not None and self.entry.has_artifacts:
-            return f"nxd-zoo: loading {what} from this machine's compile cache: ~{self.compile_seconds():.0f} s"
+            return f"nxd-zoo: loading {what} from this machine's compile cache: ~{_seconds(self.compile_seconds())}"
         return (
             f"nxd-zoo: compiling {what}, once per machine: ~{self.compile_seconds():.0f} s, kept in {compile_cache.cache_root()} "
             "(as the C++ kernels' builds are kept in torch's extension cache)"
@@ -156,3 +164,7 @@ class CompilePolicy:
 
         if not (dist.is_initialized() and dist.get_rank() != 0):
             print(self.notice(), file=sys.stderr, flush=True)
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
