@@ -39,6 +39,7 @@ import io
 import json
 import os
 import tempfile
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -173,8 +174,9 @@ def compile_package(fn: Callable, args: tuple) -> bytes:
 class PackagedStep:
     """A package from `compile_package`, called as fn(model, *args) was. The model's tensors are
     handed to the package's runner as its constants (user-managed: the runner reads and writes them
-    in place, the KV cache included) before the first call with a model, and again whenever another
-    model (or the same model's re-allocated tensors) comes."""
+    in place, the KV cache included, and keeps no reference to them) by `bind`: the caller binds at
+    each session's first call (the model's tensors may have been re-allocated since), and a call
+    with another model than the last bound one binds that one first (one identity check per call)."""
 
     def __init__(self, path: str):
         from torch.export.pt2_archive._package import AOTICompiledModel
@@ -185,21 +187,24 @@ class PackagedStep:
         # Private names (torch._C._aoti, pt2_archive._package): fenced by the caller's fallback.
         self.runner = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1))
         self.names = self.runner.get_constant_fqns()
-        self.bound: list[int] | None = None
+        self.bound: list[int] | None = None  # the bound tensors' addresses
+        self.model = lambda: None  # a weak reference to the bound model: the cache of steps must not keep it alive
 
-    def __call__(self, model, *args):
-        self._bind(model)
-        out = self.runner(*(a for a in args if isinstance(a, torch.Tensor)))
-        return tuple(out) if isinstance(out, list) else out
-
-    def _bind(self, model) -> None:
+    def bind(self, model) -> None:
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         tensors = {f"model.{name}": t for name, t in named}
         chosen = {name: tensors[name] for name in self.names}  # a KeyError: another model than compiled for
-        identity = [t.data_ptr() for t in chosen.values()]
-        if identity != self.bound:
+        addresses = [t.data_ptr() for t in chosen.values()]
+        if addresses != self.bound:
             self.runner.load_constants(chosen, check_full_update=True, user_managed=True)
-            self.bound = identity
+            self.bound = addresses
+        self.model = weakref.ref(model)
+
+    def __call__(self, model, *args):
+        if self.model() is not model:
+            self.bind(model)
+        out = self.runner(*(a for a in args if isinstance(a, torch.Tensor)))
+        return tuple(out) if isinstance(out, list) else out
 
 
 def load_package(path: str) -> PackagedStep:

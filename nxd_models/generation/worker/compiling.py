@@ -57,6 +57,8 @@ class AheadOfTime:
             nonlocal compiled
             if compiled is None:
                 compiled = self._compile(fn, args)
+                if isinstance(compiled, precompile.PackagedStep):
+                    compiled.bind(args[0])  # this session's tensors (a package may serve several)
             return compiled(*args)
 
         return call
