@@ -39,6 +39,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -156,8 +157,6 @@ def compile_package(fn: Callable, args: tuple) -> bytes:
     that holds no weights: `load_package` runs it on any model of the same shapes. Raises whatever
     torch raises (a model torch.export cannot trace, a compiler error)."""
     model, rest = args[0], args[1:]
-    step = _Step(fn, model, rest)
-    exported = torch.export.export(step, tuple(a for a in rest if isinstance(a, torch.Tensor)), strict=False)
     options = {
         # the weights and the KV cache are the caller's, given at load (user-managed: no copy)
         "aot_inductor.package_constants_in_so": False,
@@ -165,7 +164,11 @@ def compile_package(fn: Callable, args: tuple) -> bytes:
         # elements (ParallelEmbedding's vocabulary range: rank 0's range in rank 1's package)
         "always_keep_tensor_constants": True,
     }
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        # torch 2.13 trips its own deprecation (pytree's LeafSpec) while exporting: not the user's to fix
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        tensors = tuple(a for a in rest if isinstance(a, torch.Tensor))
+        exported = torch.export.export(_Step(fn, model, rest), tensors, strict=False)
         path = torch._inductor.aoti_compile_and_package(exported, package_path=os.path.join(folder, "step.pt2"), inductor_configs=options)
         with open(path, "rb") as file:
             return file.read()

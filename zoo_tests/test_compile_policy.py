@@ -255,6 +255,51 @@ def test_a_second_process_loads_the_precompiled_step(checkpoint, tmp_path):
     assert info["precompiled"][fingerprint]["sha256"] != sha, "the step compiled afresh replaced the one torch could not load"
 
 
+def test_where_aotinductor_fails_the_step_is_precompiled_by_torch(checkpoint, cache_dir, monkeypatch):
+    """The fallback: a step AOTInductor cannot compile is precompiled by torch's aot_compile (warned
+    once), kept in the entry, and loaded from there without tracing by a process that has not
+    compiled it (this one, made to forget). Run here, in-process, at tp=1: the worker-side calls."""
+    from nxd_core import precompile
+    from nxd_core.worker_process import StateKey, worker_state
+    from nxd_models.generation.worker import compiling, decoding
+    from nxd_models.generation.worker.sampling import SamplingParams
+    from nxd_models.worker_ops import load_shard, release
+
+    def no_aoti(fn, args):
+        raise RuntimeError("no AOTInductor here")
+
+    def forget_compiled_steps():  # what a new process starts with
+        monkeypatch.setattr(compiling, "_ahead", {})
+        monkeypatch.setattr(compiling, "_compiled_here", set())
+        monkeypatch.setattr(compiling, "_warned", set())
+
+    def generate(switch: bool):
+        ids, mask = torch.tensor([[1, 5, 9]]), torch.ones(1, 3, dtype=torch.long)
+        first = decoding.start(key, ids, mask, SamplingParams(), None, [], 0, 12, 2, False, fields)
+        rest, _, report = decoding.resume(key, 10, switch=switch)
+        decoding.end(key)
+        return torch.cat([first, rest], dim=1).tolist(), report
+
+    monkeypatch.setattr(precompile, "compile_package", no_aoti)
+    forget_compiled_steps()
+    key = StateKey("model", 10**6)
+    load_shard(key, str(checkpoint), torch.float32, 1, 32, "cpu", False)
+    try:
+        fields = compile_policy.step_fields(worker_state()[key], "greedy_step", 1)
+        eager, _ = generate(False)
+        with pytest.warns(UserWarning, match="could not be compiled by AOTInductor.*no AOTInductor here"):
+            compiled, report = generate(True)
+        assert report["cache"] == "miss" and not report["precompiled"] and compiled == eager
+        [entry] = compile_cache.entries()
+        assert [known["kind"] for known in entry.info["precompiled"].values()] == ["dynamo"]
+        forget_compiled_steps()
+        loaded, report = generate(True)
+        assert report["cache"] == "hit" and report["precompiled"] and loaded == eager
+        assert len(set(eager[0])) > 2, "outputs must vary for the comparison to mean something"
+    finally:
+        release(key)
+
+
 def test_a_precompiled_step_is_chosen_by_what_it_was_compiled_for():
     """dynamo's guards are not saved with a precompiled step: the fingerprint stands for them, and
     changes with every shape, dtype, constant and weight layout the compiled code depends on."""
