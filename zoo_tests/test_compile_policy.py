@@ -260,7 +260,7 @@ def test_where_aotinductor_fails_the_step_is_precompiled_by_torch(checkpoint, ca
     once), kept in the entry, and loaded from there without tracing by a process that has not
     compiled it (this one, made to forget). Run here, in-process, at tp=1: the worker-side calls."""
     from nxd_core import precompile
-    from nxd_core.worker_process import StateKey, worker_state
+    from nxd_core.worker_process import StateKey
     from nxd_models.generation.worker import compiling, decoding
     from nxd_models.generation.worker.sampling import SamplingParams
     from nxd_models.worker_ops import load_shard, release
@@ -285,7 +285,7 @@ def test_where_aotinductor_fails_the_step_is_precompiled_by_torch(checkpoint, ca
     key = StateKey("model", 10**6)
     load_shard(key, str(checkpoint), torch.float32, 1, 32, "cpu", False)
     try:
-        fields = compile_policy.step_fields(worker_state()[key], "greedy_step", 1)
+        fields = {"step": "greedy_step", "model": str(checkpoint), "batch": 1, "max_seq_len": 32, "tp": 1}
         eager, _ = generate(False)
         with pytest.warns(UserWarning, match="could not be compiled by AOTInductor.*no AOTInductor here"):
             compiled, report = generate(True)
