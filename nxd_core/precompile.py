@@ -188,7 +188,8 @@ class PackagedStep:
         # check aoti_load_package adds: it probes the CPU's vector ISAs in subprocesses (seconds
         # under load) only to warn on a mismatch, which the cache key (CPU features, torch) rules out.
         # Private names (torch._C._aoti, pt2_archive._package): fenced by the caller's fallback.
-        self.runner = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1))
+        with _unpacked_in_a_folder_of_our_own():
+            self.runner = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1))
         self.names = self.runner.get_constant_fqns()
         self.bound: list[int] | None = None  # the bound tensors' addresses
         self.model = lambda: None  # a weak reference to the bound model: the cache of steps must not keep it alive
@@ -208,6 +209,23 @@ class PackagedStep:
             self.bind(model)
         out = self.runner(*(a for a in args if isinstance(a, torch.Tensor)))
         return tuple(out) if isinstance(out, list) else out
+
+
+@contextlib.contextmanager
+def _unpacked_in_a_folder_of_our_own():
+    """torch's loader unpacks the package into $TMPDIR/aotinductor_* and never removes it (2 MB per
+    load and rank, until a reboot): point it at a folder removed once the runner has opened its
+    library and read its metadata (the loaded library stays mapped; it needs none of the files after)."""
+    previous = os.environ.get("TMPDIR")
+    with tempfile.TemporaryDirectory(prefix="nxd-aoti-") as folder:
+        os.environ["TMPDIR"] = folder
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = previous
 
 
 def load_package(path: str) -> PackagedStep:
