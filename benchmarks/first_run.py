@@ -65,13 +65,20 @@ def row(model_path: str, tp: int, max_seq_len: int, tokens: int, workdir: Path, 
 def fill(model_path: str, tp: int, max_seq_len: int, cache: Path) -> str:
     """Compile the decode step once into `cache` (what "warm" means: this machine has compiled it before)."""
     _, stats = one_generation(model_path, tp, max_seq_len, 8, True, cache)
-    return f"{stats['compile_seconds']:.1f}s ({stats['compile_cache']})"
+    return f"{stats['compile_seconds']:.2f}s, {stats['compile_cpu_seconds']:.2f}s CPU ({_cache(stats)})"
 
 
 def _how(stats: dict) -> str:
     if "compiled_from_token" not in stats:
         return "eager"
-    return f"compiled from token {stats['compiled_from_token']} ({stats['compile_cache']}, {stats['compile_seconds']:.1f}s)"
+    return (
+        f"compiled from token {stats['compiled_from_token']} ({_cache(stats)}, {stats['compile_seconds']:.2f}s, "
+        f"{stats['compile_cpu_seconds']:.2f}s CPU)"
+    )
+
+
+def _cache(stats: dict) -> str:
+    return stats["compile_cache"] + (", precompiled" if stats.get("compile_precompiled") else "")
 
 
 def main() -> None:

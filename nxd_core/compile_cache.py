@@ -3,15 +3,18 @@
 Two layers:
 - torch's own caches (inductor's FX graphs and C++ builds, AOTAutograd, its CPU-feature probes) live
   under our cache directory instead of /tmp (`use_persistent_torch_cache`), so they outlive a reboot.
-- One entry per compiled step and key: `entry.json` (the whole key, the artifacts' checksum, how long
-  compiling took cold and warm, the step's time eager and compiled) and `artifacts-<sha>.bin`, torch's
-  "mega-cache" bytes (`torch.compiler.save_cache_artifacts`). A process that finds the entry loads
-  the bytes into torch's caches before compiling, so inductor and AOTAutograd hit.
+- One entry per compiled step and key: `entry.json` (the whole key, the artifacts' checksums, how long
+  compiling took cold and warm, the step's time eager and compiled), `artifacts-<sha>.bin`, torch's
+  "mega-cache" bytes (`torch.compiler.save_cache_artifacts`), and `precompiled-<sha>.pt2` (or `.bin`),
+  the step compiled ahead of time by AOTInductor (or torch's precompile: nxd_core.precompile), one
+  per fingerprint of the arguments it was compiled for. A process that finds a precompiled step for its fingerprint loads it and skips
+  tracing (a fraction of a second); else it loads the mega-cache bytes into torch's caches before
+  compiling, so inductor and AOTAutograd hit (seconds: dynamo still traces).
 
 The key is what the caller says matters (model config, dtype, tp, batch size, max_seq_len, the
 step) plus what this module adds: torch's version and the CPU's features. An entry whose JSON does
 not parse, whose key is another's (a hash collision, an edited file) or whose bytes fail their
-checksum is ignored with a warning, never loaded.
+checksum (or that torch cannot load) is ignored with a warning, never used.
 
 Where: $NXD_CACHE_DIR, else $XDG_CACHE_HOME/nxd-zoo, else ~/.cache/nxd-zoo. The C++ kernels
 (bf16_linear.cpp and the others) are cached separately, by torch's extension builder.
@@ -41,9 +44,15 @@ FORMAT = 1
 # flags (microcode quirks, virtualisation) would only split the cache between identical machines.
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16")
 
-# What this process did with entries (tests and `nxd generate` read it): a hit loaded an entry's
-# artifacts, a miss found none, stored wrote one, ignored skipped a damaged or foreign one.
-counters = {"hits": 0, "misses": 0, "stored": 0, "ignored": 0}
+# What this process did with entries (tests and `nxd generate` read it): a hit used an entry (its
+# precompiled step or its artifacts), precompiled counts the hits that loaded a precompiled step, a
+# miss found none, stored wrote one, ignored skipped a damaged or foreign one (or one of its files).
+counters = {"hits": 0, "misses": 0, "stored": 0, "ignored": 0, "precompiled": 0}
+# At most this many precompiled steps per entry (one per fingerprint: eos ids, padding, sampling
+# parameters); the oldest goes.
+MAX_PRECOMPILED = 4
+# The kinds of precompiled step (nxd_core.precompile) and their files' suffixes.
+PRECOMPILED_KINDS = {"aoti": "pt2", "dynamo": "bin"}
 
 
 def cache_root() -> Path:
@@ -102,7 +111,7 @@ class Entry:
 
     @property
     def has_artifacts(self) -> bool:
-        return "artifacts_sha256" in self.info
+        return "artifacts_sha256" in self.info or bool(self.info.get("precompiled"))
 
 
 def lookup(key: dict) -> Entry | None:
@@ -125,7 +134,9 @@ def load_artifacts(entry: Entry) -> bool:
     """Load the entry's compiled artifacts into torch's caches; False (warned) where they fail their checksum."""
     import torch
 
-    name = _artifacts_name(entry.info.get("artifacts_sha256", ""))
+    if "artifacts_sha256" not in entry.info:
+        return False
+    name = _artifacts_name(entry.info["artifacts_sha256"])
     try:
         blob = (entry.path / name).read_bytes()
     except OSError as error:
@@ -139,32 +150,85 @@ def load_artifacts(entry: Entry) -> bool:
     return True
 
 
-def store(key: dict, **info) -> None:
-    """Save what this process has compiled so far (torch's mega-cache) as the key's entry, with info.
-    The artifacts are written first, under their checksum's name, and entry.json last, replaced
+def store(key: dict, precompiled: tuple[str, str, bytes] | None = None, **info) -> None:
+    """Save what this process has compiled so far (torch's mega-cache) as the key's entry, with info,
+    and precompiled = (fingerprint, kind, bytes) of the step compiled ahead of time, if any.
+    The files are written first, under their checksum's name, and entry.json last, replaced
     atomically: a reader sees the old entry or the new one, never half of one, even with two writers."""
     import torch
 
     saved = torch.compiler.save_cache_artifacts()
-    if saved is None:  # nothing was compiled (torch's caches off): nothing to keep
+    if saved is None and precompiled is None:  # nothing was compiled (torch's caches off): nothing to keep
         return
-    blob, _ = saved
-    sha = hashlib.sha256(blob).hexdigest()
     path = entry_dir(key)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".artifacts.{os.getpid()}.tmp"
-    tmp.write_bytes(blob)
-    os.replace(tmp, path / _artifacts_name(sha))
-    info = {**info, "artifacts_sha256": sha, "written": time.time()}
+    info = {**info, "written": time.time()}
+    if saved is not None:
+        info["artifacts_sha256"] = _write_blob(path, saved[0], _artifacts_name)
+    if precompiled is not None:
+        _add_precompiled(path, info, *precompiled)
     write_json_atomically(path / ENTRY, {"key": key, "info": info}, tmp=path / f".{ENTRY}.{os.getpid()}.tmp")
     counters["stored"] += 1
 
 
-def record(entry: Entry, **info) -> None:
-    """Add timings to an existing entry (its artifacts stay as they are)."""
+def record(entry: Entry, precompiled: tuple[str, str, bytes] | None = None, **info) -> None:
+    """Add timings to an existing entry, and a precompiled step (fingerprint, kind, bytes) if given
+    (the other files stay as they are)."""
     entry.info.update(info)
+    if precompiled is not None:
+        _add_precompiled(entry.path, entry.info, *precompiled)
     path = entry.path / ENTRY
     write_json_atomically(path, {"key": entry.key, "info": entry.info}, tmp=entry.path / f".{ENTRY}.{os.getpid()}.tmp")
+
+
+def precompiled(entry: Entry, fingerprint: str) -> tuple[str, Path] | None:
+    """The entry's precompiled step for this fingerprint: (its kind, "aoti" or "dynamo", and its file),
+    checked against its checksum; None where there is none, or (warned, counted as ignored) where
+    its file is missing or altered."""
+    known = (entry.info.get("precompiled") or {}).get(fingerprint)
+    if not isinstance(known, dict) or not isinstance(known.get("sha256"), str) or known.get("kind") not in PRECOMPILED_KINDS:
+        return None
+    path = entry.path / precompiled_name(known["kind"], known["sha256"])
+    try:
+        blob = path.read_bytes()
+    except OSError as error:
+        _ignore(entry.path, f"its {path.name} cannot be read ({error})")
+        return None
+    if hashlib.sha256(blob).hexdigest() != known["sha256"]:
+        _ignore(entry.path, f"its {path.name} does not match the checksum in {ENTRY} (truncated or altered)")
+        return None
+    return known["kind"], path
+
+
+def precompiled_failed(entry: Entry, fingerprint: str, error: BaseException) -> None:
+    """torch could not load the entry's precompiled step (its checksum matched): warn, count it as
+    ignored, and forget it in the entry so that the next process compiles it afresh."""
+    _ignore(entry.path, f"torch cannot load its precompiled step ({type(error).__name__}: {error})")
+    (entry.info.get("precompiled") or {}).pop(fingerprint, None)
+
+
+def precompiled_name(kind: str, sha: str) -> str:
+    return f"precompiled-{sha[:16]}.{PRECOMPILED_KINDS[kind]}"
+
+
+def _write_blob(path: Path, blob: bytes, name) -> str:
+    sha = hashlib.sha256(blob).hexdigest()
+    tmp = path / f".blob.{os.getpid()}.tmp"
+    tmp.write_bytes(blob)
+    os.replace(tmp, path / name(sha))
+    return sha
+
+
+def _add_precompiled(path: Path, info: dict, fingerprint: str, kind: str, blob: bytes) -> None:
+    """Write the bytes and name them in info["precompiled"] (fingerprint -> kind and checksum, newest last)."""
+    sha = _write_blob(path, blob, lambda sha: precompiled_name(kind, sha))
+    known = {k: v for k, v in (info.get("precompiled") or {}).items() if k != fingerprint and isinstance(v, dict)}
+    known[fingerprint] = {"kind": kind, "sha256": sha}
+    for old in list(known)[: max(0, len(known) - MAX_PRECOMPILED)]:
+        gone = known.pop(old)
+        if gone["sha256"] not in {v["sha256"] for v in known.values()} and gone.get("kind") in PRECOMPILED_KINDS:
+            (path / precompiled_name(gone["kind"], gone["sha256"])).unlink(missing_ok=True)
+    info["precompiled"] = known
 
 
 def entries() -> list[Entry]:

@@ -126,7 +126,8 @@ def _timings(stats: dict) -> str:
         parts.append(f"decode {stats['decode_tokens_per_second']:.1f} tokens/s")
     parts.append(f"prefill {stats['first_chunk_seconds']:.2f}s")
     if "compile_seconds" in stats:
-        parts.append(f"compile {stats['compile_seconds']:.2f}s (compile cache: {stats['compile_cache']})")
+        precompiled = ", precompiled" if stats.get("compile_precompiled") else ""
+        parts.append(f"compile {stats['compile_seconds']:.2f}s (compile cache: {stats['compile_cache']}{precompiled})")
     return ", ".join(parts)
 
 

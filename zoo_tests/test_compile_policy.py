@@ -38,9 +38,14 @@ def cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def compiling_pays(monkeypatch, cache_dir):
-    """Make the policy's estimate of compiling free, so that compile=None switches at the first boundary
-    with an eager step measured over MEASURED_STEPS (after token 22 here): a switch in the middle."""
+    """Make the policy's estimate of compiling free and let it trust an eager chunk of any length, so
+    that compile=None switches at the second chunk boundary (after token 5): a switch in the middle.
+    (With chunks of MEASURED_STEPS, the boundary depends on how fast the machine decodes: a loaded
+    machine sized every chunk below 16 steps and never switched.)"""
+    from nxd_models.generation import generate
+
     monkeypatch.setattr(CompilePolicy, "compile_seconds", lambda self: 0.0)
+    monkeypatch.setattr(generate, "MEASURED_STEPS", 1)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -98,7 +103,9 @@ def test_the_decision_weighs_the_compile_against_the_tokens_left(cache_dir):
     # however slow one eager chunk looked from the front end
     assert not _policy(warm).switch_now(produced=0, eager_step=0.004)
     assert not _policy(warm).switch_now(produced=0, eager_step=0.05)
-    faster = {**warm, "compiled_step_seconds": 0.001}  # 3 ms saved per step: 3 s for 2 s of compiling
+    # 3.5 ms saved per step: 3.5 s for 2 s of compiling, more than the margin asks (1.5 x 2 s + 0.05 s)
+    faster = {**warm, "compiled_step_seconds": 0.0005}
+    assert not _policy({**warm, "compiled_step_seconds": 0.001}).switch_now(produced=0, eager_step=0.004), "3 s: within the margin"
     assert _policy(faster).switch_now(produced=0, eager_step=0.004)
     assert not _policy(faster).switch_now(produced=0, eager_step=0.0015), "never more than the eager step itself"
     assert not _policy(faster, max_new_tokens=400).switch_now(produced=0, eager_step=0.004)
@@ -171,33 +178,151 @@ def test_a_corrupt_or_foreign_entry_is_ignored_with_a_warning_never_loaded(cache
     with pytest.warns(UserWarning, match="another key.*tp: 4 here, 2 wanted"):
         assert compile_cache.lookup(key) is None
     assert loaded == [b"artifacts"], "nothing but the sound entry was ever loaded"
+
+    # a precompiled step is checked the same way, per fingerprint of the arguments it was compiled for
+    compile_cache.store(key, precompiled=("fingerprint", "aoti", b"compiled step"))
+    entry = compile_cache.lookup(key)
+    kind, file = compile_cache.precompiled(entry, "fingerprint")
+    assert kind == "aoti" and file.suffix == ".pt2" and file.read_bytes() == b"compiled step"
+    assert compile_cache.precompiled(entry, "another fingerprint") is None, "none for other arguments: no warning"
+    file.write_bytes(b"compiled step, truncated")
+    with pytest.warns(UserWarning, match="precompiled-.*does not match the checksum"):
+        assert compile_cache.precompiled(compile_cache.lookup(key), "fingerprint") is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert compile_cache.lookup(compile_cache.full_key({"step": "never compiled"})) is None, "no entry: no warning"
 
 
-def test_a_second_process_finds_the_compile_cache(checkpoint, tmp_path):
-    """Two processes, one cache folder: the first compiles and stores its entry, the second loads it
-    (shown by the worker's counters, not by timing)."""
-    env = {**os.environ, "NXD_CACHE_DIR": str(tmp_path / "nxd-cache")}
+def _compile_in_a_new_process(checkpoint, env) -> tuple[dict, str]:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "compile_twice.py"), str(checkpoint)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_a_second_process_loads_the_precompiled_step(checkpoint, tmp_path):
+    """Processes sharing one cache folder: the first compiles and stores its entry with the step compiled
+    ahead of time, the second loads that without tracing (shown by the worker's counters, not by
+    timing), with the eager tokens, and so does a third with other weights of the same shapes; a
+    fourth, given a precompiled step torch cannot load (its checksum matching), warns, compiles
+    afresh and still decodes the same tokens."""
+    cache = tmp_path / "nxd-cache"
+    env = {**os.environ, "NXD_CACHE_DIR": str(cache)}
     # torch's own caches stay where the suite keeps them warm: what is tested is our entry
     compile_cache.use_persistent_torch_cache()
     env["TORCHINDUCTOR_CACHE_DIR"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    runs = []
-    for _ in range(2):
-        done = subprocess.run(
-            [sys.executable, str(SCRIPTS / "compile_twice.py"), str(checkpoint)], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stderr
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    first, second = runs
+    first, _ = _compile_in_a_new_process(checkpoint, env)
+    second, _ = _compile_in_a_new_process(checkpoint, env)
     assert first["compile_cache"] == "miss" and first["worker_counters"]["stored"] == 1
-    assert second["compile_cache"] == "hit" and second["worker_counters"]["hits"] == 1 and second["worker_counters"]["stored"] == 0
-    assert second["tokens"] == first["tokens"]
-    [entry] = list((tmp_path / "nxd-cache" / "compiled").glob("*/entry.json"))
-    info = json.loads(entry.read_text())["info"]
+    assert not first["compile_precompiled"] and first["worker_counters"]["precompiled"] == 0
+    assert second["compile_cache"] == "hit" and second["compile_precompiled"]
+    assert second["worker_counters"]["precompiled"] == 1 and second["worker_counters"]["hits"] == 1
+    assert second["worker_counters"]["stored"] == 0 and second["worker_counters"]["ignored"] == 0
+    assert first["tokens"] == first["eager_tokens"] and second["tokens"] == second["eager_tokens"] == first["tokens"]
+    assert len(set(first["tokens"][0])) > 2, "outputs must vary for the comparison to mean something"
+    [entry_file] = list((cache / "compiled").glob("*/entry.json"))
+    data = json.loads(entry_file.read_text())
+    info = data["info"]
     assert info["cold_seconds"] > 0 and info["warm_seconds"] > 0, "both compiles were timed"
     assert info["compiled_step_seconds"] > 0, "the compiled steps' time was learnt for the next decision"
+    [(fingerprint, known)] = info["precompiled"].items()
+    assert known["kind"] == "aoti", "the tiny Llama's step is an AOTInductor package (no compiler imported to load it)"
+
+    # the weights are read from the model on each call, never kept in the precompiled step: a checkpoint
+    # of the same config with other weights loads the same step and decodes its own tokens
+    other_weights = tmp_path / "other-weights"
+    save_tiny_llama(other_weights, "gqa", seed=1, initializer_range=0.2)
+    other, _ = _compile_in_a_new_process(other_weights, env)
+    assert other["compile_cache"] == "hit" and other["compile_precompiled"]
+    assert other["tokens"] == other["eager_tokens"] != first["tokens"]
+    data = json.loads(entry_file.read_text())
+    info = data["info"]
+    assert info["precompiled"] == {fingerprint: known}, "the same step served both checkpoints"
+
+    # bytes that pass their checksum but that torch cannot load: ignored with a warning, never fatal
+    garbage = b"not a compiled function"
+    (entry_file.parent / compile_cache.precompiled_name("aoti", known["sha256"])).unlink()
+    sha = hashlib.sha256(garbage).hexdigest()
+    (entry_file.parent / compile_cache.precompiled_name("aoti", sha)).write_bytes(garbage)
+    info["precompiled"][fingerprint] = {"kind": "aoti", "sha256": sha}
+    entry_file.write_text(json.dumps(data))
+    third, stderr = _compile_in_a_new_process(checkpoint, env)
+    assert "torch cannot load its precompiled step" in stderr
+    assert third["worker_counters"]["ignored"] == 1 and third["worker_counters"]["precompiled"] == 0
+    assert not third["compile_precompiled"] and third["tokens"] == first["tokens"]
+    info = json.loads(entry_file.read_text())["info"]
+    assert info["precompiled"][fingerprint]["sha256"] != sha, "the step compiled afresh replaced the one torch could not load"
+
+
+def test_where_aotinductor_fails_the_step_is_precompiled_by_torch(checkpoint, cache_dir, monkeypatch):
+    """The fallback: a step AOTInductor cannot compile is precompiled by torch's aot_compile (warned
+    once), kept in the entry, and loaded from there without tracing by a process that has not
+    compiled it (this one, made to forget). Run here, in-process, at tp=1: the worker-side calls."""
+    from nxd_core import precompile
+    from nxd_core.worker_process import StateKey
+    from nxd_models.generation.worker import compiling, decoding
+    from nxd_models.generation.worker.sampling import SamplingParams
+    from nxd_models.worker_ops import load_shard, release
+
+    def no_aoti(fn, args):
+        raise RuntimeError("no AOTInductor here")
+
+    def forget_compiled_steps():  # what a new process starts with
+        monkeypatch.setattr(compiling, "_ahead", {})
+        monkeypatch.setattr(compiling, "_compiled_here", set())
+        monkeypatch.setattr(compiling, "_warned", set())
+
+    def generate(switch: bool):
+        ids, mask = torch.tensor([[1, 5, 9]]), torch.ones(1, 3, dtype=torch.long)
+        first = decoding.start(key, ids, mask, SamplingParams(), None, [], 0, 12, 2, False, fields)
+        rest, _, report = decoding.resume(key, 10, switch=switch)
+        decoding.end(key)
+        return torch.cat([first, rest], dim=1).tolist(), report
+
+    monkeypatch.setattr(precompile, "compile_package", no_aoti)
+    forget_compiled_steps()
+    key = StateKey("model", 10**6)
+    load_shard(key, str(checkpoint), torch.float32, 1, 32, "cpu", False)
+    try:
+        fields = {"step": "greedy_step", "model": str(checkpoint), "batch": 1, "max_seq_len": 32, "tp": 1}
+        eager, _ = generate(False)
+        with pytest.warns(UserWarning, match="could not be compiled by AOTInductor.*no AOTInductor here"):
+            compiled, report = generate(True)
+        assert report["cache"] == "miss" and not report["precompiled"] and compiled == eager
+        [entry] = compile_cache.entries()
+        assert [known["kind"] for known in entry.info["precompiled"].values()] == ["dynamo"]
+        forget_compiled_steps()
+        loaded, report = generate(True)
+        assert report["cache"] == "hit" and report["precompiled"] and loaded == eager
+        assert len(set(eager[0])) > 2, "outputs must vary for the comparison to mean something"
+    finally:
+        release(key)
+
+
+def test_a_precompiled_step_is_chosen_by_what_it_was_compiled_for():
+    """dynamo's guards are not saved with a precompiled step: the fingerprint stands for them, and
+    changes with every shape, dtype, constant and weight layout the compiled code depends on."""
+    from nxd_core.precompile import fingerprint
+    from nxd_models.generation.worker.sampling import SamplingParams
+
+    model = torch.nn.Linear(4, 4)
+    args = (model, torch.zeros(1, 8, dtype=torch.long), torch.tensor([2]), 0, SamplingParams())
+    base = fingerprint(args)
+    assert base == fingerprint((torch.nn.Linear(4, 4), torch.ones(1, 8, dtype=torch.long), torch.tensor([7]), 0, SamplingParams()))
+    others = [
+        (model, torch.zeros(2, 8, dtype=torch.long), *args[2:]),  # batch
+        (model, torch.zeros(1, 8, dtype=torch.int32), *args[2:]),  # dtype
+        (*args[:2], torch.tensor([2, 3]), *args[3:]),  # two end-of-sequence ids
+        (*args[:3], 1, args[4]),  # another padding id
+        (*args[:4], SamplingParams(do_sample=True, temperature=0.5)),
+        (torch.nn.Linear(4, 6), *args[1:]),  # weights of another shape
+    ]
+    digests = {fingerprint(other) for other in others}
+    assert len(digests) == len(others) and base not in digests
+    assert fingerprint(args, collectives={"group": "1"}) != fingerprint(args, collectives={"group": "2"})
+    with torch.inference_mode():
+        assert fingerprint(args) != base, "inference mode is part of it"
 
 
 def test_speculative_rounds_compile_with_compile_none_once_these_workers_have_them(tp_runner, checkpoint):

@@ -23,8 +23,19 @@ from nxd_core import compile_cache
 # Measured on a 2-core VM (demo model, 20M and 1.1B layouts): cold 10-50 s; saves 0.15-0.35 ms per layer.
 COLD_SECONDS_BASE, COLD_SECONDS_PER_LAYER = 10.0, 1.5
 SAVED_PER_LAYER_STEP = 0.2e-3
-# A warm compile (the cache has the step) costs about this fraction of a cold one until measured.
+# A warm compile (the cache has the step) costs about this fraction of a cold one until measured:
+# torch.compile with warm caches still traces (a quarter); a precompiled step is only loaded
+# (measured 0.07-0.09 of the cold compile on a 2-core VM, demo model at tp=2).
 WARM_FRACTION = 0.25
+PRECOMPILED_WARM_FRACTION = 0.1
+# An AOTInductor package loads in milliseconds (timed when it is compiled); the first step in a new
+# process and the switch's round trip come on top (measured under 0.1 s).
+PACKAGE_LOAD_MARGIN = 0.1
+# A switch must save more than this many times its estimated cost, plus SWITCH_SECONDS (the switch's
+# round trip, the first compiled step): a precompiled step loads in a tenth of a second, about what a
+# 96-token run of the demo model could save, so an estimate off by a little would make a short run
+# slower than eager; the margin costs a long run at most a few tenths of a second of saving.
+SWITCH_MARGIN, SWITCH_SECONDS = 1.5, 0.05
 # The eager step's time is trusted from a chunk of at least this many steps.
 MEASURED_STEPS = 16
 
@@ -86,8 +97,10 @@ class CompilePolicy:
         info = self.entry.info if self.entry is not None and self.entry.has_artifacts else None
         if info and "warm_seconds" in info:
             return info["warm_seconds"]
+        if info and "package_load_seconds" in info:  # an AOTInductor package, whose load was timed when compiled
+            return PACKAGE_LOAD_MARGIN + info["package_load_seconds"]
         if info and "cold_seconds" in info:
-            return WARM_FRACTION * info["cold_seconds"]
+            return (PRECOMPILED_WARM_FRACTION if info.get("precompiled") else WARM_FRACTION) * info["cold_seconds"]
         return self._cold_estimate()
 
     def _cold_estimate(self) -> float:
@@ -125,7 +138,10 @@ class CompilePolicy:
         remaining = self.max_new_tokens - produced
         if remaining < 2:
             return False
-        if remaining * self.saved_per_step(eager_step) > self.compile_seconds():
+        cost = self.compile_seconds()
+        if cost > 0:  # a compile or a load to come: its estimate with a margin (see SWITCH_MARGIN)
+            cost = SWITCH_MARGIN * cost + SWITCH_SECONDS
+        if remaining * self.saved_per_step(eager_step) > cost:
             self.switched = True
             return True
         return False
@@ -136,7 +152,7 @@ class CompilePolicy:
         if self.in_workers:
             return f"nxd-zoo: switching to {what}, compiled in these workers already"
         if self.entry is not None and self.entry.has_artifacts:
-            return f"nxd-zoo: loading {what} from this machine's compile cache: ~{self.compile_seconds():.0f} s"
+            return f"nxd-zoo: loading {what} from this machine's compile cache: ~{_seconds(self.compile_seconds())}"
         return (
             f"nxd-zoo: compiling {what}, once per machine: ~{self.compile_seconds():.0f} s, kept in {compile_cache.cache_root()} "
             "(as the C++ kernels' builds are kept in torch's extension cache)"
@@ -152,3 +168,7 @@ class CompilePolicy:
             return
         if not (dist.is_initialized() and dist.get_rank() != 0):
             print(self.notice(), file=sys.stderr, flush=True)
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"

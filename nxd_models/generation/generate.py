@@ -252,7 +252,12 @@ def steps(
         def resume(n, switch=False):
             tokens, done, report = model.run(decoding.resume, model.key, n, switch)
             if report is not None:
-                stats.update(compile_seconds=report["compile_seconds"], compile_cache=report["cache"])
+                stats.update(
+                    compile_seconds=report["compile_seconds"],
+                    compile_cpu_seconds=report["compile_cpu_seconds"],
+                    compile_cache=report["cache"],
+                    compile_precompiled=report["precompiled"],
+                )
                 model.compiled_steps.add(policy.name)
             return tokens.tolist(), done
 

@@ -21,7 +21,7 @@ import torch
 from nxd_core.worker_process import StateKey, worker_state
 
 from ...worker_ops import device_of, end_session, owned_key
-from .compiling import record_step_times, switch_to_compiled
+from .compiling import AheadOfTime, record_step_times, switch_to_compiled
 from .sampling import SamplingParams, choose, seeded_generator
 
 SESSION = "session"  # the worker_state() kind of a causal LM's generation in flight
@@ -47,7 +47,7 @@ class Session:
     finished: torch.Tensor
     remaining: int
     step: Callable  # (tokens, valid, cache_position, finished) -> (next tokens, finished): see decode_one_token
-    compiled_step: Callable | None = None  # () -> the compiled version of step, for a switch in flight
+    compiled_step: Callable | None = None  # (ahead) -> the compiled version of step, for a switch in flight
     compile_fields: dict | None = None  # the compile cache key's fields (its entry learns the step times)
     compiled: bool = False  # switched to the compiled step
     steps_taken: int = 0  # by the current step (a switch starts again: the compiled step's first call runs its guards)
@@ -84,6 +84,18 @@ def decode_one_token(
     return choose(logits, finished, eos, pad_token_id, params, generator)
 
 
+def greedy_step(model, tokens, valid, cache_position, finished, eos, pad_token_id: int, params: SamplingParams):
+    """decode_one_token on the model's compute as a function of the model, not a partial of its
+    method: what a compiled step must be to be compiled ahead of time and reused by another process
+    (nxd_core.precompile; the weights are read from `model` on each call, not kept in the step)."""
+    return decode_one_token(model.compute, tokens, valid, cache_position, finished, eos, pad_token_id, params)
+
+
+def forward_step(model, input_ids, valid, cache_position):
+    """The forward pass of sampled decoding (the draw stays eager), as a function of the model: see greedy_step."""
+    return model.compute(input_ids, valid, None, cache_position, True)
+
+
 # Every model a worker loads compiles the same code objects again (its compute, the step functions),
 # and torch gives up compiling a code object after 8 versions by default: a long-lived worker
 # (a notebook, a server, the test suite) would then decode eagerly without a word.
@@ -99,9 +111,22 @@ def compiled(key: StateKey, name: str, function: Callable) -> Callable:
     return functions[name]
 
 
-def decode_step(model, key: StateKey, compile: bool, eos, pad_token_id: int, params: SamplingParams, generator) -> Callable:
+def decode_step(
+    model, key: StateKey, compile: bool, eos, pad_token_id: int, params: SamplingParams, generator, ahead: AheadOfTime | None = None
+) -> Callable:
     """The step a Session runs. Compiled greedy decoding compiles the whole step, token choice
-    included; sampling draws from the seeded generator eagerly after a compiled forward."""
+    included; sampling draws from the seeded generator eagerly after a compiled forward.
+    ahead: compile through the compile cache, ahead of time (a switch in flight: compiling.py)."""
+    if compile and ahead is not None:
+        if not params.do_sample:
+            whole = ahead.step(greedy_step)
+            return lambda tokens, valid, position, finished: whole(model, tokens, valid, position, finished, eos, pad_token_id, params)
+        forward = ahead.step(forward_step)
+
+        def compute(input_ids, valid, position_ids=None, cache_position=None, last_only=True):
+            return forward(model, input_ids, valid, cache_position)
+
+        return functools.partial(decode_one_token, compute, eos=eos, pad_token_id=pad_token_id, params=params, generator=generator)
     if compile and not params.do_sample:
         whole = compiled(key, "greedy_step", functools.partial(decode_one_token, model.compute))
         return lambda tokens, valid, position, finished: whole(tokens, valid, position, finished, eos, pad_token_id, params)
@@ -205,8 +230,8 @@ def resume(key: StateKey, n: int, switch: bool = False):
     report = None
     if switch and not session.compiled:
 
-        def to_compiled():
-            session.step, session.compiled, session.steps_taken = session.compiled_step(), True, 0
+        def to_compiled(ahead):
+            session.step, session.compiled, session.steps_taken = session.compiled_step(ahead=ahead), True, 0
 
         with torch.inference_mode():
             first, report = switch_to_compiled(session.compile_fields, to_compiled, lambda: decode_n_tokens(session, 1))
