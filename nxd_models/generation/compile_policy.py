@@ -147,10 +147,9 @@ class CompilePolicy:
         return False
 
     def notice(self) -> str:
-        """One line for the user before compiling, with the estimate."""
+        """One line for the user before compiling or loading, with the estimate (a step the workers
+        hold compiled already switches silently: announce)."""
         what = f"the decode step (batch {self.fields['batch']}, tp {self.fields['tp']}, {self.fields['dtype'].removeprefix('torch.')})"
-        if self.in_workers:
-            return f"nxd-zoo: switching to {what}, compiled in these workers already"
         if self.entry is not None and self.entry.has_artifacts:
             return f"nxd-zoo: loading {what} from this machine's compile cache: ~{_seconds(self.compile_seconds())}"
         return (
