@@ -277,7 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the log says which)")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--quantize", choices=METHODS, help="quantize the weights while loading (int8)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (seconds at start-up, faster steps)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compile the decode step before serving (default; once per machine: later starts load it from the compile cache)",
+    )
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued beyond the rows; more get 429")
     p.add_argument("--served-model-name", help="the `model` clients send (default: the directory's name, or MODEL as typed)")
     p.set_defaults(run=_serve)

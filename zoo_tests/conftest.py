@@ -1,9 +1,26 @@
 """Shared fixtures: one worker group per world size for the whole session (spawning is the cost)."""
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from nxd_core import parallel_state as ps
 from nxd_core.workers import WorkerGroup
+
+
+def pytest_configure(config):
+    """Compiled steps go to a compile cache of this test session (the workers read NXD_CACHE_DIR when
+    they start), never the user's ~/.cache/nxd-zoo: a test sees a cold cache, and leaves nothing."""
+    if "NXD_CACHE_DIR" not in os.environ:
+        config._nxd_cache_dir = os.environ["NXD_CACHE_DIR"] = tempfile.mkdtemp(prefix="nxd-test-cache-")
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_nxd_cache_dir", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _set_tp(tp: int) -> None:

@@ -1,7 +1,9 @@
 """The serving Engine (continuous batching, no HTTP): batch invariance, greedy equal to generate
 and to Hugging Face, seeded sampling, stop strings, cancellation, bad input."""
 
+import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +49,31 @@ def test_greedy_tokens_are_the_same_alone_among_others_in_generate_and_in_hf(tp_
             hf = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert hf[0, len(prompt) :].tolist() == tokens
     assert len({str(t) for t in expected}) == len(PROMPTS), "the answers must tell the prompts apart"
+
+
+def test_a_compiled_engine_gives_the_eager_tokens_and_compiles_once(tp_runner, checkpoint):
+    """Engine(compile=True), what `nxd serve` runs: the decode step is compiled (through this
+    machine's compile cache) before the first request; greedy tokens stay those of eager generate,
+    alone and among others, and a second engine on the same workers compiles nothing."""
+    path, _ = checkpoint
+    with _load(path, 2, tp_runner) as model:
+        expected = [model.generate(input_ids=[p], max_new_tokens=12, eos_token_id=[], compile=False).tokens[0] for p in PROMPTS]
+        with Engine(model, prefill_chunk=4, compile=True) as engine:
+            engine.eos = []
+            first_report = engine.compile_report
+            alone = [engine.generate(p, max_tokens=12).token_ids for p in PROMPTS]
+            requests = [engine.submit(p, max_tokens=12) for p in PROMPTS]
+            together = [r.result().token_ids for r in requests]
+        with Engine(model, compile=True) as engine:
+            engine.eos = []
+            second_report = engine.compile_report
+            again = engine.generate(PROMPTS[2], max_tokens=12).token_ids
+    assert first_report["cache"] in ("miss", "hit") and first_report["compile_seconds"] > 0
+    assert second_report["cache"] == "process", "the workers hold the compiled step: nothing to compile or load"
+    assert together == alone == expected
+    assert again == expected[2]
+    entries = list((Path(os.environ["NXD_CACHE_DIR"]) / "compiled").glob("*/precompiled-*"))
+    assert entries, "the compiled step is kept in the compile cache for the next process"
 
 
 def test_seeded_sampling_is_the_same_alone_and_among_others_and_differs_between_seeds(tp_runner, checkpoint):

@@ -239,7 +239,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     dtype=None,
-    compile: bool = False,
+    compile: bool = True,
     max_waiting: int = 256,
     drain_seconds: float = 30.0,
     served_name: str | None = None,

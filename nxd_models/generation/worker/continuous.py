@@ -18,6 +18,7 @@ each output row with the same kernel and the same blocking, whatever the other r
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,8 @@ import torch
 from nxd_core.worker_process import StateKey, worker_state
 
 from ...worker_ops import device_of, end_session, owned_key
-from .decoding import compiled, guarded_call
+from .compiling import switch_to_compiled
+from .decoding import guarded_call
 from .sampling import SamplingParams, next_tokens, seeded_generator
 
 BATCH = "serving"  # the worker_state() kind of a model's continuous batch
@@ -56,16 +58,37 @@ class Row:
 class Batch:
     rows: dict[int, Row]  # rows holding a request (prefilling or decoding)
     decoding: set[int]
-    compute: object  # model.compute, or its compiled version
+    compute: object  # (tokens, slots) -> logits: decode_rows, or its compiled version
     steps: int = 0
 
 
-def open_batch(key: StateKey, compile: bool = False) -> int:
-    """Start serving on the model at key: every row free. Returns the number of rows."""
+def open_batch(key: StateKey, compile_fields: dict | None = None) -> tuple[int, dict | None]:
+    """Start serving on the model at key: every row free. Returns the number of rows, and with
+    compile_fields (the compile cache key's fields of the serving step) the compile report of
+    switch_to_compiled: the decode step is compiled (or loaded from this machine's compile cache)
+    here, before the first request, by one decode of idle rows."""
     model = worker_state()[key]
-    compute = compiled(key, "serving_decode", model.compute) if compile else model.compute
-    worker_state()[owned_key(key, BATCH)] = Batch(rows={}, decoding=set(), compute=compute)
-    return model.max_batch_size
+    batch = Batch(rows={}, decoding=set(), compute=model.compute)
+    report = None
+    if compile_fields is not None:
+
+        def to_compiled(ahead):
+            forward = ahead.step(decode_rows)
+            batch.compute = lambda tokens, slots: forward(model, tokens, slots)
+
+        with torch.inference_mode():
+            # idle rows feed a pad token at slot 0 of their own row: every row's first prefill overwrites it
+            _, report = switch_to_compiled(compile_fields, to_compiled, lambda: _decode(model, batch, device_of(model)))
+    else:
+        batch.compute = functools.partial(decode_rows, model)
+    worker_state()[owned_key(key, BATCH)] = batch
+    return model.max_batch_size, report
+
+
+def decode_rows(model, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Logits [rows, 1, vocab] of one token per row, each at its own KV-cache slot [rows, 1] (a
+    module-level function of the model: what the compile cache compiles ahead of time)."""
+    return model.compute(tokens, None, None, slots, True)
 
 
 def close_batch(key: StateKey) -> None:
@@ -117,7 +140,7 @@ def _decode(model, batch: Batch, device) -> dict[int, int]:
     for index, row in batch.rows.items():
         tokens[index, 0] = row.last if index in batch.decoding else FEED_WHEN_IDLE
         slots[index, 0] = min(row.slot, model.max_seq_len - 1)
-    logits = guarded_call(batch.steps > 0, batch.compute, tokens.to(device), None, None, slots.to(device), True)[:, -1]
+    logits = guarded_call(batch.steps > 0, batch.compute, tokens.to(device), slots.to(device))[:, -1]
     batch.steps += 1
     decoding = sorted(batch.decoding)
     chosen = _choose(logits[decoding], [batch.rows[i] for i in decoding])
