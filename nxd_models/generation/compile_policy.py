@@ -75,6 +75,19 @@ def speculative_rounds_name(model, draft, sampled: bool, k: int, batch: int) -> 
     return compile_cache.entry_dir(compile_cache.full_key(fields)).name
 
 
+def speculative_fields(model, draft, sampled: bool, k: int, batch: int) -> dict[str, dict]:
+    """The compile cache fields of each function a speculative session compiles (worker/speculative.py):
+    the draft's k-step round (greedy) or its forward (sampled), the target's verification (greedy: with
+    its acceptance) or forward (sampled), and prompt lookup's plain step (plain decoding's own)."""
+    mode = "sampled" if sampled else "greedy"
+    fields = {"verify" if not sampled else "target": step_fields(model, f"speculative {mode} verification of {k} tokens", batch)}
+    if draft is not None:
+        fields["draft"] = step_fields(draft, f"speculative {mode} draft of {k} tokens", batch)
+    else:
+        fields["plain"] = step_fields(model, "sampled_compute" if sampled else "greedy_step", batch)
+    return fields
+
+
 class CompilePolicy:
     """compile=None's decision for one generation: switch once, at the first boundary where it pays.
     force=True (compile=True) switches at the first boundary whatever the estimate."""

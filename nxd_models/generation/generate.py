@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..inputs import check_generation, check_mask, check_vocabulary, is_token_ids, sampling_seed, token_batch
-from .compile_policy import MEASURED_STEPS, CompilePolicy, speculative_rounds_name
+from .compile_policy import MEASURED_STEPS, CompilePolicy, speculative_fields, speculative_rounds_name
 from .worker import decoding, speculative
 from .worker.sampling import SamplingParams
 
@@ -287,7 +287,7 @@ def steps(
                 eos,
                 num_speculative_tokens,
                 max_new_tokens,
-                compile,
+                speculative_fields(model, draft_model, do_sample, num_speculative_tokens, batch) if compile else None,
                 max_ngram,
             )
             return [[t] for t in first.tolist()]

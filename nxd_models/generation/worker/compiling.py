@@ -197,6 +197,39 @@ def switch_to_compiled(fields: dict, switch: Callable[[AheadOfTime], None], firs
     }
 
 
+class CachedSteps:
+    """What decode_step's `ahead` is for a step compiled from the start through the compile cache
+    (speculative rounds): .step(fn) compiles fn on its first call through the entry of `fields`."""
+
+    def __init__(self, fields: dict):
+        self.fields = fields
+
+    def step(self, fn: Callable) -> Callable:
+        return cached_step(self.fields, fn)
+
+
+def cached_step(fields: dict, fn: Callable) -> Callable:
+    """fn(model, *args) compiled ahead of time through this machine's compile cache (the entry of
+    `fields`: a package compiled by an earlier process loads in milliseconds), on the first call of
+    each signature (the tensors' shapes and dtypes, the other arguments' values: prompt lookup's
+    verification width varies), which the entry learns from as a switch's (switch_to_compiled)."""
+    compiled: dict[tuple, Callable] = {}
+
+    def call(*args):
+        signature = (id(args[0]), *((a.shape, a.dtype) if isinstance(a, torch.Tensor) else a for a in args[1:]))
+        known = compiled.get(signature)
+        if known is not None:
+            return known(*args)
+
+        def switch(ahead: AheadOfTime) -> None:
+            compiled[signature] = ahead.step(fn)
+
+        out, _ = switch_to_compiled(fields, switch, lambda: compiled[signature](*args))
+        return out
+
+    return call
+
+
 def record_step_times(fields: dict, eager_step_seconds: float | None, compiled_step_seconds: float | None) -> None:
     """Keep a session's measured step times (either or both) in its entry, if this machine has one: the
     next decision weighs them instead of a guess."""

@@ -31,7 +31,8 @@ import torch
 from nxd_core.worker_process import StateKey, worker_state
 
 from ...worker_ops import device_of, end_session, owned_key
-from .decoding import compiled, decode_step, guarded_call, prefill, validity_mask
+from .compiling import CachedSteps, cached_step
+from .decoding import decode_step, guarded_call, prefill, validity_mask
 from .prompt_lookup import PromptLookup
 from .sampling import SamplingParams, next_tokens, probabilities, seeded_generator
 
@@ -82,6 +83,12 @@ def greedy_draft(compute: Callable, last, valid, slots, k: int):
     return torch.stack(tokens, dim=1)
 
 
+def draft_round(model, last, valid, slots, k: int):
+    """greedy_draft on the model's compute, as a function of the model: what the compile cache
+    compiles ahead of time (see decoding.greedy_step)."""
+    return greedy_draft(model.compute, last, valid, slots, k)
+
+
 def _draft_tokens(session: SpeculativeSession):
     """k draft tokens [batch, k] and their distributions [batch, k, vocab] (None when greedy).
 
@@ -130,7 +137,7 @@ def _accept(session: SpeculativeSession, drafted: torch.Tensor, q, target_logits
 def _plain_steps(session: SpeculativeSession, n: int) -> list[list[int]]:
     """Prompt lookup with nothing to propose: n tokens per row through plain decoding's step (its
     compiled step, token choice included), with as little around each step as plain decoding has:
-    every row's slot moves on by one (a finished row's slots are never read again), and the tokens
+    every row's slot moves on by one (a finished row's slots are never read again: _advance), and the tokens
     are sorted out after the last step."""
     lookup = session.lookup
     room = [session.max_new_tokens - e for e, done in zip(session.emitted.tolist(), session.finished.tolist()) if not done]
@@ -143,10 +150,19 @@ def _plain_steps(session: SpeculativeSession, n: int) -> list[list[int]]:
         position = session.pos[:1] if shared else session.pos[:, None]
         last, finished = guarded_call(call in lookup.calls_run, session.plain_step, last, session.valid, position, finished)
         lookup.calls_run.add(call)
-        session.pos += 1
+        _advance(session, 1)
         steps.append(last)
     session.last = last
     return _emit(session, torch.stack(steps, dim=1).tolist(), [0] * last.shape[0])
+
+
+def _advance(session: SpeculativeSession, by) -> None:
+    """Move each row's slot pointer on by `by`, to at most the last slot a round can start from (k + 1
+    slots before the cache's end). Only rows that have finished ever reach it (generate checks that
+    prompt + max_new_tokens + k fits): a row that finishes in a round moves on by what it accepted,
+    and in prompt lookup's plain steps a finished row ahead of the others moves on with them. Their
+    slots are never read again, but every round writes them."""
+    session.pos = (session.pos + by).clamp(max=session.valid.shape[1] - 1 - session.k)
 
 
 def _emit(session: SpeculativeSession, candidates: list[list[int]], counts: list[int], accepted=None) -> list[list[int]]:
@@ -193,6 +209,32 @@ def greedy_verify(compute: Callable, fed, valid, slots):
     return accepted, choice.gather(1, accepted[:, None]).squeeze(1)
 
 
+def verify_round(model, fed, valid, slots):
+    """greedy_verify on the model's compute, as a function of the model (see draft_round)."""
+    return greedy_verify(model.compute, fed, valid, slots)
+
+
+def forward_last(model, input_ids, valid, slots):
+    """The draft's forward when sampling (the draw stays eager): the last position's logits."""
+    return model.compute(input_ids, valid, None, slots, True)
+
+
+def forward_all(model, input_ids, valid, slots):
+    """The target's verification forward when sampling: every position's logits."""
+    return model.compute(input_ids, valid, None, slots, False)
+
+
+def _bound(fields: dict, fn: Callable, model) -> Callable:
+    """fn(model, ...) compiled through the compile cache on its first call, as a function of the rest."""
+    step = cached_step(fields, fn)
+    return lambda *args: step(model, *args)
+
+
+def _compute_through(forward: Callable) -> Callable:
+    """A compiled forward(input_ids, valid, slots) called as model.compute is here (keywords)."""
+    return lambda input_ids, valid, position_ids=None, cache_position=None, last_only=True: forward(input_ids, valid, cache_position)
+
+
 def speculate_round(session: SpeculativeSession) -> list[list[int]]:
     """One round: the tokens each row gains (possibly none for finished rows)."""
     lookup = session.lookup
@@ -223,8 +265,8 @@ def speculate_round(session: SpeculativeSession) -> list[list[int]]:
         accepted, following = _accept(session, drafted, q, target_logits)
     if lookup is not None:
         lookup.calls_run.add(fed.shape[1])
-    # Finished rows keep their pointer (they rewrite the same slots), so they never outgrow the cache.
-    session.pos += torch.where(session.finished, 0, accepted + 1)
+    # Finished rows keep their pointer (they rewrite the same slots).
+    _advance(session, torch.where(session.finished, 0, accepted + 1))
 
     n_accepted, drafted_list = accepted.tolist(), drafted.tolist()
     candidates = [d[:n] + [f] for d, n, f in zip(drafted_list, n_accepted, following.tolist())]
@@ -246,11 +288,14 @@ def start(
     eos,
     k: int,
     max_new_tokens: int,
-    compile: bool = False,
+    compile_fields: dict | None = None,
     max_ngram: int = 2,
 ):
     """Prefill the target (and the draft); the first token comes from the target. Returns it per row.
-    draft_key None: prompt lookup proposes up to k tokens, matching n-grams of up to max_ngram."""
+    draft_key None: prompt lookup proposes up to k tokens, matching n-grams of up to max_ngram.
+    compile_fields: None decodes eagerly; else the compile cache fields of each compiled function of
+    the rounds (compile_policy.speculative_fields: "draft", "verify", "target", "plain"), each
+    compiled ahead of time on its first call through this machine's compile cache."""
     target = worker_state()[target_key]
     draft = worker_state()[draft_key] if draft_key is not None else None
     device = device_of(target)
@@ -258,6 +303,8 @@ def start(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch, prompt_len = input_ids.shape
     eos = torch.tensor(eos, dtype=torch.long, device=device)  # as plain decoding makes it (its compiled step takes it)
+    compile = compile_fields is not None
+    greedy = not params.do_sample
     # Every tensor of the session is an inference tensor, as those the rounds make: a compiled step's
     # guards tell the two kinds apart, so mixing them would recompile it in the middle of a session.
     with torch.inference_mode():
@@ -266,11 +313,6 @@ def start(
         if draft is not None:
             prefill(draft, input_ids, attention_mask)
         lookup = PromptLookup.start(input_ids, attention_mask, first, k, max_ngram, pad_to_k=compile) if draft is None else None
-
-        def maybe_compiled(key, name, function):
-            return compiled(key, name, function) if compile else function
-
-        greedy = not params.do_sample
         session = SpeculativeSession(
             valid=valid,
             pos=torch.full((batch,), prompt_len, device=device),
@@ -283,17 +325,26 @@ def start(
             k=k,
             max_new_tokens=max_new_tokens,
             accepted=[0] * (k + 1),
-            draft=None if draft is None else maybe_compiled(draft_key, "compute", draft.compute),
-            target=maybe_compiled(target_key, "compute", target.compute),
-            verify=maybe_compiled(target_key, "greedy_verify", functools.partial(greedy_verify, target.compute)) if greedy else None,
-            greedy_draft=(
-                maybe_compiled(draft_key, "greedy_draft", functools.partial(greedy_draft, draft.compute))
-                if greedy and draft is not None
-                else None
-            ),
+            draft=None if draft is None else draft.compute,
+            target=target.compute,
             lookup=lookup,
-            plain_step=None if lookup is None else decode_step(target, target_key, compile, eos, 0, params, generator),
         )
+        if greedy:
+            session.verify = functools.partial(greedy_verify, target.compute)
+            if draft is not None:
+                session.greedy_draft = functools.partial(greedy_draft, draft.compute)
+        if compile:  # each function compiled ahead of time, through the compile cache, on its first call
+            if greedy:
+                session.verify = _bound(compile_fields["verify"], verify_round, target)
+                if draft is not None:
+                    session.greedy_draft = _bound(compile_fields["draft"], draft_round, draft)
+            else:
+                session.target = _compute_through(_bound(compile_fields["target"], forward_all, target))
+                if draft is not None:
+                    session.draft = _compute_through(_bound(compile_fields["draft"], forward_last, draft))
+        if lookup is not None:
+            ahead = CachedSteps(compile_fields["plain"]) if compile else None
+            session.plain_step = decode_step(target, target_key, compile, eos, 0, params, generator, ahead=ahead)
     worker_state()[owned_key(target_key, SESSION)] = session
     return first.cpu()
 
