@@ -23,25 +23,14 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include "cpu_common.h"
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <memory>
 #include <string>
 
-static inline float bf16_to_float(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // ---- AVX2 + FMA: 8 lanes; x widened to fp32 rows of stride xs (zero-padded), permuted per block --
 //
@@ -198,27 +187,6 @@ static void rows(const uint16_t* w, int64_t K, const X* x, int64_t xs, int64_t M
 // more than it saves (2 Zen 4 cores, one row of x, fastest call: W [256, 256] 4.1 us on one thread,
 // 5.7 us on two; [256, 688] 9.7 us against 6.8 us).
 constexpr int64_t kGrain = 64, kTaskBytes = 128 << 10;
-
-// f(begin, end) over chunks of `chunk` rows of [0, N). Each of at::get_num_threads() threads (at
-// most one per chunk) owns a contiguous share and takes its chunks in order (one stream, as a fixed
-// split), then takes what is left of the other shares. Measured (2 Zen 4 cores, one row of x,
-// machine shared, fastest call of 40 passes over 256 MB of copies, GB/s): [5632, 2048] fixed halves
-// 54.9, one counter for all chunks 47.9, shares with stealing 53.3 (medians 37.7 / 36.7 / 39.8);
-// [2048, 2048] 42.0 / 40.9 / 45.2.
-template <typename F>
-static void split_rows(int64_t N, int64_t chunk, const F& f) {
-  const int64_t chunks = (N + chunk - 1) / chunk;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
-  if (threads <= 1) return f(0, N);
-  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[threads]);  // next chunk of each share
-  for (int64_t t = 0; t < threads; ++t) next[t] = chunks * t / threads;
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t) {
-    for (int64_t i = 0; i < threads; ++i) {  // its own share first, then the others' leftovers
-      const int64_t t = (first + i) % threads, stop = chunks * (t + 1) / threads;
-      for (int64_t c; (c = next[t].fetch_add(1, std::memory_order_relaxed)) < stop;) f(c * chunk, std::min(N, (c + 1) * chunk));
-    }
-  });
-}
 
 at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "bf16_linear: x [M, K] and w [N, K]");

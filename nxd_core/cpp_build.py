@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import sys
 import warnings
@@ -32,6 +33,10 @@ def build_and_load(name: str, source: Path, cflags: list[str], ldflags: list[str
     bin_dir = os.path.dirname(sys.executable)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    # torch's loader rebuilds when a listed source or a flag changes, not a header: the headers beside
+    # the source (cpu_common.h) go into the flags as a digest
+    headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))).hexdigest()[:16]
+    cflags = [*cflags, f"-DNXD_HEADERS_DIGEST={headers}"]
     try:
         with _build_lock(name):
             load(name=name, sources=[str(source)], is_python_module=False, extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)

@@ -23,6 +23,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include "cpu_common.h"
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -30,19 +32,6 @@
 #include <memory>
 #include <string>
 
-static inline float bf16_to_float(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // 16 bytes (32 inputs) as q - 8 in int8: lo the 16 even inputs, hi the 16 odd ones, in order.
 static inline void split_nibbles(const uint8_t* p, __m128i& lo, __m128i& hi) {
@@ -443,24 +432,6 @@ static void permute_bf16(const at::Tensor& xc, int64_t Kp, uint16_t* xd) {
           const int64_t k = b + 4 * e + j;
           xd[m * Kp + b + 32 * j + e] = k < K ? xb[m * K + k] : 0;
         }
-}
-
-// f(begin, end) over chunks of `chunk` rows of [0, N): each of at::get_num_threads() threads (at most
-// one per chunk) takes the chunks of its own contiguous share in order, then what is left of the
-// others' (as bf16_linear.cpp, where it is measured): a late thread no longer holds up the call.
-template <typename F>
-static void split_rows(int64_t N, int64_t chunk, const F& f) {
-  const int64_t chunks = (N + chunk - 1) / chunk;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
-  if (threads <= 1) return f(0, N);
-  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[threads]);  // next chunk of each share
-  for (int64_t t = 0; t < threads; ++t) next[t] = chunks * t / threads;
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t) {
-    for (int64_t i = 0; i < threads; ++i) {  // its own share first, then the others' leftovers
-      const int64_t t = (first + i) % threads, stop = chunks * (t + 1) / threads;
-      for (int64_t c; (c = next[t].fetch_add(1, std::memory_order_relaxed)) < stop;) f(c * chunk, std::min(N, (c + 1) * chunk));
-    }
-  });
 }
 
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale) {
