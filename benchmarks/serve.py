@@ -117,7 +117,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--compile", action="store_true", help="compiled decode steps (the engine's and generate's), compiled before timing")
+    parser.add_argument(
+        "--compile", action="store_true", help="compiled decode steps (the engine's and generate's), compiled before timing"
+    )
     args = parser.parse_args()
 
     from nxd_models import from_pretrained_parallel
@@ -141,7 +143,9 @@ def main() -> None:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         name = "demo-llama" if args.demo else f"{args.layout} layout"
         print(f"{name}, {dtype}, {len(requests)} requests (prompts {prompt_range}, completions {new_range} tokens), {rows} rows")
-        print(f"best of {args.repeats} runs; ITL: the time between tokens of one stream; {'compiled' if args.compile else 'eager'} decode steps")
+        print(
+            f"best of {args.repeats} runs; ITL: the time between tokens of one stream; {'compiled' if args.compile else 'eager'} decode steps"
+        )
         hf = max(hf_static(path, requests, rows, dtype) for _ in range(args.repeats))
         print(f"{'':28s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'ITL p50':>8s} {'ITL p99':>8s}")
         print(f"{f'HF static batches of {rows}':28s} {hf:8.1f}")

@@ -82,7 +82,9 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--target", default="demo-llama", help="the target model, a zoo name or a directory (the draft is demo-llama-draft)")
+    parser.add_argument(
+        "--target", default="demo-llama", help="the target model, a zoo name or a directory (the draft is demo-llama-draft)"
+    )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--k", type=int, default=4, help="draft tokens per round")
     # 7: a verification of 8 rows stays on the bf16 decode kernel, which computes each row alike at
