@@ -68,19 +68,16 @@ def open_batch(key: StateKey, compile_fields: dict | None = None) -> tuple[int, 
     switch_to_compiled: the decode step is compiled (or loaded from this machine's compile cache)
     here, before the first request, by one decode of idle rows."""
     model = worker_state()[key]
-    batch = Batch(rows={}, decoding=set(), compute=model.compute)
+    batch = Batch(rows={}, decoding=set(), compute=functools.partial(decode_rows, model))
     report = None
     if compile_fields is not None:
 
         def to_compiled(ahead):
-            forward = ahead.step(decode_rows)
-            batch.compute = lambda tokens, slots: forward(model, tokens, slots)
+            batch.compute = functools.partial(ahead.step(decode_rows), model)
 
         with torch.inference_mode():
             # idle rows feed a pad token at slot 0 of their own row: every row's first prefill overwrites it
             _, report = switch_to_compiled(compile_fields, to_compiled, lambda: _decode(model, batch, device_of(model)))
-    else:
-        batch.compute = functools.partial(decode_rows, model)
     worker_state()[owned_key(key, BATCH)] = batch
     return model.max_batch_size, report
 

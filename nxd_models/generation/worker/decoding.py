@@ -96,6 +96,12 @@ def forward_step(model, input_ids, valid, cache_position):
     return model.compute(input_ids, valid, None, cache_position, True)
 
 
+def as_compute(forward: Callable) -> Callable:
+    """A compiled forward(input_ids, valid, cache_position) (forward_step's, or another whose
+    last_only is fixed) called the way model.compute is called here."""
+    return lambda input_ids, valid, position_ids=None, cache_position=None, last_only=True: forward(input_ids, valid, cache_position)
+
+
 # Every model a worker loads compiles the same code objects again (its compute, the step functions),
 # and torch gives up compiling a code object after 8 versions by default: a long-lived worker
 # (a notebook, a server, the test suite) would then decode eagerly without a word.
@@ -121,11 +127,7 @@ def decode_step(
         if not params.do_sample:
             whole = ahead.step(greedy_step)
             return lambda tokens, valid, position, finished: whole(model, tokens, valid, position, finished, eos, pad_token_id, params)
-        forward = ahead.step(forward_step)
-
-        def compute(input_ids, valid, position_ids=None, cache_position=None, last_only=True):
-            return forward(model, input_ids, valid, cache_position)
-
+        compute = as_compute(functools.partial(ahead.step(forward_step), model))
         return functools.partial(decode_one_token, compute, eos=eos, pad_token_id=pad_token_id, params=params, generator=generator)
     if compile and not params.do_sample:
         whole = compiled(key, "greedy_step", functools.partial(decode_one_token, model.compute))

@@ -32,7 +32,7 @@ from nxd_core.worker_process import StateKey, worker_state
 
 from ...worker_ops import device_of, end_session, owned_key
 from .compiling import CachedSteps, cached_step
-from .decoding import decode_step, guarded_call, prefill, validity_mask
+from .decoding import as_compute, decode_step, forward_step, guarded_call, prefill, validity_mask
 from .prompt_lookup import PromptLookup
 from .sampling import SamplingParams, next_tokens, probabilities, seeded_generator
 
@@ -214,25 +214,15 @@ def verify_round(model, fed, valid, slots):
     return greedy_verify(model.compute, fed, valid, slots)
 
 
-def forward_last(model, input_ids, valid, slots):
-    """The draft's forward when sampling (the draw stays eager): the last position's logits."""
-    return model.compute(input_ids, valid, None, slots, True)
-
-
 def forward_all(model, input_ids, valid, slots):
-    """The target's verification forward when sampling: every position's logits."""
+    """The target's verification forward when sampling: every position's logits (the draft's is
+    decoding.forward_step, the last position's)."""
     return model.compute(input_ids, valid, None, slots, False)
 
 
 def _bound(fields: dict, fn: Callable, model) -> Callable:
     """fn(model, ...) compiled through the compile cache on its first call, as a function of the rest."""
-    step = cached_step(fields, fn)
-    return lambda *args: step(model, *args)
-
-
-def _compute_through(forward: Callable) -> Callable:
-    """A compiled forward(input_ids, valid, slots) called as model.compute is here (keywords)."""
-    return lambda input_ids, valid, position_ids=None, cache_position=None, last_only=True: forward(input_ids, valid, cache_position)
+    return functools.partial(cached_step(fields, fn), model)
 
 
 def speculate_round(session: SpeculativeSession) -> list[list[int]]:
@@ -329,19 +319,19 @@ def start(
             target=target.compute,
             lookup=lookup,
         )
-        if greedy:
-            session.verify = functools.partial(greedy_verify, target.compute)
-            if draft is not None:
-                session.greedy_draft = functools.partial(greedy_draft, draft.compute)
         if compile:  # each function compiled ahead of time, through the compile cache, on its first call
             if greedy:
                 session.verify = _bound(compile_fields["verify"], verify_round, target)
                 if draft is not None:
                     session.greedy_draft = _bound(compile_fields["draft"], draft_round, draft)
             else:
-                session.target = _compute_through(_bound(compile_fields["target"], forward_all, target))
+                session.target = as_compute(_bound(compile_fields["target"], forward_all, target))
                 if draft is not None:
-                    session.draft = _compute_through(_bound(compile_fields["draft"], forward_last, draft))
+                    session.draft = as_compute(_bound(compile_fields["draft"], forward_step, draft))
+        elif greedy:
+            session.verify = functools.partial(greedy_verify, target.compute)
+            if draft is not None:
+                session.greedy_draft = functools.partial(greedy_draft, draft.compute)
         if lookup is not None:
             ahead = CachedSteps(compile_fields["plain"]) if compile else None
             session.plain_step = decode_step(target, target_key, compile, eos, 0, params, generator, ahead=ahead)
