@@ -161,7 +161,7 @@ def main() -> None:
                     run_clients(engine, requests[:2], 2)  # warm-up: first calls of every kernel
                     single = None
                     for clients in args.clients:
-                        share = requests if clients > 1 else requests[: max(4, len(requests) // 8)]
+                        share = requests if clients > 1 else alone_requests  # one stream: fewer requests, same kinds
                         runs = [run_clients(engine, share, clients) for _ in range(args.repeats)]
                         best = max(runs, key=lambda r: r["tok_s"])
                         single = single or best
