@@ -27,6 +27,7 @@ from nxd_core.checkpoint import (
     read_manifest,
     tied_aliases,
 )
+from nxd_core.huge_pages import move_to_huge_pages
 from nxd_core.quantization import prepare_kernels, quantize_model, quantized_sources, saved_quantization
 from nxd_core.worker_process import StateKey, drop_owned_by, return_freed_memory, worker_state
 
@@ -107,6 +108,7 @@ def _build_and_load(
         load_state_dict_from_full(model, tensors, source=path)
     model.to(device)
     prepare_kernels(model)  # the quantized layers' kernels, now that the weights are on their device
+    move_to_huge_pages(model)  # CPU weights of 2 MB and more: decoding streams them (nxd_core/huge_pages.py)
     if family.KV_CACHE:
         model.allocate_kv_cache(max_batch_size, max_seq_len)
     model.eval()
