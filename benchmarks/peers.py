@@ -13,7 +13,8 @@ runs in this interpreter (it needs torch, transformers and sentencepiece, which 
 needs a tokenizer: the checkpoint gets a tiny sentencepiece model (the converter pads the vocabulary).
 Where llama-cpp-python is not installed, this says so and measures the rest.
 
-Every rate is decode tokens/s with the prompt's prefill left out (best of --repeats runs). The roofline is the
+Every rate is decode tokens/s with the prompt's prefill left out (best of --repeats runs, and of --rounds
+rounds: each round runs every engine once, llama.cpp and ours in turn, and the per-round ratios are printed). The roofline is the
 memory read bandwidth measured here (generate.memory_bandwidth, on --threads threads) over the bytes a token reads in that format (one embedding row, not
 the table).
 """
@@ -21,6 +22,7 @@ the table).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -126,55 +128,61 @@ def add_tokenizer(path: Path) -> None:
     (path / "tokenizer.model").write_bytes(model.getvalue())
 
 
-def llama_cpp_rows(args, path: Path, work: Path, threads: int) -> list[tuple]:
+def llama_cpp_models(args, path: Path, work: Path) -> list[tuple[str, Path]]:
+    """(label, GGUF file) for bf16 and q8_0, converted once by llama.cpp's converter; [] without llama.cpp."""
     version = llama_cpp_version(args.llama_python)
     if version is None:
         print(f"llama.cpp: not measured, llama-cpp-python (and gguf) are not installed in {args.llama_python} (see --help)\n")
         return []
     source = converter_dir(args.llama_python, version, args.llama_cpp_dir)
     add_tokenizer(path)
-    rows = []
+    models = []
     for outtype in ("bf16", "q8_0"):
         gguf = work / f"model-{outtype}.gguf"
         convert = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(path), "--outtype", outtype, "--outfile", str(gguf)]
         subprocess.run(convert, check=True, capture_output=True)
-        run = [
-            args.llama_python,
-            "-c",
-            LLAMA_RUN,
-            str(gguf),
-            str(threads),
-            str(args.prompt_tokens),
-            str(args.new_tokens),
-            str(generate.REPEATS),
-        ]
-        done = subprocess.run(run, check=True, capture_output=True, text=True)
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append(measured(f"llama.cpp {version} {outtype}", result["rate"], result["read"]))
-        gguf.unlink()
-    return rows
+        models.append((f"llama.cpp {version} {outtype}", gguf))
+    return models
 
 
-def ours_rows(path: Path, prompt, args, threads: int, honest_bf16: int) -> list[tuple]:
+def llama_cpp_rate(args, gguf: Path, threads: int) -> tuple[float, int]:
+    """(decode tokens/s, bytes a token reads) of one GGUF file, in a fresh llama.cpp process."""
+    run = [
+        args.llama_python,
+        "-c",
+        LLAMA_RUN,
+        str(gguf),
+        str(threads),
+        str(args.prompt_tokens),
+        str(args.new_tokens),
+        str(generate.REPEATS),
+    ]
+    done = subprocess.run(run, check=True, capture_output=True, text=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["rate"], result["read"]
+
+
+@contextlib.contextmanager
+def ours_models(path: Path, args, threads: int, honest_bf16: int):
+    """(label, model, compile, bytes a token reads) for ours: bf16 eager and compiled, int8 compiled,
+    loaded once into one worker group for every round."""
     from nxd_core import int8_kernels
     from nxd_core.workers import WorkerGroup
     from nxd_models import from_pretrained_parallel
 
     slots = args.prompt_tokens + args.new_tokens + 1
     int8_kernels.prepare()
-    rows = []
     with WorkerGroup(1, threads_per_worker=threads) as group:
+        runs = []
         for method in (None, "int8"):
             load = dict(tp=1, dtype=torch.bfloat16, max_seq_len=slots, workers=group, progress=False, quantize=method)
-            with from_pretrained_parallel(path, **load) as model:
-                # bf16: the checkpoint's bytes, one embedding row; int8: the rank's tensors without the table
-                read = honest_bf16 if method is None else max(group.run(bytes_read_per_token, model.key))
-                label = f"ours bf16 ({kernel_path()})" if method is None else f"ours int8 ({int8_kernels.isa() or 'fallback'})"
-                modes = (False,) if args.quick else (False, True) if method is None else (True,)
-                for compile in modes:
-                    rate = ours(model, prompt, args.new_tokens, compile=compile)["decode_tokens_per_second"]
-                    rows.append(measured(f"{label}, {'compiled' if compile else 'eager'}", rate, read))
-    return rows
+            model = from_pretrained_parallel(path, **load)
+            # bf16: the checkpoint's bytes, one embedding row; int8: the rank's tensors without the table
+            read = honest_bf16 if method is None else max(group.run(bytes_read_per_token, model.key))
+            label = f"ours bf16 ({kernel_path()})" if method is None else f"ours int8 ({int8_kernels.isa() or 'fallback'})"
+            modes = (False,) if args.quick else (False, True) if method is None else (True,)
+            runs += [(f"{label}, {'compiled' if compile else 'eager'}", model, compile, read) for compile in modes]
+        yield runs
 
 
 def main(argv=None) -> None:
@@ -186,6 +194,7 @@ def main(argv=None) -> None:
     parser.add_argument("--llama-python", default=sys.executable, help="the interpreter with llama-cpp-python and gguf")
     parser.add_argument("--llama-cpp-dir", help="a llama.cpp source tree (convert_hf_to_gguf.py), instead of the sdist")
     parser.add_argument("--repeats", type=int, default=generate.REPEATS, help="runs per measurement; the best is kept")
+    parser.add_argument("--rounds", type=int, default=1, help="times through every engine, alternating; the best is kept")
     parser.add_argument("--no-hf", action="store_true", help="leave out HF generate")
     parser.add_argument("--quick", action="store_true", help="tiny layout, 8 new tokens, ours eager only (a smoke test)")
     parser.add_argument("--workdir", help="where to put the checkpoints (default: a temporary directory)")
@@ -212,16 +221,32 @@ def main(argv=None) -> None:
             f"memory read bandwidth {bandwidth / GB:.1f} GB/s ({args.threads} threads); bf16 roofline {bandwidth / honest:.1f} tokens/s "
             f"({honest / GB:.3f} GB per token: one embedding row), {bandwidth / whole:.1f} counting the whole table\n"
         )
-        rows = llama_cpp_rows(args, path, work, args.threads)
-        if not args.no_hf:
-            rows.append(measured("HF generate bf16 (eager)", hf_decode_rate(path, prompt, args.new_tokens), honest))
-        rows += ours_rows(path, prompt, args, args.threads, honest)
+        # Rounds alternate llama.cpp and ours, so a shared machine's slow and fast spells fall on both.
+        ggufs = llama_cpp_models(args, path, work)
+        rounds: list[dict] = []
+        with ours_models(path, args, args.threads, honest) as runs:
+            for number in range(args.rounds):
+                this = {label: llama_cpp_rate(args, gguf, args.threads) for label, gguf in ggufs}
+                if not args.no_hf and number == 0:
+                    this["HF generate bf16 (eager)"] = (hf_decode_rate(path, prompt, args.new_tokens), honest)
+                for label, model, compile, read in runs:
+                    this[label] = (ours(model, prompt, args.new_tokens, compile=compile)["decode_tokens_per_second"], read)
+                for label, (rate, read) in this.items():
+                    measured(f"{label} (round {number + 1})", rate, read)
+                rounds.append(this)
+        rows = [(label, max(r[label][0] for r in rounds if label in r), read) for label, (_, read) in rounds[0].items()]
         base = rows[0][1]
         print(
             f"{'decode (prefill left out)':44s} {'tokens/s':>9s} {'vs ' + rows[0][0].split(' (')[0]:>28s} {'GB/token':>9s} {'of roofline':>12s}"
         )
         for label, rate, read in rows:
             print(f"{label:44s} {rate:9.1f} {rate / base:27.2f}x {read / GB:9.3f} {rate * read / bandwidth:11.0%}")
+        if len(rounds) > 1:
+            first = rows[0][0]
+            print(f"\neach round's rate over {first} in the same round:")
+            for label, _, _ in rows[1:]:
+                ratios = [r[label][0] / r[first][0] for r in rounds if label in r]
+                print(f"  {label:44s} " + " ".join(f"{v:.2f}x" for v in ratios))
         print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

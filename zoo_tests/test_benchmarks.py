@@ -21,6 +21,7 @@ def test_convert_memory_prints_rss_and_bandwidth(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the generated checkpoints are removed
 
 
+@pytest.mark.slow  # a cold AOTInductor compile or a fresh benchmark process: minutes on 2 cores (make test-slow)
 def test_load_prints_hf_and_parallel_rows(tmp_path):
     out = _run("load.py", "--layout", "tiny", "--tp", "2", "--workdir", str(tmp_path))
     for row in (
@@ -32,6 +33,7 @@ def test_load_prints_hf_and_parallel_rows(tmp_path):
         assert row in out
 
 
+@pytest.mark.slow  # a cold AOTInductor compile or a fresh benchmark process: minutes on 2 cores (make test-slow)
 def test_generate_prints_the_comparison_table(tmp_path):
     out = _run("generate.py", "--layout", "tiny", "--draft-layout", "tiny", "--new-tokens", "8", "--workdir", str(tmp_path))
     for row in ("HF generate (eager)", "ours, eager", "ours, compiled", "reading one embedding row", "acceptance", "rounds that accepted"):
@@ -52,6 +54,7 @@ def test_generate_runs_a_moe_layout_with_its_roofline_counting_only_chosen_exper
     assert decode_bytes_per_token("tiny", 10**7, whole_embedding=False) == 10**7 - 999 * 128 * 2
 
 
+@pytest.mark.slow  # a cold AOTInductor compile or a fresh benchmark process: minutes on 2 cores (make test-slow)
 def test_generate_demo_pair_prints_speculative_speedup():
     out = _run("generate.py", "--demo", "--tp", "2", "--new-tokens", "16")
     for row in ("target only", "speculative", "speedup", "eager", "compiled", "class Reader:"):

@@ -48,7 +48,7 @@ def compiling_pays(monkeypatch, cache_dir):
     monkeypatch.setattr(generate, "MEASURED_STEPS", 1)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [pytest.param(1, marks=pytest.mark.slow), 2])  # tp=1 in the slow run: another cold compile
 def test_switching_to_compiled_mid_generation_keeps_greedy_tokens(tp_runner, checkpoint, compiling_pays, tp):
     ids, mask = left_padded_batch()
     with from_pretrained_parallel(

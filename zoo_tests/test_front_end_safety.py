@@ -88,7 +88,9 @@ def _interrupt_after(seconds: float, running: threading.Event) -> threading.Thre
     return thread
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"]
+)  # compiled: a cold compile
 def test_interrupted_generate_leaves_the_model_answering_correctly(demo, compile):
     model, expected = demo
     if compile:  # compile first: the interrupt should land in decoding, not in the compiler

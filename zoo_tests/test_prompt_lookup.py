@@ -45,6 +45,7 @@ def test_prompt_lookup_greedy_equals_greedy(tp_runner, target, tp):
                 assert 0 <= stats["acceptance_rate"] <= 1
 
 
+@pytest.mark.slow  # the default run compiles lookup rounds in test_compile_policy; a cold AOTInductor compile or a fresh benchmark process: minutes on 2 cores (make test-slow)
 def test_compiled_prompt_lookup_equals_eager_and_plain(tp_runner, target):
     ids, mask = repetitive_batch()
     load = dict(tp=2, max_batch_size=3, max_seq_len=64, workers=tp_runner.workers(2), progress=False)

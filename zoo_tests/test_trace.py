@@ -408,6 +408,7 @@ def _scripted_kernel(tensors: list[torch.Tensor]):
 # -- the benchmark --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a cold AOTInductor compile or a fresh benchmark process: minutes on 2 cores (make test-slow)
 def test_trace_benchmark_prints_its_table(tmp_path):
     args = ["--tp", "1", "--layers", "1", "--hidden", "32", "--seq", "16", "--calls", "3", "--workdir", str(tmp_path)]
     out = subprocess.run([sys.executable, str(BENCHMARKS / "trace.py"), *args], capture_output=True, text=True, timeout=600)
