@@ -49,7 +49,9 @@ def enabled() -> bool:
 def huge_page_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of a CPU tensor in its own mapping, advised MADV_HUGEPAGE from a 2 MB boundary."""
     nbytes = tensor.numel() * tensor.element_size()
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE)  # the spare 2 MB, never touched, costs no memory
+    # Private: a shared anonymous mapping is shmem, which THP's "shmem_enabled" (usually never) governs.
+    # The spare 2 MB, never touched, costs no memory.
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     start = (-torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()) % HUGE_PAGE
     region.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
     # torch.frombuffer keeps `region` alive for as long as the tensor (and any view of it) lives.

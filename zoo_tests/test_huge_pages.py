@@ -16,15 +16,16 @@ needs_thp = pytest.mark.skipif(not huge_pages.available(), reason="this OS gives
 
 
 def advised_huge(tensor: torch.Tensor) -> bool:
-    """Whether the mapping holding tensor's first byte carries MADV_HUGEPAGE (smaps' VmFlags "hg")."""
-    address, inside = tensor.data_ptr(), False
+    """Whether the mapping holding tensor's first byte is private (a shared anonymous one is shmem,
+    where THP is usually off) and carries MADV_HUGEPAGE (smaps' VmFlags "hg")."""
+    address, inside, private = tensor.data_ptr(), False, False
     for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(maxsplit=1)[0]
+        head, *rest = line.split()
         if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms offset ..."
             low, high = (int(part, 16) for part in head.split("-"))
-            inside = low <= address < high
+            inside, private = low <= address < high, rest[0].endswith("p")
         elif inside and head == "VmFlags:":
-            return "hg" in line.split()[1:]
+            return private and "hg" in rest
     return False
 
 
