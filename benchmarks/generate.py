@@ -36,8 +36,13 @@ def memory_bandwidth(size: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes per second of reading a large buffer once: the roofline's bandwidth (decoding only reads
     its weights). A reduction (amax) over `size` bytes of float32 on torch's threads, best of `repeats`.
     A copy would count each byte read and written; a read stream goes faster than that on this machine
-    (llama.cpp came out at 149% of a copy's roofline)."""
+    (llama.cpp came out at 149% of a copy's roofline). The buffer sits in huge pages where the OS gives
+    them, as the loaded weights do (nxd_core.huge_pages): 4 KB pages read slower."""
+    from nxd_core import huge_pages
+
     source = torch.ones(size // 4, dtype=torch.float32)
+    if huge_pages.enabled():
+        source = huge_pages.huge_page_copy(source)
     source.amax()
     best = float("inf")
     for _ in range(repeats):
