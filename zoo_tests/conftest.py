@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -15,6 +16,10 @@ def pytest_configure(config):
     they start), never the user's ~/.cache/nxd-zoo: a test sees a cold cache, and leaves nothing."""
     if "NXD_CACHE_DIR" not in os.environ:
         config._nxd_cache_dir = os.environ["NXD_CACHE_DIR"] = tempfile.mkdtemp(prefix="nxd-test-cache-")
+    # A run started in the background by a non-interactive shell inherits SIGINT ignored, and then
+    # _thread.interrupt_main() does nothing: the interrupt tests need Python's own handler, as at a terminal.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config):
