@@ -52,12 +52,12 @@ def main(argv=None) -> None:
         prompt = torch.randint(3, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
         threads = max(1, (os.cpu_count() or 1) // args.tp)
         load = dict(tp=args.tp, dtype=torch.bfloat16, max_seq_len=32 + args.new_tokens, progress=False, quantize=args.quantize)
-        rates = {"4 KB pages": [], "huge pages": []}
         with WorkerGroup(args.tp, threads_per_worker=threads) as group:
             models = {}
             for label, on in (("4 KB pages", False), ("huge pages", True)):
                 group.run(huge_pages.set_enabled, on)
                 models[label] = from_pretrained_parallel(work / "model", workers=group, **load)
+            rates = {label: [] for label in models}
             run = dict(input_ids=prompt, max_new_tokens=args.new_tokens, eos_token_id=[], compile=not args.eager)
             for model in models.values():
                 model.generate(**run)  # warm-up: compiles once (both share the step)
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
                     rates[label].append(models[label].generate(**run).stats["decode_tokens_per_second"])
         what = f"{args.layout}, tp={args.tp}, {args.quantize or 'bf16'}, {'eager' if args.eager else 'compiled'}"
         print(f"decode tokens/s ({what}), {args.repeats} alternating generations of {args.new_tokens} tokens each")
-        base = rates["4 KB pages"]
+        base = next(iter(rates.values()))  # 4 KB pages
         for label, values in rates.items():
             ratio = f"{max(values) / max(base):.2f}x / {statistics.median(values) / statistics.median(base):.2f}x"
             print(f"{label:12s} best {max(values):7.1f}  median {statistics.median(values):7.1f}  {ratio} (best / median vs 4 KB pages)")

@@ -65,16 +65,15 @@ def move_to_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     """Move the model's CPU parameters and buffers of at least min_bytes into huge-page memory (where
     enabled()); returns the bytes moved. A tensor that shares its storage with another (a view, a
     slice of a fused buffer) stays where it is: a copy would break the sharing. Tied tensors (one
-    object under two names) move once."""
+    object under two names) move once: parameters() and buffers() list each object once."""
     if not enabled():
         return 0
-    moved, seen = 0, set()
+    moved = 0
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             nbytes = tensor.numel() * tensor.element_size()
-            if id(tensor) in seen or tensor.device.type != "cpu" or nbytes < min_bytes:
+            if tensor.device.type != "cpu" or nbytes < min_bytes:
                 continue
-            seen.add(id(tensor))
             if tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != nbytes or not tensor.is_contiguous():
                 continue
             tensor.data = huge_page_copy(tensor)
