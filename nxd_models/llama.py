@@ -27,7 +27,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from nxd_core import cpu_kernels
+from nxd_core import attention_kernel, cpu_kernels
 from nxd_core import parallel_state as ps
 from nxd_core.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 
@@ -113,7 +113,10 @@ FEW_QUERIES = 8
 def few_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     """Attention of q [b, heads, s, d] over k, v [b, kv_heads, slots, d] with a boolean mask
     [b, 1, s, slots]; softmax in float32 as Hugging Face's eager attention does. The query heads
-    that share a KV head (GQA) are folded into the query dimension instead of repeating K and V."""
+    that share a KV head (GQA) are folded into the query dimension instead of repeating K and V.
+    On CPUs the kernel does the same in one call, over the filled slots only (nxd_core.attention_kernel)."""
+    if attention_kernel.qualifies(q, k, v):
+        return attention_kernel.decode_attention(q, k, v, mask, scale)
     batch, heads, seq, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -280,6 +283,8 @@ class ParallelLlamaForCausalLM(nn.Module):
         weight = self.lm_head.weight
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             cpu_kernels.prepare()  # bf16 decoding on CPU: the faster matrix-vector kernel
+        if weight.device.type == "cpu":
+            attention_kernel.prepare()
         for layer in self.model.layers:
             layer.self_attn.allocate_kv_cache(max_batch_size, max_seq_len)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,10 @@ SWITCH_MARGIN, SWITCH_SECONDS = 1.5, 0.05
 MEASURED_STEPS = 16
 
 
+# The environment switches that choose which C++ kernels a traced step calls (each worker reads them).
+KERNEL_SWITCHES = ("NXD_BF16_KERNEL", "NXD_INT8_KERNEL", "NXD_INT4_KERNEL", "NXD_ATTENTION_KERNEL")
+
+
 @functools.cache
 def code_digest() -> str:
     """The package's Python sources: a compiled step is only as good as the code it was traced from."""
@@ -65,6 +70,7 @@ def step_fields(model, step: str, batch: int) -> dict:
         "batch": batch,
         "max_seq_len": model.max_seq_len,
         "code": code_digest(),
+        "kernels": {name: os.environ[name] for name in KERNEL_SWITCHES if name in os.environ},
     }
 
 

@@ -1,0 +1,224 @@
+// out [b, heads, s, d] = softmax(q k^T * scale, masked) v for a few queries per row (decoding and
+// speculative verification) over a KV cache k, v [b, kv_heads, slots, d], float32 or bfloat16.
+//
+// Why by hand: a decode step's attention is a handful of tiny products per layer. ATen's bmm spends
+// 20-60 us per call on them (two per layer, plus the softmax between), whatever the size, and it
+// reads every slot of the cache, filled or not. Here one call per layer does the whole attention,
+// and each row reads only the slots up to the last one its mask lets through: the cost follows the
+// text's length, not the cache's.
+//
+// Arithmetic, as few_query_attention in nxd_models/llama.py does it: scores in float32 (exact
+// products of the inputs, summed in fp32), softmax in float32, the probabilities rounded to v's
+// dtype, then summed against v in float32 and rounded once to q's dtype. The query heads that share
+// a KV head (GQA) read it together. A query's result depends on nothing but its own row and mask:
+// masked slots weigh exactly 0 (the serving engine and speculative decoding rely on row invariance).
+//
+// AVX2+FMA (the file's flags); nxd_core/attention_kernel.py sends other CPUs to the Python path.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include "cpu_common.h"
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// exp for 8 floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; within 2 ulp of
+// std::exp). Inputs below -87 (a masked score is -inf) give exactly 0.
+static inline __m256 exp8(__m256 x) {
+  const __m256 zero_below = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3762626647949f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(zero_below, _mm256_mul_ps(y, _mm256_castsi256_ps(pow2)));
+}
+
+// The 8 sums of 8 vectors: out[u] = sum of the lanes of a[u].
+static inline __m256 sum_each(const __m256* a) {
+  const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+}
+
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+template <typename T>
+static inline float to_float(T v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return bf16_to_float(v);
+}
+
+// n values (a multiple of 8) of T into fp32
+template <typename T>
+static inline void widen(const T* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i += 8) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_storeu_ps(dst + i, _mm256_loadu_ps(src + i));
+    } else {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+  }
+}
+
+// Rounds p to T and back (the probabilities meet v in v's dtype, as in the matmul path).
+template <typename T>
+static inline float as_dtype(float p) {
+  if constexpr (std::is_same_v<T, float>) return p;
+  else return bf16_to_float(float_to_bf16(p));
+}
+
+struct Strides {
+  int64_t b, h, s;  // of one tensor's first three dimensions (the last is contiguous)
+};
+
+// One row b and KV head h: the G = group * s queries that read it.
+template <typename T>
+static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides ks, Strides vs, const bool* mask, int64_t mask_s,
+                       T* out, int64_t group, int64_t s, int64_t d, int64_t end, float scale) {
+  const int64_t G = group * s, end8 = (end + 7) / 8 * 8;
+  std::vector<float> qf(G * d), sc(G * end8), tile(8 * d), acc(G * d, 0.0f);
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t t = 0; t < s; ++t) {
+      const T* src = q + g * qs.h + t * qs.s;
+      for (int64_t i = 0; i < d; ++i) qf[(g * s + t) * d + i] = to_float(src[i]);
+    }
+  // Scores, 8 slots at a time: the tile of K is widened once and read by every query.
+  const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < end8; j += 8) {
+    for (int64_t u = 0; u < 8; ++u) {
+      if (j + u < end) widen(k + (j + u) * ks.s, d, tile.data() + u * d);
+      else std::fill(tile.begin() + u * d, tile.begin() + (u + 1) * d, 0.0f);
+    }
+    for (int64_t r = 0; r < G; ++r) {
+      __m256 a[8];
+      for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+      const float* qr = qf.data() + r * d;
+      for (int64_t i = 0; i < d; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + i);
+        for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(tile.data() + u * d + i), a[u]);
+      }
+      const __m256 scores = _mm256_mul_ps(sum_each(a), _mm256_set1_ps(scale));
+      const bool* m = mask + (r % s) * mask_s + j;
+      alignas(32) int32_t keep[8];
+      for (int u = 0; u < 8; ++u) keep[u] = (j + u < end && m[u]) ? -1 : 0;
+      _mm256_storeu_ps(sc.data() + r * end8 + j, _mm256_blendv_ps(minus_inf, scores, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep)))));
+    }
+  }
+  // Softmax per query, in fp32; the probabilities rounded to T.
+  for (int64_t r = 0; r < G; ++r) {
+    float* row = sc.data() + r * end8;
+    __m256 mx = minus_inf;
+    for (int64_t j = 0; j < end8; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + j));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float top = _mm_cvtss_f32(m4);
+    if (top == -std::numeric_limits<float>::infinity()) {  // no slot allowed (never in decoding): zeros
+      std::fill(row, row + end8, 0.0f);
+      continue;
+    }
+    const __m256 topv = _mm256_set1_ps(top);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t j = 0; j < end8; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), topv));
+      _mm256_storeu_ps(row + j, e);
+      total = _mm256_add_ps(total, e);
+    }
+    const float inv = 1.0f / hsum8(total);
+    for (int64_t j = 0; j < end; ++j) row[j] = as_dtype<T>(row[j] * inv);
+  }
+  // Probabilities times V, 8 slots at a time, summed in fp32.
+  for (int64_t j = 0; j < end; j += 8) {
+    const int64_t n = std::min<int64_t>(8, end - j);
+    for (int64_t u = 0; u < n; ++u) widen(v + (j + u) * vs.s, d, tile.data() + u * d);
+    for (int64_t r = 0; r < G; ++r) {
+      const float* p = sc.data() + r * end8 + j;
+      float* o = acc.data() + r * d;
+      for (int64_t i = 0; i < d; i += 8) {
+        __m256 a = _mm256_loadu_ps(o + i);
+        for (int64_t u = 0; u < n; ++u) a = _mm256_fmadd_ps(_mm256_set1_ps(p[u]), _mm256_loadu_ps(tile.data() + u * d + i), a);
+        _mm256_storeu_ps(o + i, a);
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t t = 0; t < s; ++t) {
+      const float* src = acc.data() + (g * s + t) * d;
+      T* dst = out + (g * s + t) * d;
+      for (int64_t i = 0; i < d; ++i) {
+        if constexpr (std::is_same_v<T, float>) dst[i] = src[i];
+        else dst[i] = float_to_bf16(src[i]);
+      }
+    }
+}
+
+// Below this many multiply-adds a call stays on one thread (waking the others costs more).
+constexpr int64_t kParallelWork = 1 << 16;
+
+template <typename T>
+static void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& mask, torch::Tensor& out,
+                   double scale) {
+  const int64_t B = q.size(0), H = q.size(1), s = q.size(2), d = q.size(3), KV = k.size(1), S = k.size(2), group = H / KV;
+  const bool* m = mask.data_ptr<bool>();  // [B, 1, s, S], contiguous
+  // Each row's end: one past the last slot any of its queries may see.
+  std::vector<int64_t> ends(B, 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < s; ++t) {
+      const bool* row = m + (b * s + t) * S;
+      int64_t last = S;
+      while (last > 0 && !row[last - 1]) --last;
+      ends[b] = std::max(ends[b], last);
+    }
+  const int64_t longest = *std::max_element(ends.begin(), ends.end());
+  const int64_t work = std::max<int64_t>(1, group * s * longest * d * 2);
+  const Strides qs{q.stride(0), q.stride(1), q.stride(2)}, ks{k.stride(0), k.stride(1), k.stride(2)}, vs{v.stride(0), v.stride(1), v.stride(2)};
+  const T* qp = reinterpret_cast<const T*>(q.data_ptr());
+  const T* kp = reinterpret_cast<const T*>(k.data_ptr());
+  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, kParallelWork / work);
+  at::parallel_for(0, B * KV, grain, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t b = task / KV, h = task % KV;
+      attend_one<T>(qp + b * qs.b + h * group * qs.h, qs, kp + b * ks.b + h * ks.h, vp + b * vs.b + h * vs.h, ks, vs, m + b * s * S, S,
+                    op + (b * H + h * group) * s * d, group, s, d, ends[b], float(scale));
+    }
+  });
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be 4-D, got ", q.sizes(), k.sizes(), v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "decode_attention: q, k, v must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "decode_attention: float32 or bfloat16, got ", q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), s = q.size(2), d = q.size(3), KV = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == d && KV > 0 && H % KV == 0,
+              "decode_attention: k, v [b, kv_heads, slots, d] do not fit q ", q.sizes(), ": ", k.sizes(), v.sizes());
+  TORCH_CHECK(d % 8 == 0, "decode_attention: head size ", d, " is not a multiple of 8");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: the head dimension must be contiguous");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "decode_attention: the mask must be bool");
+  const torch::Tensor m = mask.expand({B, 1, s, S}).contiguous();
+  auto out = torch::empty({B, H, s, d}, q.options());
+  if (q.scalar_type() == at::kFloat) attend<float>(q, k, v, m, out, scale);
+  else attend<uint16_t>(q, k, v, m, out, scale);
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(nxd, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor"); }
+TORCH_LIBRARY_IMPL(nxd, CPU, m) { m.impl("decode_attention", &decode_attention); }
