@@ -22,13 +22,14 @@ from .cpp_build import build_and_load, cpu_flags
 
 ENV = "NXD_ATTENTION_KERNEL"
 _SOURCE = Path(__file__).with_name("decode_attention.cpp")
-_extension = None  # torch.ops.nxd.decode_attention, once prepare() succeeded in this process
-_unavailable = False  # not tried again in this process
+_loaded = None  # torch.ops.nxd.decode_attention, once built and loaded in this process
+_extension = None  # _loaded while the kernel is switched on
+_unavailable = False  # not tried again in this process (until enable())
 
 
 def prepare() -> bool:
     """Build (or load from the cache) and enable the kernel in this process; False where it cannot run."""
-    global _extension, _unavailable
+    global _extension, _loaded, _unavailable
     if _extension is not None:
         return True
     if _unavailable:
@@ -36,15 +37,19 @@ def prepare() -> bool:
     if os.environ.get(ENV, "").strip() == "0" or not {"avx2", "fma"} <= cpu_flags():
         _unavailable = True
         return False
-    if not build_and_load("nxd_decode_attention", _SOURCE, ["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-fopenmp"], "attention stays in ATen"):
-        _unavailable = True
-        return False
+    if _loaded is None:
+        if not build_and_load(
+            "nxd_decode_attention", _SOURCE, ["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-fopenmp"], "attention stays in ATen"
+        ):
+            _unavailable = True
+            return False
 
-    @torch.library.register_fake("nxd::decode_attention")
-    def _(q, k, v, mask, scale):
-        return q.new_empty(q.shape)
+        @torch.library.register_fake("nxd::decode_attention")
+        def _(q, k, v, mask, scale):
+            return q.new_empty(q.shape)
 
-    _extension = torch.ops.nxd.decode_attention
+        _loaded = torch.ops.nxd.decode_attention
+    _extension = _loaded
     return True
 
 
