@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 // exp for 8 floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; within 2 ulp of
@@ -77,11 +78,17 @@ static inline void widen(const T* src, int64_t n, float* dst) {
   }
 }
 
-// Rounds p to T and back (the probabilities meet v in v's dtype, as in the matmul path).
+// Rounds 8 probabilities to T and back (they meet v in v's dtype, as in the matmul path): to
+// nearest even, as float_to_bf16 does (probabilities are finite: no NaN case).
 template <typename T>
-static inline float as_dtype(float p) {
+static inline __m256 as_dtype8(__m256 p) {
   if constexpr (std::is_same_v<T, float>) return p;
-  else return bf16_to_float(float_to_bf16(p));
+  else {
+    const __m256i u = _mm256_castps_si256(p);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+    return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(int32_t(0xffff0000u))));
+  }
 }
 
 struct Strides {
@@ -93,7 +100,9 @@ template <typename T>
 static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides ks, Strides vs, const bool* mask, int64_t mask_s,
                        T* out, int64_t group, int64_t s, int64_t d, int64_t end, float scale) {
   const int64_t G = group * s, end8 = (end + 7) / 8 * 8;
-  std::vector<float> qf(G * d), sc(G * end8), tile(8 * d), acc(G * d, 0.0f);
+  // scratch: no zero-fill where every element is written before it is read
+  std::unique_ptr<float[]> qf(new float[G * d]), sc(new float[G * end8]), tile(new float[8 * d]);
+  std::vector<float> acc(G * d, 0.0f);
   for (int64_t g = 0; g < group; ++g)
     for (int64_t t = 0; t < s; ++t) {
       const T* src = q + g * qs.h + t * qs.s;
@@ -103,27 +112,56 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
   const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < end8; j += 8) {
     for (int64_t u = 0; u < 8; ++u) {
-      if (j + u < end) widen(k + (j + u) * ks.s, d, tile.data() + u * d);
-      else std::fill(tile.begin() + u * d, tile.begin() + (u + 1) * d, 0.0f);
+      if (j + u < end) widen(k + (j + u) * ks.s, d, tile.get() + u * d);
+      else std::fill(tile.get() + u * d, tile.get() + (u + 1) * d, 0.0f);
     }
-    for (int64_t r = 0; r < G; ++r) {
-      __m256 a[8];
-      for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
-      const float* qr = qf.data() + r * d;
-      for (int64_t i = 0; i < d; i += 8) {
-        const __m256 qv = _mm256_loadu_ps(qr + i);
-        for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(tile.data() + u * d + i), a[u]);
-      }
+    // Two queries at a time share each load of the tile (4 slots per pass: 8 accumulators, within
+    // AVX2's 16 registers); a query alone sums the same products in the same order.
+    auto store = [&](int64_t r, const __m256* a) {
       const __m256 scores = _mm256_mul_ps(sum_each(a), _mm256_set1_ps(scale));
       const bool* m = mask + (r % s) * mask_s + j;
-      alignas(32) int32_t keep[8];
-      for (int u = 0; u < 8; ++u) keep[u] = (j + u < end && m[u]) ? -1 : 0;
-      _mm256_storeu_ps(sc.data() + r * end8 + j, _mm256_blendv_ps(minus_inf, scores, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep)))));
+      __m256i keep;
+      if (j + 8 <= end) {  // a whole tile: its 8 mask bytes as lanes
+        keep = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m))), _mm256_setzero_si256());
+      } else {  // the last tile: never read the mask past `end` (it may be the row's end)
+        alignas(32) int32_t lanes[8];
+        for (int u = 0; u < 8; ++u) lanes[u] = (j + u < end && m[u]) ? -1 : 0;
+        keep = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+      }
+      _mm256_storeu_ps(sc.get() + r * end8 + j, _mm256_blendv_ps(minus_inf, scores, _mm256_castsi256_ps(keep)));
+    };
+    int64_t r = 0;
+    for (; r + 2 <= G; r += 2) {
+      __m256 a0[8], a1[8];
+      const float *q0 = qf.get() + r * d, *q1 = q0 + d;
+      for (int h = 0; h < 8; h += 4) {
+        for (int u = h; u < h + 4; ++u) a0[u] = a1[u] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8) {
+          const __m256 x0 = _mm256_loadu_ps(q0 + i), x1 = _mm256_loadu_ps(q1 + i);
+          for (int u = h; u < h + 4; ++u) {
+            const __m256 t = _mm256_loadu_ps(tile.get() + u * d + i);
+            a0[u] = _mm256_fmadd_ps(x0, t, a0[u]);
+            a1[u] = _mm256_fmadd_ps(x1, t, a1[u]);
+          }
+        }
+      }
+      store(r, a0);
+      store(r + 1, a1);
+    }
+    for (; r < G; ++r) {
+      __m256 a[8];
+      for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+      const float* qr = qf.get() + r * d;
+      for (int64_t i = 0; i < d; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + i);
+        for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(tile.get() + u * d + i), a[u]);
+      }
+      store(r, a);
     }
   }
   // Softmax per query, in fp32; the probabilities rounded to T.
   for (int64_t r = 0; r < G; ++r) {
-    float* row = sc.data() + r * end8;
+    float* row = sc.get() + r * end8;
     __m256 mx = minus_inf;
     for (int64_t j = 0; j < end8; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(row + j));
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
@@ -141,19 +179,51 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
       _mm256_storeu_ps(row + j, e);
       total = _mm256_add_ps(total, e);
     }
-    const float inv = 1.0f / hsum8(total);
-    for (int64_t j = 0; j < end; ++j) row[j] = as_dtype<T>(row[j] * inv);
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum8(total));
+    for (int64_t j = 0; j < end8; j += 8) _mm256_storeu_ps(row + j, as_dtype8<T>(_mm256_mul_ps(_mm256_loadu_ps(row + j), inv)));
   }
   // Probabilities times V, 8 slots at a time, summed in fp32.
   for (int64_t j = 0; j < end; j += 8) {
     const int64_t n = std::min<int64_t>(8, end - j);
-    for (int64_t u = 0; u < n; ++u) widen(v + (j + u) * vs.s, d, tile.data() + u * d);
-    for (int64_t r = 0; r < G; ++r) {
-      const float* p = sc.data() + r * end8 + j;
+    for (int64_t u = 0; u < n; ++u) widen(v + (j + u) * vs.s, d, tile.get() + u * d);
+    // Two queries at a time share each load of the tile, 32 outputs per pass (8 accumulators);
+    // every output sums its slots in order either way.
+    int64_t r = 0;
+    for (; r + 2 <= G; r += 2) {
+      const float *p0 = sc.get() + r * end8 + j, *p1 = p0 + end8;
+      float *o0 = acc.data() + r * d, *o1 = o0 + d;
+      int64_t i = 0;
+      for (; i + 32 <= d; i += 32) {
+        __m256 c0[4], c1[4];
+        for (int c = 0; c < 4; ++c) c0[c] = _mm256_loadu_ps(o0 + i + 8 * c), c1[c] = _mm256_loadu_ps(o1 + i + 8 * c);
+        for (int64_t u = 0; u < n; ++u) {
+          const __m256 b0 = _mm256_set1_ps(p0[u]), b1 = _mm256_set1_ps(p1[u]);
+          for (int c = 0; c < 4; ++c) {
+            const __m256 t = _mm256_loadu_ps(tile.get() + u * d + i + 8 * c);
+            c0[c] = _mm256_fmadd_ps(b0, t, c0[c]);
+            c1[c] = _mm256_fmadd_ps(b1, t, c1[c]);
+          }
+        }
+        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o0 + i + 8 * c, c0[c]), _mm256_storeu_ps(o1 + i + 8 * c, c1[c]);
+      }
+      for (; i < d; i += 8) {
+        __m256 c0 = _mm256_loadu_ps(o0 + i), c1 = _mm256_loadu_ps(o1 + i);
+        for (int64_t u = 0; u < n; ++u) {
+          const __m256 t = _mm256_loadu_ps(tile.get() + u * d + i);
+          c0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[u]), t, c0);
+          c1 = _mm256_fmadd_ps(_mm256_set1_ps(p1[u]), t, c1);
+        }
+        _mm256_storeu_ps(o0 + i, c0), _mm256_storeu_ps(o1 + i, c1);
+      }
+    }
+    for (; r < G; ++r) {
+      const float* p = sc.get() + r * end8 + j;
       float* o = acc.data() + r * d;
+      __m256 pu[8];
+      for (int64_t u = 0; u < n; ++u) pu[u] = _mm256_set1_ps(p[u]);
       for (int64_t i = 0; i < d; i += 8) {
         __m256 a = _mm256_loadu_ps(o + i);
-        for (int64_t u = 0; u < n; ++u) a = _mm256_fmadd_ps(_mm256_set1_ps(p[u]), _mm256_loadu_ps(tile.data() + u * d + i), a);
+        for (int64_t u = 0; u < n; ++u) a = _mm256_fmadd_ps(pu[u], _mm256_loadu_ps(tile.get() + u * d + i), a);
         _mm256_storeu_ps(o + i, a);
       }
     }
