@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generate import DEMO_PROMPT  # noqa: E402
-from random_checkpoint import write_random_llama  # noqa: E402
+from random_checkpoint import LAYOUTS, write_random_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -102,11 +102,16 @@ def decoding(name: str, path, dtype: torch.dtype, slots: int, new_tokens: int, r
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layouts", nargs="*", default=["demo", "20m"], help="demo (the bundled demo-llama), 20m, 1b")
+    parser.add_argument(
+        "--layouts", nargs="*", default=["demo", "20m"], help="demo (the bundled demo-llama) or a random layout (20m, 1b, ...)"
+    )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--calls-only", action="store_true")
     args = parser.parse_args(argv)
+    unknown = [layout for layout in args.layouts if layout != "demo" and layout not in LAYOUTS]
+    if unknown:
+        parser.error(f"unknown layouts {unknown}: demo or one of {sorted(LAYOUTS)}")
     if not attention_kernel.prepare():
         print("the decode attention kernel does not run here (no AVX2/FMA, no compiler or NXD_ATTENTION_KERNEL=0): nothing to compare")
         return

@@ -106,6 +106,17 @@ def test_bf16_kernel_prints_every_path_next_to_aten():
     assert len(rows) == 2 and all(row.count("GB/s") == 1 + header.count("nxd ") for row in rows)
 
 
+def test_attention_prints_the_kernel_next_to_the_python_path():
+    out = _run("attention.py", "--calls-only")
+    assert "python (compiled)" in out and out.count("x\n") >= 8
+
+
+@pytest.mark.slow  # compiles two decode steps (make test-slow)
+def test_attention_prints_decoding_with_the_kernel_on_and_off():
+    out = _run("attention.py", "--layouts", "tiny", "--new-tokens", "8", "--repeats", "1")
+    assert "python path" in out and out.count("tiny layout bf16") == 2
+
+
 def test_int8_kernel_prints_the_decode_and_prefill_tables():
     out = _run("int8_kernel.py", "--quick")
     for row in ("ATen bf16 F.linear", "nxd bf16_linear", "int8 fallback", "memory copy", "prefill", "dequantize to bf16"):
