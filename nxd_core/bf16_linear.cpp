@@ -44,13 +44,6 @@ static inline void widen16(const uint16_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
 }
 
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-
 // One weight row against MR rows of x; 4 accumulators per x row whatever MR is (row invariance).
 template <int MR>
 static inline void dot_avx2(const uint16_t* w, int64_t K, const float* x, int64_t xs, float* out) {

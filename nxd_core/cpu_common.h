@@ -1,10 +1,12 @@
-// What the CPU decode kernels (bf16_linear.cpp, int8_linear.cpp, int4_linear.cpp) share: bf16
-// conversions and how they split a matrix's rows over threads. cpp_build.build_and_load puts a digest
-// of this header in each kernel's build flags, so that a change here rebuilds them (torch's loader
-// hashes only the listed sources).
+// What the CPU decode kernels (bf16_linear.cpp, int8_linear.cpp, int4_linear.cpp,
+// decode_attention.cpp) share: bf16 conversions, an AVX2 horizontal sum and how they split a
+// matrix's rows over threads. cpp_build.build_and_load puts a digest of this header in each
+// kernel's build flags, so that a change here rebuilds them (torch's loader hashes only the listed
+// sources).
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -23,6 +25,14 @@ static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as to
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The sum of a vector's 8 lanes (every file including this is built with -mavx2).
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
 }
 
 // f(begin, end) over chunks of `chunk` rows of [0, N). Each of at::get_num_threads() threads (at

@@ -66,13 +66,6 @@ static constexpr int64_t kPrefetch = 4096;
 
 // ---- AVX2 + FMA: 8 lanes ----------------------------------------------------------------------
 
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-
 // NR weight rows (K/2 bytes apart, scales ng apart) against MR rows of permuted x (K apart): each
 // 8 weights are widened once and used MR times, each x vector loaded once and used NR times. A
 // group's sum meets its scale in one FMA into the row's total; sums and totals stay in registers

@@ -35,13 +35,6 @@ static inline __m256 load_i8x8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-
 // NR weight rows (K apart) against MR rows of x (K apart): each 8 weights are widened once and
 // used MR times, each x vector loaded once and used NR times. U vectors per step give NR*MR*U
 // independent accumulators: enough to cover FMA latency, within the 16 ymm registers.
