@@ -223,8 +223,19 @@ def save_shard(key: str, folder: str, state_names: list[str], replicated: list[s
     safetensors.torch.save_file({n: t for n, t in weights.items() if n not in replicated}, folder / weights_file(rank))
 
 
+def _register_cpu_kernels() -> None:
+    """A traced graph may call nxd's CPU kernels (the models' decode attention, bf16 and quantized
+    linears): a saved program only deserializes where its operators exist, so each one this CPU can
+    run is built (or loaded from the extension cache) first, as the model's own loading does."""
+    from . import attention_kernel, cpu_kernels, int4_kernels, int8_kernels
+
+    for kernels in (attention_kernel, cpu_kernels, int8_kernels, int4_kernels):
+        kernels.prepare()
+
+
 def load_shard(key: str, folder: str, manifest: dict, compiled: bool) -> None:
     folder, rank = Path(folder), ps.get_tensor_model_parallel_rank()
+    _register_cpu_kernels()
     inline = manifest["inline_weights_to_neff"]
     buckets = len(manifest["buckets"])
     programs = [torch.export.load(folder / graph_file(b, rank if inline else None)) for b in range(buckets)]
