@@ -124,10 +124,27 @@ def test_int8_kernel_prints_the_decode_and_prefill_tables():
 
 
 @pytest.mark.slow  # two compiled decodes (~1.5 min here); test_quantization covers the quantized paths
-def test_quant_prints_bf16_next_to_int8(tmp_path):
-    out = _run("quant.py", "--layouts", "tiny", "--tp", "1", "--new-tokens", "8", "--no-hf", "--workdir", str(tmp_path))
-    rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
-    assert [row[2] for row in rows] == ["bf16", "int8"] * 2  # printed as measured, then in the table
+def test_quant_prints_bf16_next_to_int8_round_by_round(tmp_path):
+    out = _run(
+        "quant.py",
+        "--layouts",
+        "tiny",
+        "--tp",
+        "1",
+        "--new-tokens",
+        "8",
+        "--no-hf",
+        "--methods",
+        "int8",
+        "--rounds",
+        "2",
+        "--workdir",
+        str(tmp_path),
+    )
+    assert "tiny tp=1 round 1: bf16" in out and "tiny tp=1 round 2: int8" in out  # the second round in the other order
+    rows = [line.split() for line in out.splitlines() if line.startswith("tiny ") and " round " not in line]
+    assert [row[2] for row in rows] == ["bf16", "int8"]
+    assert rows[1][3 + 5].endswith("x") and len(rows[1]) == 3 + 5 + 2  # each round's ratio over bf16
     assert "of roofline" in out and "int8 kernel:" in out
     assert list(tmp_path.iterdir()) == []
 
