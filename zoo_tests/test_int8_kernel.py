@@ -71,19 +71,21 @@ def test_lower_paths_match_reference(path):
 
 @needs_kernel
 def test_vnni_path_is_row_invariant_and_keeps_small_inputs_and_nans():
-    """On AVX512_VNNI, bf16 x becomes int16 parts per block of 256 inputs: a row of an M-row call is
-    bit for bit a one-row call; inputs 2^20 below their block's largest still count (exactly: hi + lo
-    parts); a NaN in one row of x gives NaN in that row only (the call takes the fp32 path)."""
+    """On AVX512_VNNI, bf16 x becomes a 22-bit integer (three bytes) per input with a scale per block
+    of 256 inputs: a row of an M-row call is bit for bit a one-row call (weight rows are computed two at a
+    time: 71 rows make blocks of 64 and 7, whose last row goes alone); inputs 2^20 below their block's largest still count
+    (exactly: the lowest byte); a NaN in one row of x gives NaN in that row only (the call takes the fp32 path)."""
     if int8_kernels.isa() != "avx512vnni":
         pytest.skip("this CPU has no AVX512_VNNI")
     generator = torch.Generator().manual_seed(3)
-    q, scale = quantize_int8(torch.randn(70, 300, generator=generator))
+    q, scale = quantize_int8(torch.randn(71, 300, generator=generator))
     x = torch.randn(8, 300, generator=generator).bfloat16()
+    assert _within_rounding(torch.ops.nxd.int8_linear(x, q, scale), x, q, scale)
     single = torch.cat([torch.ops.nxd.int8_linear(x[m : m + 1], q, scale) for m in range(8)])
     for rows in range(1, 9):
         assert torch.equal(torch.ops.nxd.int8_linear(x[:rows], q, scale), single[:rows]), rows
     tiny = torch.zeros(1, 300).bfloat16()
-    tiny[0, 0], tiny[0, 1] = 1.0, 2.0**-20  # one block: the second input only in lo
+    tiny[0, 0], tiny[0, 1] = 1.0, 2.0**-20  # one block: the second input only in the lowest byte
     q0 = q.clone()
     q0[:, 0] = 0  # the largest input meets zero weights: the output is the small input's alone
     expected = (2.0**-20 * q0[:, 1].float() * scale).bfloat16()
