@@ -74,7 +74,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["20m", "1b"])
     parser.add_argument("--tp", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--methods", nargs="+", default=["int8", "int4-g128"], help="quantizations next to bf16")
+    parser.add_argument(
+        "--methods", nargs="+", default=["int8", "int4-g128"], help="quantizations next to bf16; METHOD+head quantizes the lm_head too"
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="times through every weight format, alternating; the best rate is kept")
@@ -120,13 +122,13 @@ def main(argv=None) -> None:
         f"{torch.get_num_threads()} threads in this process)\n"
     )
     print(
-        f"{'layout':7s} {'tp':>3s} {'weights':12s} {'tokens/s':>9s} {'vs bf16':>8s} {'GB read/rank':>13s} {'roofline':>9s} {'of roofline':>12s}  each round vs bf16"
+        f"{'layout':7s} {'tp':>3s} {'weights':16s} {'tokens/s':>9s} {'vs bf16':>8s} {'GB read/rank':>13s} {'roofline':>9s} {'of roofline':>12s}  each round vs bf16"
     )
     for layout, tp, label, rate, ratio, rounds, read in table:
         if isinstance(rate, str):  # not applicable, or not installed
-            print(f"{layout:7s} {tp:3d} {label:12s} {rate}")
+            print(f"{layout:7s} {tp:3d} {label:16s} {rate}")
             continue
-        line = f"{layout:7s} {tp:3d} {label:12s} {rate:9.1f} " + (f"{ratio:7.2f}x" if ratio else f"{'':8s}")
+        line = f"{layout:7s} {tp:3d} {label:16s} {rate:9.1f} " + (f"{ratio:7.2f}x" if ratio else f"{'':8s}")
         if read:
             line += f" {read / GB:13.3f} {bandwidth / read:9.1f} {rate * read / bandwidth:11.0%}  " + " ".join(f"{v:.2f}x" for v in rounds)
         print(line)
@@ -144,7 +146,8 @@ def compare_formats(path: Path, layout: str, tp: int, prompt: torch.Tensor, slot
     with WorkerGroup(tp, threads_per_worker=args.threads or max(1, cores // tp)) as group:
         models = {}
         for method in [None, *args.methods]:
-            load = dict(tp=tp, dtype=torch.bfloat16, max_seq_len=slots, workers=group, progress=False, quantize=method)
+            quantize = dict(quantize=method.removesuffix("+head"), quantize_lm_head=method.endswith("+head")) if method else {}
+            load = dict(tp=tp, dtype=torch.bfloat16, max_seq_len=slots, workers=group, progress=False, **quantize)
             try:
                 models[method or "bf16"] = from_pretrained_parallel(path, **load)
             except ValueError as exc:  # an int4 group that this layout's widths do not hold

@@ -11,9 +11,9 @@ compiler, dequantizes W and takes ATen's linear (see _fallback).
 
 The kernel picks its SIMD path (avx512vnni, avx512 or avx2) from the CPU at run time;
 NXD_INT8_KERNEL=avx2 or avx512, read once per process, lowers it. `isa()` says which. On avx512vnni,
-bf16 x is split per block of 256 inputs into two int16 parts (vpdpwssd against the weights): every
-input within 2^22 of its block's largest is exact, a smaller one off by at most 2^-30 of that
-largest; fp32 x takes the avx512 path. It is a torch operator
+bf16 x becomes a 22-bit integer per block of 256 inputs, three signed bytes (vpdpbusd against the
+weights): every input within 2^14 of its block's largest is exact, a smaller one off by at most 2^-22
+of that largest; fp32 x takes the avx512 path. It is a torch operator
 (nxd::int8_linear), so torch.compile keeps it as one call.
 """
 

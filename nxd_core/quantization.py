@@ -42,6 +42,14 @@ def check_method(quantize: str | None) -> None:
         raise ValueError(f"quantize={quantize!r} is not supported: choose one of {list(METHODS)} (or None for the model's dtype)")
 
 
+def check_lm_head_option(quantize: str | None, quantize_lm_head: bool) -> None:
+    """The lm_head is quantized with the other linears, by the same method: it needs a method."""
+    if quantize_lm_head and not quantize:
+        raise ValueError(
+            f"quantize_lm_head=True quantizes the lm_head with the other linears: pass quantize= as well (one of {', '.join(METHODS)})"
+        )
+
+
 def group_size(method: str) -> int | None:
     """An int4 method's group size (None for int8)."""
     return int(method.removeprefix("int4-g")) if method.startswith("int4-g") else None
@@ -112,19 +120,20 @@ class QuantizedRowParallelLinear(_QuantizedMatmul, RowParallelLinear):
 _QUANTIZED = {ColumnParallelLinear: QuantizedColumnParallelLinear, RowParallelLinear: QuantizedRowParallelLinear}
 
 
-def quantizable(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
-    """Names of the parallel linears quantize_model would quantize (q/k/v/o, the MLPs, the experts)."""
-    skip = tuple(skip)
+def quantizable(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP, lm_head: bool = False) -> list[str]:
+    """Names of the parallel linears quantize_model would quantize (q/k/v/o, the MLPs, the experts;
+    the lm_head too with lm_head=True)."""
+    skip = tuple(s for s in skip if not (lm_head and s == "lm_head"))
     return [name for name, m in model.named_modules() if type(m) in _QUANTIZED and name.rpartition(".")[2] not in skip]
 
 
-def check_group_size(model: nn.Module, method: str, tp: int, valid_tp_values: Iterable[int]) -> None:
+def check_group_size(model: nn.Module, method: str, tp: int, valid_tp_values: Iterable[int], lm_head: bool = False) -> None:
     """An int4 group must lie within one rank's slice of every layer's inputs: an error naming the tp
     values that work, when tp is not one of them. (`model`: built at tp=1, on the meta device.)"""
     group = group_size(method)
     if group is None:
         return
-    layers = [model.get_submodule(name) for name in quantizable(model)]
+    layers = [model.get_submodule(name) for name in quantizable(model, lm_head=lm_head)]
 
     def fits(layer, tp: int) -> bool:
         if isinstance(layer, ColumnParallelLinear):
@@ -142,12 +151,12 @@ def check_group_size(model: nn.Module, method: str, tp: int, valid_tp_values: It
         )
 
 
-def quantize_model(model: nn.Module, quantize: str, layers: Iterable[str] | None = None) -> list[str]:
-    """Quantize the model's parallel linears in place (`layers`: their names; default `quantizable`);
-    returns the names. On the meta device only the shapes change (a checkpoint fills them); real
+def quantize_model(model: nn.Module, quantize: str, layers: Iterable[str] | None = None, lm_head: bool = False) -> list[str]:
+    """Quantize the model's parallel linears in place (`layers`: their names; default `quantizable`,
+    with the lm_head where lm_head=True); returns the names. On the meta device only the shapes change (a checkpoint fills them); real
     weights are quantized here (int8: the row-parallel scales agreed over the tp group)."""
     check_method(quantize)
-    names = list(layers) if layers is not None else quantizable(model)
+    names = list(layers) if layers is not None else quantizable(model, lm_head=lm_head)
     for name in names:
         layer = model.get_submodule(name)
         if type(layer) not in _QUANTIZED:

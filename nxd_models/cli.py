@@ -22,8 +22,9 @@ DTYPES = {
 def _convert(args) -> None:
     from .convert import convert
 
-    manifest = convert(args.model, args.out, tp=args.tp, dtype=DTYPES[args.dtype] if args.dtype else None, quantize=args.quantize)
-    quantized = f", {args.quantize} weights" if args.quantize else ""
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    manifest = convert(args.model, args.out, tp=args.tp, dtype=dtype, quantize=args.quantize, quantize_lm_head=args.quantize_lm_head)
+    quantized = f", {args.quantize} weights" + (" (lm_head too)" if args.quantize_lm_head else "") if args.quantize else ""
     print(f"wrote {args.out}: tp={manifest['tp']}, {len(manifest['tensors'])} tensors{quantized}, save {manifest['save_id']}")
 
 
@@ -89,6 +90,7 @@ def _generate_on(workers, args, dtype) -> None:
         max_seq_len=args.max_seq_len,
         max_batch_size=args.num_beams,
         quantize=args.quantize,
+        quantize_lm_head=args.quantize_lm_head,
         workers=workers,
     ) as model:
         if isinstance(model, ParallelSeq2SeqModel):
@@ -150,6 +152,7 @@ def _serve(args) -> None:
         max_waiting=args.max_waiting,
         served_name=args.served_model_name,
         quantize=args.quantize,
+        quantize_lm_head=args.quantize_lm_head,
     )
 
 
@@ -217,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep the checkpoint's)")
     p.add_argument("--quantize", choices=METHODS, help="save the linears' weights quantized (int8: per output channel)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantize the lm_head too (it stays in the model's dtype by default)")
     p.set_defaults(run=_convert)
 
     p = commands.add_parser("consolidate", help="a sharded checkpoint -> one full safetensors checkpoint")
@@ -239,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: the model's maximum)")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--quantize", choices=METHODS, help="quantize the weights while loading (int8)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantize the lm_head too (it stays in the model's dtype by default)")
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -277,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the log says which)")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--quantize", choices=METHODS, help="quantize the weights while loading (int8)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantize the lm_head too (it stays in the model's dtype by default)")
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,

@@ -15,7 +15,15 @@ import torch
 from transformers import AutoConfig
 
 from nxd_core.checkpoint import convert_to_sharded, open_full_checkpoint, tied_aliases
-from nxd_core.quantization import SCALE, check_group_size, check_method, group_size, quantize_model, saved_quantization
+from nxd_core.quantization import (
+    SCALE,
+    check_group_size,
+    check_lm_head_option,
+    check_method,
+    group_size,
+    quantize_model,
+    saved_quantization,
+)
 from nxd_core.sharding import sharding_specs
 
 from . import hub
@@ -25,11 +33,11 @@ from .families import build_for_checkpoint, lookup
 _SIDE_FILES = ("*.json", "tokenizer*", "*.model", "*.tiktoken")
 
 
-def family_specs(config, checkpoint_names=None, quantize: str | None = None) -> tuple[dict, set | None]:
+def family_specs(config, checkpoint_names=None, quantize: str | None = None, quantize_lm_head: bool = False) -> tuple[dict, set | None]:
     """name -> ShardSpec (at tp=1) or None, for every tensor a checkpoint of this config holds; and, given
     the checkpoint's names, those the model takes (the family adapts the model to the checkpoint first:
     T5 ties lm_head when the checkpoint has none, BERT leaves out heads it does not build).
-    A checkpoint saved quantized, or `quantize`, adds the int8 layers' scales."""
+    A checkpoint saved quantized, or `quantize` (with the lm_head: quantize_lm_head), adds the quantized layers' scales."""
     if checkpoint_names is None:
         model, taken = lookup(config.model_type).build(config, dtype=torch.float32, device="meta"), None
     else:
@@ -37,14 +45,24 @@ def family_specs(config, checkpoint_names=None, quantize: str | None = None) -> 
         taken = set(adapted)
     method, stored = saved_quantization(checkpoint_names or {})
     if stored or quantize:
-        quantize_model(model, method or quantize, stored or None)
+        quantize_model(model, method or quantize, stored or None, lm_head=quantize_lm_head)
     aliases = tied_aliases(model)  # tied names are not stored
     return {name: spec for name, spec in sharding_specs(model).items() if name not in aliases}, taken
 
 
-def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, progress: bool = True, quantize: str | None = None) -> dict:
-    """quantize="int8": the linears' weights are written as int8 with their scales (nxd_core.quantization)."""
+def convert(
+    name_or_path,
+    out_dir,
+    tp: int,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    quantize: str | None = None,
+    quantize_lm_head: bool = False,
+) -> dict:
+    """quantize="int8": the linears' weights are written as int8 with their scales (nxd_core.quantization);
+    quantize_lm_head: the lm_head's too."""
     check_method(quantize)
+    check_lm_head_option(quantize, quantize_lm_head)
     source = hub.resolve(name_or_path)
     config = AutoConfig.from_pretrained(source)
     family = lookup(config.model_type, str(source))
@@ -53,9 +71,16 @@ def convert(name_or_path, out_dir, tp: int, dtype: torch.dtype | None = None, pr
     method, stored = saved_quantization(checkpoint)
     if stored and quantize not in (None, method):
         raise ValueError(f"{source} holds {method} weights already; convert it with --quantize {method} or without --quantize")
+    if stored and quantize_lm_head and not any(layer.rpartition(".")[2] == "lm_head" for layer in stored):
+        raise ValueError(f"{source} was saved with its lm_head unquantized; convert the original checkpoint with --quantize-lm-head")
+    if quantize and quantize_lm_head and getattr(config, "tie_word_embeddings", False):
+        raise ValueError(
+            f"{source}'s lm_head is tied to its embedding, which stays in the model's dtype: convert it without --quantize-lm-head"
+        )
     if quantize and group_size(quantize):
-        check_group_size(lookup(config.model_type).build(config, device="meta"), quantize, tp, family.valid_tp_values(config))
-    specs, taken = family_specs(config, checkpoint, quantize)
+        model = lookup(config.model_type).build(config, device="meta")
+        check_group_size(model, quantize, tp, family.valid_tp_values(config), lm_head=quantize_lm_head)
+    specs, taken = family_specs(config, checkpoint, quantize, quantize_lm_head)
     out_dir = Path(out_dir)
     bar = None
     if progress:

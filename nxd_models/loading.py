@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig
 
 from nxd_core.checkpoint import MANIFEST, open_full_checkpoint, read_manifest
-from nxd_core.quantization import SCALE, check_group_size, check_method, group_size, saved_quantization
+from nxd_core.quantization import SCALE, check_group_size, check_lm_head_option, check_method, group_size, saved_quantization
 from nxd_core.safetensors_stream import DTYPE_NAMES, check_complete
 from nxd_core.workers import Group, start_workers
 
@@ -54,14 +54,19 @@ def _check_weights(path: Path) -> None:
         check_complete(path / file)
 
 
-def _check_quantization(path: Path, quantize: str | None) -> None:
+def _check_quantization(path: Path, quantize: str | None, quantize_lm_head: bool = False) -> None:
     """A checkpoint saved quantized loads as saved: asking for another quantization is an error."""
     tensors = read_manifest(path)["tensors"] if (path / MANIFEST).exists() else open_full_checkpoint(path)
-    saved, _ = saved_quantization(tensors)
+    saved, layers = saved_quantization(tensors)
     if saved is not None and quantize not in (None, saved):
         raise ValueError(
             f"{path} holds {saved} weights; it cannot be loaded with quantize={quantize!r}: pass quantize=None "
             f"(or {saved!r}), or convert the original checkpoint with --quantize {quantize}"
+        )
+    if saved is not None and quantize_lm_head and not any(layer.rpartition(".")[2] == "lm_head" for layer in layers):
+        raise ValueError(
+            f"{path} was saved with its lm_head unquantized: load it without quantize_lm_head, or convert the original "
+            f"checkpoint with --quantize {saved} --quantize-lm-head"
         )
 
 
@@ -87,6 +92,7 @@ def from_pretrained_parallel(
     workers: Group | None = None,
     progress: bool = True,
     quantize: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> ParallelHandle:
     """Load a zoo model, Hugging Face repo id, local HF directory or `nxd convert` output, sharded over tp.
 
@@ -94,10 +100,12 @@ def from_pretrained_parallel(
     WorkerGroup of size tp, shared with other models; tp=1 on a larger group
     keeps a whole copy in every worker, as for a speculative draft); under torchrun it uses
     the existing process group. quantize="int8" quantizes the linears' weights while they
-    load (docs/quantization.md); a checkpoint saved quantized loads as saved. Everything that
+    load (docs/quantization.md), and quantize_lm_head=True the lm_head's too; a checkpoint saved
+    quantized loads as saved. Everything that
     can be checked is checked here first, so bad input fails before a process starts.
     """
     check_method(quantize)
+    check_lm_head_option(quantize, quantize_lm_head)
     path = hub.resolve(name_or_path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}: not a Hugging Face model directory")
@@ -110,9 +118,11 @@ def from_pretrained_parallel(
     if quantize and family.HANDLE != "causal":
         raise ValueError(f"quantize={quantize!r} is for causal language models; {config.model_type} is not one: load it without quantize")
     _check_weights(path)
-    _check_quantization(path, quantize)
+    _check_quantization(path, quantize, quantize_lm_head)
+    if quantize_lm_head and getattr(config, "tie_word_embeddings", False):
+        raise ValueError(f"{path}'s lm_head is tied to its embedding, which stays in the model's dtype: load it without quantize_lm_head")
     if group_size(quantize or "int8"):
-        check_group_size(family.build(config, device="meta"), quantize, tp, family.valid_tp_values(config))
+        check_group_size(family.build(config, device="meta"), quantize, tp, family.valid_tp_values(config), lm_head=quantize_lm_head)
     if (path / MANIFEST).exists():
         saved_tp = read_manifest(path)["tp"]
         if saved_tp != tp:
@@ -131,7 +141,7 @@ def from_pretrained_parallel(
     group = workers if workers is not None else start_workers(tp, device=device, preload=WORKER_MODULES)
     key = model_key(next(_OWNERS))
     try:
-        group.run(load_shard, key, str(path), dtype, max_batch_size, max_seq_len, device, progress, replicated, quantize)
+        group.run(load_shard, key, str(path), dtype, max_batch_size, max_seq_len, device, progress, replicated, quantize, quantize_lm_head)
     except BaseException:
         if owns_group:
             group.close()

@@ -62,18 +62,27 @@ def load_shard(
     progress: bool,
     replicated: bool = False,
     quantize: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> int:
     """In each rank: build the shard on the meta device, stream in its slices, allocate the KV cache;
     returns the shard's bytes. replicated: build and load a whole copy (tp=1) in every rank of the group.
     quantize ("int8"): quantize the linears' weights as their slices stream in (a checkpoint saved
-    quantized loads as it is)."""
+    quantized loads as it is); quantize_lm_head: the lm_head too."""
     progress = progress and ps.get_tensor_model_parallel_rank() == 0
     with ps.replicated() if replicated else contextlib.nullcontext():
-        return _build_and_load(key, path, dtype, max_batch_size, max_seq_len, device, progress, quantize)
+        return _build_and_load(key, path, dtype, max_batch_size, max_seq_len, device, progress, quantize, quantize_lm_head)
 
 
 def _build_and_load(
-    key: StateKey, path: str, dtype, max_batch_size: int, max_seq_len: int, device: str, progress: bool, quantize: str | None
+    key: StateKey,
+    path: str,
+    dtype,
+    max_batch_size: int,
+    max_seq_len: int,
+    device: str,
+    progress: bool,
+    quantize: str | None,
+    quantize_lm_head: bool = False,
 ) -> int:
     config = AutoConfig.from_pretrained(path)
     description = f"loading {Path(path).name} at tp={ps.get_tensor_model_parallel_size()}"
@@ -93,7 +102,7 @@ def _build_and_load(
             check_keys([n for n in model.state_dict() if n not in aliases], saved, path)
             load(path, model, sharded=True, strict=False)
         else:  # quantized from the unquantized pieces: a row-parallel scale needs every rank's part of its rows
-            tensors = quantized_sources(open_sharded_checkpoint(path), quantize_model(model, quantize), quantize)
+            tensors = quantized_sources(open_sharded_checkpoint(path), quantize_model(model, quantize, lm_head=quantize_lm_head), quantize)
             load_state_dict_from_full(model, _with_progress(tensors, description) if progress else tensors, source=path)
     else:
         # Legacy names, heads the checkpoint has but the model lacks, tying: the family adapts them.
@@ -102,7 +111,7 @@ def _build_and_load(
         if stored:
             quantize_model(model, method, stored)
         elif quantize:
-            tensors = quantized_sources(tensors, quantize_model(model, quantize), quantize)
+            tensors = quantized_sources(tensors, quantize_model(model, quantize, lm_head=quantize_lm_head), quantize)
         if progress:
             tensors = _with_progress(tensors, description)
         load_state_dict_from_full(model, tensors, source=path)

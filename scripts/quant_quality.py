@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     parser.add_argument("--val-files", type=int, default=8, help="as train_demo_models.py held out")
     parser.add_argument("--seed", type=int, default=0, help="as train_demo_models.py ordered the files")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--methods", nargs="+", default=["int8"])
+    parser.add_argument("--methods", nargs="+", default=["int8"], help="quantize= values; METHOD+head quantizes the lm_head too")
     args = parser.parse_args(argv)
 
     from nxd_core.workers import WorkerGroup
@@ -60,14 +60,15 @@ def main(argv=None) -> None:
                 f"from {args.val_files} stdlib files\n"
             )
             base_loss, base_top1 = evaluate(model, windows, args.batch)
-        print(f"{'weights':10s} {'perplexity':>11s} {'change':>8s} {'top-1 = ' + str(model.dtype).removeprefix('torch.'):>16s}")
-        print(f"{str(model.dtype).removeprefix('torch.'):10s} {math.exp(base_loss):11.3f} {'':>8s} {'':>16s}")
+        print(f"{'weights':14s} {'perplexity':>11s} {'change':>8s} {'top-1 = ' + str(model.dtype).removeprefix('torch.'):>16s}")
+        print(f"{str(model.dtype).removeprefix('torch.'):14s} {math.exp(base_loss):11.3f} {'':>8s} {'':>16s}")
         for method in args.methods:
-            with from_pretrained_parallel(DEMO, quantize=method, **load) as quantized:
+            head = dict(quantize=method.removesuffix("+head"), quantize_lm_head=method.endswith("+head"))
+            with from_pretrained_parallel(DEMO, **head, **load) as quantized:
                 loss, top1 = evaluate(quantized, windows, args.batch)
             change = math.exp(loss) / math.exp(base_loss) - 1
             agreement = (top1 == base_top1).float().mean().item()
-            print(f"{method:10s} {math.exp(loss):11.3f} {change:+8.2%} {agreement:16.2%}")
+            print(f"{method:14s} {math.exp(loss):11.3f} {change:+8.2%} {agreement:16.2%}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from nxd_core import int4_kernels, int8_kernels
 from nxd_core import parallel_state as ps
 from nxd_core.bucketing import BucketModelConfig
 from nxd_core.checkpoint import consolidate, open_full_checkpoint, reshard
+from nxd_core.checkpoint_format import read_manifest
 from nxd_core.layers import ColumnParallelLinear, RowParallelLinear
 from nxd_core.quantization import (
     SCALE,
@@ -94,11 +95,11 @@ def test_a_quantized_layer_equals_its_dequantized_reference(tp_runner, kind, tp,
     assert max(tp_runner.run(tp, _layer_against_reference, kind, torch.bfloat16, method)) < 0.02  # one bf16 rounding of outputs ~1
 
 
-def _dequantized_checkpoint(source, out, kind_of_model, method: str) -> list[str]:
+def _dequantized_checkpoint(source, out, kind_of_model, method: str, lm_head: bool = False) -> list[str]:
     """A copy of the HF checkpoint with every layer we quantize replaced by its dequantized weight:
     the reference our quantized model must match in fp32."""
     config = kind_of_model.config
-    layers = quantizable(lookup(config.model_type).build(config, device="meta"))
+    layers = quantizable(lookup(config.model_type).build(config, device="meta"), lm_head=lm_head)
     tensors = {name: lazy.read() for name, lazy in open_full_checkpoint(source).items()}
     for layer in layers:
         q, scale = _quantize(tensors[layer + ".weight"], method)
@@ -209,6 +210,45 @@ def test_generation_speculation_and_serving_run_on_quantized_models(tp_runner, m
         with Engine(model) as engine:
             engine.eos = []
             assert [engine.generate(row, max_tokens=12).token_ids for row in ids.tolist()] == expected
+
+
+def test_the_lm_head_is_quantized_on_request(tp_runner, models, tmp_path):
+    """quantize_lm_head=True (--quantize-lm-head): the lm_head is int8 too, quantized at load or saved by
+    convert, and the model equals HF on the dequantized weights, lm_head included."""
+    path, hf, _, _, method = models["llama"]  # odd vocabulary: the lm_head's rows are padded at tp=2
+    layers = _dequantized_checkpoint(path, tmp_path / "reference", hf, method, lm_head=True)
+    assert "lm_head" in layers
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference", dtype=torch.float32).eval()
+    ids = _ids(hf.config.vocab_size)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        expected_tokens = reference.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    main(["convert", str(path), "--tp", "2", "--out", str(tmp_path / "tp2"), "--quantize", method, "--quantize-lm-head"])
+    assert "lm_head" in [layer.rpartition(".")[2] for layer in saved_quantization(read_manifest(tmp_path / "tp2")["tensors"])[1]]
+    load = dict(tp=2, workers=tp_runner.workers(2), progress=False)
+    with from_pretrained_parallel(path, quantize=method, quantize_lm_head=True, max_batch_size=2, **load) as at_load:
+        logits = at_load(ids)
+        tokens = at_load.generate(input_ids=ids, max_new_tokens=6, eos_token_id=[]).tokens
+    assert (logits - expected).abs().max().item() < TOL
+    assert tokens == expected_tokens[:, ids.shape[1] :].tolist()
+    with from_pretrained_parallel(path, quantize=method, **load) as head_unquantized:
+        assert not torch.equal(head_unquantized(ids), logits)
+    with from_pretrained_parallel(tmp_path / "tp2", **load) as converted:
+        assert torch.equal(converted(ids), logits)
+    # Refused: no method, a checkpoint saved with its lm_head unquantized, a head tied to the embedding.
+    with pytest.raises(ValueError, match="quantize_lm_head=True quantizes the lm_head with the other linears: pass quantize= as well"):
+        from_pretrained_parallel(path, tp=2, quantize_lm_head=True)
+    main(["convert", str(path), "--tp", "2", "--out", str(tmp_path / "head-unquantized"), "--quantize", method])
+    with pytest.raises(ValueError, match="saved with its lm_head unquantized: load it without quantize_lm_head"):
+        from_pretrained_parallel(tmp_path / "head-unquantized", tp=2, quantize=method, quantize_lm_head=True)
+    tied = save_tiny_llama(tmp_path / "tied", "gqa", tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="lm_head is tied to its embedding"):
+        from_pretrained_parallel(tmp_path / "tied", tp=2, quantize=method, quantize_lm_head=True)
+    assert (
+        main(["convert", str(tmp_path / "tied"), "--tp", "2", "--out", str(tmp_path / "t"), "--quantize", method, "--quantize-lm-head"])
+        != 0
+    )
 
 
 def test_bad_quantize_values_are_refused(models, tmp_path, capsys):

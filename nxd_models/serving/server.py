@@ -244,6 +244,7 @@ def serve(
     drain_seconds: float = 30.0,
     served_name: str | None = None,
     quantize: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> None:
     """Load model, serve it until SIGINT/SIGTERM, let the requests in flight finish, close the workers."""
     import uvicorn
@@ -251,7 +252,9 @@ def serve(
     from .. import from_pretrained_parallel
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    loading = dict(tp=tp, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=dtype, quantize=quantize)
+    loading = dict(
+        tp=tp, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=dtype, quantize=quantize, quantize_lm_head=quantize_lm_head
+    )
     with from_pretrained_parallel(model, **loading) as handle:
         engine = Engine(handle, max_waiting=max_waiting, compile=compile)
         try:
