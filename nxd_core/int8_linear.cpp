@@ -170,6 +170,7 @@ NXD_AVX512VNNI static bool quantize_x(const uint16_t* x, int64_t M, int64_t K, i
       // blocks below 2^-104 (there the smallest bits are lost: gradual underflow).
       const int shift = std::min(22 - e, 126);
       xs[m * Kb + b] = std::ldexp(1.0f, -shift);
+      // 2^shift in two steps (shift may exceed 127, the largest power of two in a float)
       const __m512 up = _mm512_set1_ps(std::ldexp(1.0f, std::min(shift, 100))), up2 = _mm512_set1_ps(std::ldexp(1.0f, shift - std::min(shift, 100)));
       __m512i sums[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
       int8_t* dst = xq + m * 3 * Kp + k0;
@@ -328,7 +329,8 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   const at::Tensor sc = scale.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
-  // bf16 x on AVX512_VNNI: int16 per block (quantize_x); a NaN or infinity in x keeps the fp32 path.
+  // bf16 x on AVX512_VNNI: three signed bytes per input, a scale per block (quantize_x); a NaN or
+  // infinity in x keeps the fp32 path.
   const int64_t Kp = (K + kQBlock - 1) / kQBlock * kQBlock;
   at::Tensor xq, xqs, xqc;
   bool vnni = false;
