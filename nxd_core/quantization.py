@@ -42,11 +42,24 @@ def check_method(quantize: str | None) -> None:
         raise ValueError(f"quantize={quantize!r} is not supported: choose one of {list(METHODS)} (or None for the model's dtype)")
 
 
-def check_lm_head_option(quantize: str | None, quantize_lm_head: bool) -> None:
-    """The lm_head is quantized with the other linears, by the same method: it needs a method."""
-    if quantize_lm_head and not quantize:
+def check_lm_head_option(
+    quantize: str | None, quantize_lm_head: bool, source, tied: bool, saved: str | None, saved_layers: Iterable[str]
+) -> None:
+    """Whether the lm_head of checkpoint `source` can be quantized, as loading and converting ask: with
+    a method (the other linears'), not tied to the embedding (which stays in the model's dtype), and,
+    if the checkpoint is saved quantized (`saved`: its method, `saved_layers`), saved with it quantized."""
+    if not quantize_lm_head:
+        return
+    if not quantize:
         raise ValueError(
             f"quantize_lm_head=True quantizes the lm_head with the other linears: pass quantize= as well (one of {', '.join(METHODS)})"
+        )
+    if tied:
+        raise ValueError(f"{source}'s lm_head is tied to its embedding, which stays in the model's dtype: leave out quantize_lm_head")
+    if saved is not None and not any(layer.rpartition(".")[2] == "lm_head" for layer in saved_layers):
+        raise ValueError(
+            f"{source} was saved with its lm_head unquantized: load it without quantize_lm_head, or convert the original "
+            f"checkpoint with --quantize {saved} --quantize-lm-head"
         )
 
 

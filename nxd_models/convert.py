@@ -62,7 +62,6 @@ def convert(
     """quantize="int8": the linears' weights are written as int8 with their scales (nxd_core.quantization);
     quantize_lm_head: the lm_head's too."""
     check_method(quantize)
-    check_lm_head_option(quantize, quantize_lm_head)
     source = hub.resolve(name_or_path)
     config = AutoConfig.from_pretrained(source)
     family = lookup(config.model_type, str(source))
@@ -71,12 +70,7 @@ def convert(
     method, stored = saved_quantization(checkpoint)
     if stored and quantize not in (None, method):
         raise ValueError(f"{source} holds {method} weights already; convert it with --quantize {method} or without --quantize")
-    if stored and quantize_lm_head and not any(layer.rpartition(".")[2] == "lm_head" for layer in stored):
-        raise ValueError(f"{source} was saved with its lm_head unquantized; convert the original checkpoint with --quantize-lm-head")
-    if quantize and quantize_lm_head and getattr(config, "tie_word_embeddings", False):
-        raise ValueError(
-            f"{source}'s lm_head is tied to its embedding, which stays in the model's dtype: convert it without --quantize-lm-head"
-        )
+    check_lm_head_option(quantize, quantize_lm_head, source, getattr(config, "tie_word_embeddings", False), method, stored)
     if quantize and group_size(quantize):
         model = lookup(config.model_type).build(config, device="meta")
         check_group_size(model, quantize, tp, family.valid_tp_values(config), lm_head=quantize_lm_head)

@@ -54,8 +54,9 @@ def _check_weights(path: Path) -> None:
         check_complete(path / file)
 
 
-def _check_quantization(path: Path, quantize: str | None, quantize_lm_head: bool = False) -> None:
-    """A checkpoint saved quantized loads as saved: asking for another quantization is an error."""
+def _check_quantization(path: Path, quantize: str | None, quantize_lm_head: bool, tied: bool) -> None:
+    """A checkpoint saved quantized loads as saved: asking for another quantization is an error (and
+    the lm_head's quantization: check_lm_head_option)."""
     tensors = read_manifest(path)["tensors"] if (path / MANIFEST).exists() else open_full_checkpoint(path)
     saved, layers = saved_quantization(tensors)
     if saved is not None and quantize not in (None, saved):
@@ -63,11 +64,7 @@ def _check_quantization(path: Path, quantize: str | None, quantize_lm_head: bool
             f"{path} holds {saved} weights; it cannot be loaded with quantize={quantize!r}: pass quantize=None "
             f"(or {saved!r}), or convert the original checkpoint with --quantize {quantize}"
         )
-    if saved is not None and quantize_lm_head and not any(layer.rpartition(".")[2] == "lm_head" for layer in layers):
-        raise ValueError(
-            f"{path} was saved with its lm_head unquantized: load it without quantize_lm_head, or convert the original "
-            f"checkpoint with --quantize {saved} --quantize-lm-head"
-        )
+    check_lm_head_option(quantize, quantize_lm_head, path, tied, saved, layers)
 
 
 def _default_dtype(config, path: Path) -> torch.dtype:
@@ -105,7 +102,6 @@ def from_pretrained_parallel(
     can be checked is checked here first, so bad input fails before a process starts.
     """
     check_method(quantize)
-    check_lm_head_option(quantize, quantize_lm_head)
     path = hub.resolve(name_or_path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {path}: not a Hugging Face model directory")
@@ -118,9 +114,7 @@ def from_pretrained_parallel(
     if quantize and family.HANDLE != "causal":
         raise ValueError(f"quantize={quantize!r} is for causal language models; {config.model_type} is not one: load it without quantize")
     _check_weights(path)
-    _check_quantization(path, quantize, quantize_lm_head)
-    if quantize_lm_head and getattr(config, "tie_word_embeddings", False):
-        raise ValueError(f"{path}'s lm_head is tied to its embedding, which stays in the model's dtype: load it without quantize_lm_head")
+    _check_quantization(path, quantize, quantize_lm_head, tied=getattr(config, "tie_word_embeddings", False))
     if group_size(quantize or "int8"):
         check_group_size(family.build(config, device="meta"), quantize, tp, family.valid_tp_values(config), lm_head=quantize_lm_head)
     if (path / MANIFEST).exists():

@@ -70,59 +70,47 @@ def load_shard(
     quantized loads as it is); quantize_lm_head: the lm_head too."""
     progress = progress and ps.get_tensor_model_parallel_rank() == 0
     with ps.replicated() if replicated else contextlib.nullcontext():
-        return _build_and_load(key, path, dtype, max_batch_size, max_seq_len, device, progress, quantize, quantize_lm_head)
-
-
-def _build_and_load(
-    key: StateKey,
-    path: str,
-    dtype,
-    max_batch_size: int,
-    max_seq_len: int,
-    device: str,
-    progress: bool,
-    quantize: str | None,
-    quantize_lm_head: bool = False,
-) -> int:
-    config = AutoConfig.from_pretrained(path)
-    description = f"loading {Path(path).name} at tp={ps.get_tensor_model_parallel_size()}"
-    if (Path(path) / MANIFEST).exists():
-        manifest = read_manifest(path)
-        prefix = manifest["model_prefix"]
-        entries = {name[len(prefix) :]: entry for name, entry in manifest["tensors"].items() if name.startswith(prefix)}
-        saved = list(entries)
-        # Adapting to the saved names ties the model as the checkpoint was.
-        family, model, _ = build_for_checkpoint(config, dict.fromkeys(saved), dtype, device="meta")
-        method, stored = saved_quantization(entries)
-        if stored or not quantize:
+        config = AutoConfig.from_pretrained(path)
+        description = f"loading {Path(path).name} at tp={ps.get_tensor_model_parallel_size()}"
+        if (Path(path) / MANIFEST).exists():
+            manifest = read_manifest(path)
+            prefix = manifest["model_prefix"]
+            entries = {name[len(prefix) :]: entry for name, entry in manifest["tensors"].items() if name.startswith(prefix)}
+            saved = list(entries)
+            # Adapting to the saved names ties the model as the checkpoint was.
+            family, model, _ = build_for_checkpoint(config, dict.fromkeys(saved), dtype, device="meta")
+            method, stored = saved_quantization(entries)
+            if stored or not quantize:
+                if stored:
+                    quantize_model(model, method, stored)
+                # Tied names (T5's embed_tokens, a tied lm_head) are not stored: check the others, then load leniently.
+                aliases = tied_aliases(model)
+                check_keys([n for n in model.state_dict() if n not in aliases], saved, path)
+                load(path, model, sharded=True, strict=False)
+            else:  # quantized from the unquantized pieces: a row-parallel scale needs every rank's part of its rows
+                tensors = quantized_sources(
+                    open_sharded_checkpoint(path), quantize_model(model, quantize, lm_head=quantize_lm_head), quantize
+                )
+                load_state_dict_from_full(model, _with_progress(tensors, description) if progress else tensors, source=path)
+        else:
+            # Legacy names, heads the checkpoint has but the model lacks, tying: the family adapts them.
+            family, model, tensors = build_for_checkpoint(config, open_full_checkpoint(path), dtype, device="meta")
+            method, stored = saved_quantization(tensors)
             if stored:
                 quantize_model(model, method, stored)
-            # Tied names (T5's embed_tokens, a tied lm_head) are not stored: check the others, then load leniently.
-            aliases = tied_aliases(model)
-            check_keys([n for n in model.state_dict() if n not in aliases], saved, path)
-            load(path, model, sharded=True, strict=False)
-        else:  # quantized from the unquantized pieces: a row-parallel scale needs every rank's part of its rows
-            tensors = quantized_sources(open_sharded_checkpoint(path), quantize_model(model, quantize, lm_head=quantize_lm_head), quantize)
-            load_state_dict_from_full(model, _with_progress(tensors, description) if progress else tensors, source=path)
-    else:
-        # Legacy names, heads the checkpoint has but the model lacks, tying: the family adapts them.
-        family, model, tensors = build_for_checkpoint(config, open_full_checkpoint(path), dtype, device="meta")
-        method, stored = saved_quantization(tensors)
-        if stored:
-            quantize_model(model, method, stored)
-        elif quantize:
-            tensors = quantized_sources(tensors, quantize_model(model, quantize, lm_head=quantize_lm_head), quantize)
-        if progress:
-            tensors = _with_progress(tensors, description)
-        load_state_dict_from_full(model, tensors, source=path)
-    model.to(device)
-    prepare_kernels(model)  # the quantized layers' kernels, now that the weights are on their device
-    move_to_huge_pages(model)  # CPU weights of 2 MB and more: decoding streams them (nxd_core/huge_pages.py)
-    if family.KV_CACHE:
-        model.allocate_kv_cache(max_batch_size, max_seq_len)
-    model.eval()
-    worker_state()[key] = model
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            elif quantize:
+                tensors = quantized_sources(tensors, quantize_model(model, quantize, lm_head=quantize_lm_head), quantize)
+            if progress:
+                tensors = _with_progress(tensors, description)
+            load_state_dict_from_full(model, tensors, source=path)
+        model.to(device)
+        prepare_kernels(model)  # the quantized layers' kernels, now that the weights are on their device
+        move_to_huge_pages(model)  # CPU weights of 2 MB and more: decoding streams them (nxd_core/huge_pages.py)
+        if family.KV_CACHE:
+            model.allocate_kv_cache(max_batch_size, max_seq_len)
+        model.eval()
+        worker_state()[key] = model
+        return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 class _ProgressMapping(dict):
