@@ -110,6 +110,8 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
     }
     // Two queries at a time share each load of the tile (4 slots per pass: 8 accumulators, within
     // AVX2's 16 registers); a query alone sums the same products in the same order.
+    // The unroll pragmas keep the accumulators in registers: without them GCC 12 stored them after
+    // every product (one layer, 32/4 heads, d 64, bf16: 1.12-1.33x faster with them).
     auto store = [&](int64_t r, const __m256* a) {
       const __m256 scores = _mm256_mul_ps(sum_each(a), _mm256_set1_ps(scale));
       const bool* m = mask + (r % s) * mask_s + j;
@@ -127,11 +129,11 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
     for (; r + 2 <= G; r += 2) {
       __m256 a0[8], a1[8];
       const float *q0 = qf.get() + r * d, *q1 = q0 + d;
-      for (int h = 0; h < 8; h += 4) {
-        for (int u = h; u < h + 4; ++u) a0[u] = a1[u] = _mm256_setzero_ps();
+      _Pragma("GCC unroll 2") for (int h = 0; h < 8; h += 4) {
+        _Pragma("GCC unroll 4") for (int u = h; u < h + 4; ++u) a0[u] = a1[u] = _mm256_setzero_ps();
         for (int64_t i = 0; i < d; i += 8) {
           const __m256 x0 = _mm256_loadu_ps(q0 + i), x1 = _mm256_loadu_ps(q1 + i);
-          for (int u = h; u < h + 4; ++u) {
+          _Pragma("GCC unroll 4") for (int u = h; u < h + 4; ++u) {
             const __m256 t = _mm256_loadu_ps(tile.get() + u * d + i);
             a0[u] = _mm256_fmadd_ps(x0, t, a0[u]);
             a1[u] = _mm256_fmadd_ps(x1, t, a1[u]);
@@ -143,11 +145,11 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
     }
     for (; r < G; ++r) {
       __m256 a[8];
-      for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+      _Pragma("GCC unroll 8") for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
       const float* qr = qf.get() + r * d;
       for (int64_t i = 0; i < d; i += 8) {
         const __m256 qv = _mm256_loadu_ps(qr + i);
-        for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(tile.get() + u * d + i), a[u]);
+        _Pragma("GCC unroll 8") for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(tile.get() + u * d + i), a[u]);
       }
       store(r, a);
     }
@@ -188,16 +190,16 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
       int64_t i = 0;
       for (; i + 32 <= d; i += 32) {
         __m256 c0[4], c1[4];
-        for (int c = 0; c < 4; ++c) c0[c] = _mm256_loadu_ps(o0 + i + 8 * c), c1[c] = _mm256_loadu_ps(o1 + i + 8 * c);
+        _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) c0[c] = _mm256_loadu_ps(o0 + i + 8 * c), c1[c] = _mm256_loadu_ps(o1 + i + 8 * c);
         for (int64_t u = 0; u < n; ++u) {
           const __m256 b0 = _mm256_set1_ps(p0[u]), b1 = _mm256_set1_ps(p1[u]);
-          for (int c = 0; c < 4; ++c) {
+          _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) {
             const __m256 t = _mm256_loadu_ps(tile.get() + u * d + i + 8 * c);
             c0[c] = _mm256_fmadd_ps(b0, t, c0[c]);
             c1[c] = _mm256_fmadd_ps(b1, t, c1[c]);
           }
         }
-        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o0 + i + 8 * c, c0[c]), _mm256_storeu_ps(o1 + i + 8 * c, c1[c]);
+        _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o0 + i + 8 * c, c0[c]), _mm256_storeu_ps(o1 + i + 8 * c, c1[c]);
       }
       for (; i < d; i += 8) {
         __m256 c0 = _mm256_loadu_ps(o0 + i), c1 = _mm256_loadu_ps(o1 + i);
