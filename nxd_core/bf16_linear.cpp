@@ -107,7 +107,7 @@ NXD_AVX512BF16 static inline __m512bh load_bf16x32(__mmask32 mask, const uint16_
   return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
 }
 
-// out[i] = the sum of v[i]'s 16 lanes for i < N (1, 2, 4, 8 or 16), all in one pass of shuffles
+// out[i] = the sum of v[i]'s 16 lanes for i < N (powers of two in one pass of shuffles)
 // (a reduction each costs ~9 instructions, as many as 9 dot products: on rows of 256, half a
 // tile's time). Each sum takes _mm512_reduce_add_ps's order, lane i with i + 8, then i + 4, i + 2,
 // i + 1, so an output has the same bits however many are reduced together.
@@ -126,7 +126,11 @@ NXD_AVX512BF16 static inline __m512 neighbours_added(__m512 a, __m512 b) {  // p
 
 template <int N>
 NXD_AVX512BF16 static inline void lane_sums(const __m512* v, float* out) {
-  if constexpr (N == 1) {
+  constexpr int P = N >= 16 ? 16 : N >= 8 ? 8 : N >= 4 ? 4 : N >= 2 ? 2 : 1;  // the largest power of two <= N
+  if constexpr (P != N) {  // 3, 6, 12 ...: a power of two, then the rest
+    lane_sums<P>(v, out);
+    lane_sums<N - P>(v + P, out + P);
+  } else if constexpr (N == 1) {
     out[0] = _mm512_reduce_add_ps(v[0]);
   } else {
     constexpr int N1 = N / 2, N2 = N / 4 > 0 ? N / 4 : 1, N3 = N / 8 > 0 ? N / 8 : 1;
@@ -288,7 +292,9 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
     split_rows(N, chunk, [&](int64_t begin, int64_t end) {
       if (M < 4)  // 4 weight rows: 1 row of x has 8 chains of dot products, not 2 (short rows ran 10-25% faster)
         rows_avx512bf16<4>(wp, K, xs, M, N, begin, end, op);
-      else
+      else if (K >= 1024)  // 3 weight rows: long rows of x leave L1, and each load of x serves 3 rows, not 2
+        rows_avx512bf16<3>(wp, K, xs, M, N, begin, end, op);
+      else  // short rows: the 8-output tile's sums are reduced in one pass, 12 in two
         rows_avx512bf16<2>(wp, K, xs, M, N, begin, end, op);
     });
     return out;
