@@ -37,15 +37,16 @@ ENV = "NXD_BF16_KERNEL"
 
 # Up to how many rows (tokens x batch: decoding and speculative verification) take the kernel, per
 # path. Measured on 2 Zen 4 cores with AVX512_BF16 (benchmarks/bf16_kernel.py --threads 1, fastest
-# call, ms, W [2048, 2048] / [2048, 5632]):
+# call, ms, W [2048, 2048] / [2048, 5632], weights from memory):
 #   rows                       1            4            8
-#   ATen F.linear (oneDNN)     0.67 / 2.15  0.65 / 2.08  0.83 / 2.55
-#   kernel, avx512bf16         0.29 / 0.83  0.90 / 2.17  1.36 / 3.64
-# One row is memory-bound and the kernel reads 2.3-2.6x faster; from 4 rows both are compute-bound
-# and oneDNN's blocking does more dot products per cycle. The limit stays 8 on every path anyway:
-# the rows of a verification (k + 1 rows) or a serving batch must be summed exactly as a one-row
-# decode step sums them (row invariance), which a switch to ATen at 4 rows would break. On AVX2-only
-# CPUs ATen has no bf16 instructions and the kernel wins up to 8 rows (measured before issue 21).
+#   ATen F.linear (oneDNN)     0.68 / 1.97  0.64 / 1.84  0.79 / 2.29
+#   kernel, avx512bf16         0.19 / 0.66  0.46 / 1.49  0.63 / 2.05
+# One row is memory-bound and the kernel reads 3x faster. From 4 rows both are compute-bound; the
+# kernel's tiles of 3-4 weight rows (each load of x shared) keep it ahead of oneDNN up to 8 rows
+# (before the tiles: 0.90 / 2.17 and 1.36 / 3.64). The rows of a verification (k + 1) or a serving
+# batch must be summed exactly as a one-row decode step sums them (row invariance), so a switch
+# to ATen at some row count would break it anyway. On AVX2-only CPUs ATen has no bf16
+# instructions and the kernel wins up to 8 rows (measured before issue 21).
 MAX_ROWS = {"avx512bf16": 8, "avx512": 8, "avx2": 8}
 
 _SOURCE = Path(__file__).with_name("bf16_linear.cpp")
