@@ -75,7 +75,9 @@ def best_of(model, prompt, methods: dict, **common) -> dict:
             if name not in fastest or result.stats["tokens_per_second"] > fastest[name].stats["tokens_per_second"]:
                 fastest[name] = result
             decode = result.stats.get("decode_tokens_per_second", 0.0)
-            fastest[name].stats["best_decode_tokens_per_second"] = max(decode, fastest[name].stats.get("best_decode_tokens_per_second", 0.0))
+            fastest[name].stats["best_decode_tokens_per_second"] = max(
+                decode, fastest[name].stats.get("best_decode_tokens_per_second", 0.0)
+            )
     return fastest
 
 

@@ -9,6 +9,9 @@ costs what the text's length asks, not the cache's (benchmarks/attention.py meas
 `qualifies()` says whether a call can take it (CPU, float32 or bfloat16, head size a multiple of
 8, no autograd). Models keep their own Python attention for everything else (nxd_models/llama.py).
 NXD_ATTENTION_KERNEL=0 switches it off (read by prepare()).
+
+Two paths, chosen at run time: AVX2+FMA throughout, or, for bf16 inputs on a CPU with AVX512_BF16,
+the scores by `vdpbf16ps` on q and k as stored (`path()`, `use_path()`, `available_paths()`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ import torch
 from .cpp_build import build_and_load, cpu_flags
 
 ENV = "NXD_ATTENTION_KERNEL"
+# The CPU flags each path needs, best first (names as in /proc/cpuinfo).
+PATHS = {
+    "avx512bf16": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx2", "fma"},
+    "avx2": {"avx2", "fma"},
+}
 _SOURCE = Path(__file__).with_name("decode_attention.cpp")
 _loaded = None  # torch.ops.nxd.decode_attention, once built and loaded in this process
 _extension = None  # _loaded while the kernel is switched on
@@ -64,6 +72,24 @@ def enable() -> bool:
     global _unavailable
     _unavailable = False
     return prepare()
+
+
+def available_paths() -> list[str]:
+    """The paths this CPU can run, best first (the kernel takes the first unless use_path says otherwise)."""
+    flags = cpu_flags()
+    return [name for name, needs in PATHS.items() if needs <= flags]
+
+
+def path() -> str | None:
+    """The path the kernel takes in this process, or None where it is not prepared."""
+    return torch.ops.nxd.decode_attention_isa() if _extension is not None else None
+
+
+def use_path(name: str) -> None:
+    """Make the kernel take `name` in this process (tests and benchmarks compare the paths)."""
+    if not prepare():
+        raise RuntimeError("the decode attention kernel cannot run here")
+    torch.ops.nxd.decode_attention_set_isa(name)
 
 
 def qualifies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

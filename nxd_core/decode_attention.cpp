@@ -13,7 +13,8 @@
 // a KV head (GQA) read it together. A query's result depends on nothing but its own row and mask:
 // masked slots weigh exactly 0 (the serving engine and speculative decoding rely on row invariance).
 //
-// AVX2+FMA (the file's flags); nxd_core/attention_kernel.py sends other CPUs to the Python path.
+// AVX2+FMA (the file's flags), the scores of bf16 inputs on AVX512_BF16 where the CPU has it;
+// nxd_core/attention_kernel.py sends other CPUs to the Python path.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -23,6 +24,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 // exp for 8 floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; within 2 ulp of
@@ -84,6 +86,59 @@ static inline __m256 as_dtype8(__m256 p) {
   }
 }
 
+// ---- scores on AVX512_BF16 (bf16 inputs, where the CPU has it) ------------------------------
+//
+// vdpbf16ps takes q and k as stored, 32 products per instruction (the products are exact in fp32,
+// as the widened FMAs' are; the sums are fp32), twice the multiply-adds per cycle of AVX2's fp32
+// FMAs and no widening of the K tile. Chosen at run time (decode_attention_set_isa); float32
+// inputs always take the AVX2 path.
+
+#define NXD_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+
+enum Isa { kAvx2 = 0, kAvx512Bf16 = 1 };
+static const char* const kIsaNames[] = {"avx2", "avx512bf16"};
+static bool cpu_supports(Isa isa) {
+  if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
+}
+static Isa g_isa = cpu_supports(kAvx512Bf16) ? kAvx512Bf16 : kAvx2;  // the best this CPU has, unless set
+
+// The lane sums of a[0..7] as one vector [sum a0, ..., sum a7]; each sum adds lane i to i + 8,
+// then i + 4, i + 2, i + 1, whatever the other seven are (row invariance).
+NXD_AVX512BF16 static inline __m256 lane_sums8(const __m512* a) {
+  __m512 h[4], q[2];
+  _Pragma("GCC unroll 4") for (int i = 0; i < 4; ++i)  // [a_2i lanes i + (i+8) | a_2i+1 ...]
+    h[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  _Pragma("GCC unroll 2") for (int i = 0; i < 2; ++i)  // 128-bit lane j: a_4i+j, 4 values
+    q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // 128-bit lane j: [a_j, a_j, a_4+j, a_4+j] (2 values each), then [a_j, a_4+j, ...]
+  const __m512 p = _mm512_add_ps(_mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(p, p, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(p, p, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, z));
+}
+
+// The unscaled scores of R query rows against 8 key rows: out[r] = [q_r . k_u for u < 8].
+template <int R>
+NXD_AVX512BF16 static void scores_bf16(const uint16_t* const* q, const uint16_t* const* k, int64_t d, __m256* out) {
+  __m512 acc[R][8];
+  _Pragma("GCC unroll 2") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 8") for (int u = 0; u < 8; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += 32) {
+    const __mmask32 mask = d - i >= 32 ? ~__mmask32(0) : __mmask32((1u << (d - i)) - 1);
+    __m512bh qv[R];
+    _Pragma("GCC unroll 2") for (int r = 0; r < R; ++r) qv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, q[r] + i);
+    _Pragma("GCC unroll 8") for (int u = 0; u < 8; ++u) {
+      const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi16(mask, k[u] + i);
+      _Pragma("GCC unroll 2") for (int r = 0; r < R; ++r) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], qv[r], kv);
+    }
+  }
+  _Pragma("GCC unroll 2") for (int r = 0; r < R; ++r) out[r] = lane_sums8(acc[r]);
+}
+
 struct Strides {
   int64_t b, h, s;  // of one tensor's first three dimensions (the last is contiguous)
 };
@@ -103,17 +158,14 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
     }
   // Scores, 8 slots at a time: the tile of K is widened once and read by every query.
   const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const std::vector<uint16_t> zero_row(d, 0);  // the key of a slot past `end` (never read from the cache)
   for (int64_t j = 0; j < end8; j += 8) {
-    for (int64_t u = 0; u < 8; ++u) {
-      if (j + u < end) widen(k + (j + u) * ks.s, d, tile.get() + u * d);
-      else std::fill(tile.get() + u * d, tile.get() + (u + 1) * d, 0.0f);
-    }
     // Two queries at a time share each load of the tile (4 slots per pass: 8 accumulators, within
     // AVX2's 16 registers); a query alone sums the same products in the same order.
     // The unroll pragmas keep the accumulators in registers: without them GCC 12 stored them after
     // every product (one layer, 32/4 heads, d 64, bf16: 1.12-1.33x faster with them).
-    auto store = [&](int64_t r, const __m256* a) {
-      const __m256 scores = _mm256_mul_ps(sum_each(a), _mm256_set1_ps(scale));
+    auto store = [&](int64_t r, __m256 sums) {
+      const __m256 scores = _mm256_mul_ps(sums, _mm256_set1_ps(scale));
       const bool* m = mask + (r % s) * mask_s + j;
       __m256i keep;
       if (j + 8 <= end) {  // a whole tile: its 8 mask bytes as lanes
@@ -125,6 +177,31 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
       }
       _mm256_storeu_ps(sc.get() + r * end8 + j, _mm256_blendv_ps(minus_inf, scores, _mm256_castsi256_ps(keep)));
     };
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (g_isa == kAvx512Bf16) {
+        const uint16_t* keys[8];
+        for (int64_t u = 0; u < 8; ++u) keys[u] = j + u < end ? k + (j + u) * ks.s : zero_row.data();
+        auto row = [&](int64_t r) { return q + (r / s) * qs.h + (r % s) * qs.s; };
+        __m256 sums[2];
+        int64_t r = 0;
+        for (; r + 2 <= G; r += 2) {  // two queries share each load of a key
+          const uint16_t* rows[2] = {row(r), row(r + 1)};
+          scores_bf16<2>(rows, keys, d, sums);
+          store(r, sums[0]);
+          store(r + 1, sums[1]);
+        }
+        if (r < G) {
+          const uint16_t* rows[1] = {row(r)};
+          scores_bf16<1>(rows, keys, d, sums);
+          store(r, sums[0]);
+        }
+        continue;
+      }
+    }
+    for (int64_t u = 0; u < 8; ++u) {
+      if (j + u < end) widen(k + (j + u) * ks.s, d, tile.get() + u * d);
+      else std::fill(tile.get() + u * d, tile.get() + (u + 1) * d, 0.0f);
+    }
     int64_t r = 0;
     for (; r + 2 <= G; r += 2) {
       __m256 a0[8], a1[8];
@@ -140,8 +217,8 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
           }
         }
       }
-      store(r, a0);
-      store(r + 1, a1);
+      store(r, sum_each(a0));
+      store(r + 1, sum_each(a1));
     }
     for (; r < G; ++r) {
       __m256 a[8];
@@ -151,7 +228,7 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
         const __m256 qv = _mm256_loadu_ps(qr + i);
         _Pragma("GCC unroll 8") for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(tile.get() + u * d + i), a[u]);
       }
-      store(r, a);
+      store(r, sum_each(a));
     }
   }
   // Softmax per query, in fp32; the probabilities rounded to T.
@@ -285,5 +362,21 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
-TORCH_LIBRARY_FRAGMENT(nxd, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor"); }
+std::string decode_attention_set_isa(const std::string& name) {
+  for (int i = 0; i < 2; ++i)
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(cpu_supports(Isa(i)), "decode_attention_set_isa: this CPU has no ", name);
+      g_isa = Isa(i);
+      return name;
+    }
+  TORCH_CHECK(false, "decode_attention_set_isa: unknown path '", name, "' (avx2 or avx512bf16)");
+}
+
+std::string decode_attention_isa() { return kIsaNames[g_isa]; }
+
+TORCH_LIBRARY_FRAGMENT(nxd, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("decode_attention_set_isa(str isa) -> str", &decode_attention_set_isa);
+  m.def("decode_attention_isa() -> str", &decode_attention_isa);
+}
 TORCH_LIBRARY_IMPL(nxd, CPU, m) { m.impl("decode_attention", &decode_attention); }

@@ -13,6 +13,17 @@ from nxd_models.llama import attention_mask_for, few_query_attention
 pytestmark = pytest.mark.skipif(not attention_kernel.prepare(), reason="needs a CPU with AVX2/FMA and a C++ compiler")
 
 
+@pytest.fixture(params=list(attention_kernel.PATHS))
+def kernel_path(request):
+    """Each path this CPU has (bf16 scores differ between them; fp32 always takes avx2)."""
+    if request.param not in attention_kernel.available_paths():
+        pytest.skip(f"this CPU has no {request.param}")
+    before = attention_kernel.path()
+    attention_kernel.use_path(request.param)
+    yield request.param
+    attention_kernel.use_path(before)
+
+
 def python_attention(q, k, v, mask, scale):
     attention_kernel.disable()
     try:
@@ -53,7 +64,7 @@ def test_float32_equals_the_python_path(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bfloat16_is_within_its_rounding_of_the_exact_result(shape):
+def test_bfloat16_is_within_its_rounding_of_the_exact_result(shape, kernel_path):
     q, k, v, mask, scale = case(*shape, torch.bfloat16)
     exact = few_query_attention(q.double(), k.double(), v.double(), mask, scale)
     with torch.inference_mode():
@@ -74,9 +85,10 @@ def test_sliding_window_and_padding_masks():
         )
 
 
-def test_slots_past_the_mask_are_never_read():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slots_past_the_mask_are_never_read(dtype, kernel_path):
     """The cost follows the filled length: slots after the last allowed one may hold anything, NaN included."""
-    q, k, v, mask, scale = case(2, 8, 4, 2, 64, 16, 20, torch.float32)
+    q, k, v, mask, scale = case(2, 8, 4, 2, 64, 16, 20, dtype)
     with torch.inference_mode():
         before = attention_kernel.decode_attention(q, k, v, mask, scale)
         k[:, :, 22:], v[:, :, 22:] = float("nan"), float("nan")
@@ -85,7 +97,7 @@ def test_slots_past_the_mask_are_never_read():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_row_and_query_gets_what_it_gets_alone(dtype):
+def test_each_row_and_query_gets_what_it_gets_alone(dtype, kernel_path):
     """Row invariance, as the serving engine and speculative verification need: bit for bit."""
     q, k, v, mask, scale = case(3, 8, 4, 5, 200, 64, 150, dtype, pad=9)
     with torch.inference_mode():
@@ -104,7 +116,7 @@ def test_each_row_and_query_gets_what_it_gets_alone(dtype):
                 assert torch.equal(one, whole[row : row + 1, :, query : query + 1])
 
 
-def test_threads_change_nothing():
+def test_threads_change_nothing(kernel_path):
     q, k, v, mask, scale = case(4, 16, 4, 4, 512, 64, 400, torch.bfloat16)
     threads = torch.get_num_threads()
     try:
@@ -118,17 +130,22 @@ def test_threads_change_nothing():
     assert torch.equal(one, many)
 
 
-def test_strided_query_and_cache_rows():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_query_and_cache_rows(dtype, kernel_path):
     """q as the model makes it (transposed from [b, s, heads, d]) and the cache's rows from row 1."""
     generator = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 3, 8, 32, generator=generator).transpose(1, 2)  # [2, 8, 3, 32], not contiguous
-    cache_k, cache_v = torch.randn(2, 3, 4, 50, 32, generator=generator).unbind(0)
+    q = torch.randn(2, 3, 8, 32, generator=generator).transpose(1, 2).to(dtype)  # [2, 8, 3, 32], not contiguous
+    cache_k, cache_v = torch.randn(2, 3, 4, 50, 32, generator=generator).to(dtype).unbind(0)
     k, v = cache_k[1:], cache_v[1:]
     mask = attention_mask_for(None, torch.arange(30, 33), 50, 2)
     with torch.inference_mode():
-        torch.testing.assert_close(
-            attention_kernel.decode_attention(q, k, v, mask, 0.2), python_attention(q, k, v, mask, 0.2), rtol=1e-5, atol=1e-6
-        )
+        ours, theirs = attention_kernel.decode_attention(q, k, v, mask, 0.2), python_attention(q, k, v, mask, 0.2)
+        contiguous = attention_kernel.decode_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask, 0.2)
+    assert torch.equal(ours, contiguous)  # strides change nothing
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    else:
+        assert (ours.double() - theirs.double()).abs().max() <= 8 * 2**-8 * v.double().abs().max()
 
 
 def test_compiled_graph_calls_the_kernel_once_per_attention():
