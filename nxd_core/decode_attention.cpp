@@ -139,6 +139,75 @@ NXD_AVX512BF16 static void scores_bf16(const uint16_t* const* q, const uint16_t*
   _Pragma("GCC unroll 2") for (int r = 0; r < R; ++r) out[r] = lane_sums8(acc[r]);
 }
 
+// Probabilities times V on AVX512_BF16: vdpbf16ps on pairs of slots. V's rows j and j + 1 are
+// interleaved once per call (pairs[p][chunk] = unpacklo/hi of the two rows' 32 dims: fp32 lane
+// (128-bit lane L, element e) of lo holds dim 8L + e, of hi dim 8L + 4 + e), then every query
+// streams them against its probabilities packed as bf16 pairs. Each output sums its slot pairs in
+// order, whatever R is.
+NXD_AVX512BF16 static void interleave_values(const uint16_t* v, int64_t vs, int64_t end, int64_t d, int64_t chunks,
+                                             const uint16_t* zero_row, __m512i* pairs) {
+  for (int64_t j = 0; j < end; j += 2) {
+    const uint16_t* a = v + j * vs;
+    const uint16_t* b = j + 1 < end ? v + (j + 1) * vs : zero_row;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t i = 32 * c;
+      const __mmask32 mask = d - i >= 32 ? ~__mmask32(0) : d <= i ? __mmask32(0) : __mmask32((1u << (d - i)) - 1);
+      const __m512i x = _mm512_maskz_loadu_epi16(mask, a + i), y = _mm512_maskz_loadu_epi16(mask, b + i);
+      pairs[((j / 2) * chunks + c) * 2] = _mm512_unpacklo_epi16(x, y);
+      pairs[((j / 2) * chunks + c) * 2 + 1] = _mm512_unpackhi_epi16(x, y);
+    }
+  }
+}
+
+// R queries (probabilities packed: p[r][pair] = bf16 p_2i | bf16 p_2i+1 << 16) against the
+// interleaved values: out[r][dim], fp32, for dims < 32 * CH.
+template <int R, int CH>
+NXD_AVX512BF16 static void values_bf16(const uint32_t* const* p, const __m512i* pairs, int64_t npairs, float* const* out, int64_t d) {
+  __m512 acc[R][CH][2];
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 4") for (int c = 0; c < CH; ++c) acc[r][c][0] = acc[r][c][1] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < npairs; ++i) {
+    const __m512i* pv = pairs + i * CH * 2;
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+      const __m512bh pr = (__m512bh)_mm512_set1_epi32(int32_t(p[r][i]));
+      _Pragma("GCC unroll 4") for (int c = 0; c < CH; ++c) {
+        acc[r][c][0] = _mm512_dpbf16_ps(acc[r][c][0], (__m512bh)pv[2 * c], pr);
+        acc[r][c][1] = _mm512_dpbf16_ps(acc[r][c][1], (__m512bh)pv[2 * c + 1], pr);
+      }
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 4") for (int c = 0; c < CH; ++c) {
+      alignas(64) float lo[16], hi[16];
+      _mm512_store_ps(lo, acc[r][c][0]);
+      _mm512_store_ps(hi, acc[r][c][1]);
+      for (int L = 0; L < 4; ++L)
+        for (int e = 0; e < 4; ++e) {
+          const int64_t i = 32 * c + 8 * L + e;
+          if (i < d) out[r][i] = lo[4 * L + e];
+          if (i + 4 < d) out[r][i + 4] = hi[4 * L + e];
+        }
+    }
+}
+
+template <int CH>
+NXD_AVX512BF16 static void values_rows_bf16(const uint32_t* pk, int64_t pstride, const __m512i* pairs, int64_t npairs, float* acc,
+                                            int64_t d, int64_t G) {
+  constexpr int R = 8 / CH;  // 16 accumulators
+  int64_t r = 0;
+  for (; r + R <= G; r += R) {
+    const uint32_t* p[R];
+    float* out[R];
+    for (int i = 0; i < R; ++i) p[i] = pk + (r + i) * pstride, out[i] = acc + (r + i) * d;
+    values_bf16<R, CH>(p, pairs, npairs, out, d);
+  }
+  for (; r < G; ++r) {
+    const uint32_t* p[1] = {pk + r * pstride};
+    float* out[1] = {acc + r * d};
+    values_bf16<1, CH>(p, pairs, npairs, out, d);
+  }
+}
+
 struct Strides {
   int64_t b, h, s;  // of one tensor's first three dimensions (the last is contiguous)
 };
@@ -254,6 +323,26 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
     const __m256 inv = _mm256_set1_ps(1.0f / hsum8(total));
     for (int64_t j = 0; j < end8; j += 8) _mm256_storeu_ps(row + j, as_dtype8<T>(_mm256_mul_ps(_mm256_loadu_ps(row + j), inv)));
   }
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (g_isa == kAvx512Bf16 && d <= 128) {
+      const int64_t chunks = d <= 32 ? 1 : d <= 64 ? 2 : 4, npairs = (end + 1) / 2, pstride = end8 / 2;
+      std::unique_ptr<__m512i[]> pairs(new __m512i[std::max<int64_t>(1, npairs * chunks * 2)]);
+      interleave_values(v, vs.s, end, d, chunks, zero_row.data(), pairs.get());
+      // the probabilities (rounded to bf16 above: the top half of each float) packed in pairs
+      std::unique_ptr<uint32_t[]> pk(new uint32_t[G * pstride]);
+      for (int64_t r = 0; r < G; ++r)
+        for (int64_t i = 0; i < pstride; ++i) {
+          uint32_t a, b;
+          std::memcpy(&a, sc.get() + r * end8 + 2 * i, 4);
+          std::memcpy(&b, sc.get() + r * end8 + 2 * i + 1, 4);
+          pk[r * pstride + i] = (a >> 16) | (b & 0xffff0000u);
+        }
+      if (chunks == 1) values_rows_bf16<1>(pk.get(), pstride, pairs.get(), npairs, acc.data(), d, G);
+      else if (chunks == 2) values_rows_bf16<2>(pk.get(), pstride, pairs.get(), npairs, acc.data(), d, G);
+      else values_rows_bf16<4>(pk.get(), pstride, pairs.get(), npairs, acc.data(), d, G);
+      goto write_out;
+    }
+  }
   // Probabilities times V, 8 slots at a time, summed in fp32.
   for (int64_t j = 0; j < end; j += 8) {
     const int64_t n = std::min<int64_t>(8, end - j);
@@ -300,6 +389,7 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
       }
     }
   }
+write_out:
   for (int64_t g = 0; g < group; ++g)
     for (int64_t t = 0; t < s; ++t) {
       const float* src = acc.data() + (g * s + t) * d;
