@@ -323,6 +323,7 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
     const __m256 inv = _mm256_set1_ps(1.0f / hsum8(total));
     for (int64_t j = 0; j < end8; j += 8) _mm256_storeu_ps(row + j, as_dtype8<T>(_mm256_mul_ps(_mm256_loadu_ps(row + j), inv)));
   }
+  bool values_done = false;
   if constexpr (std::is_same_v<T, uint16_t>) {
     if (g_isa == kAvx512Bf16 && d <= 128) {
       const int64_t chunks = d <= 32 ? 1 : d <= 64 ? 2 : 4, npairs = (end + 1) / 2, pstride = end8 / 2;
@@ -340,56 +341,56 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
       if (chunks == 1) values_rows_bf16<1>(pk.get(), pstride, pairs.get(), npairs, acc.data(), d, G);
       else if (chunks == 2) values_rows_bf16<2>(pk.get(), pstride, pairs.get(), npairs, acc.data(), d, G);
       else values_rows_bf16<4>(pk.get(), pstride, pairs.get(), npairs, acc.data(), d, G);
-      goto write_out;
+      values_done = true;
     }
   }
-  // Probabilities times V, 8 slots at a time, summed in fp32.
-  for (int64_t j = 0; j < end; j += 8) {
-    const int64_t n = std::min<int64_t>(8, end - j);
-    for (int64_t u = 0; u < n; ++u) widen(v + (j + u) * vs.s, d, tile.get() + u * d);
-    // Two queries at a time share each load of the tile, 32 outputs per pass (8 accumulators);
-    // every output sums its slots in order either way.
-    int64_t r = 0;
-    for (; r + 2 <= G; r += 2) {
-      const float *p0 = sc.get() + r * end8 + j, *p1 = p0 + end8;
-      float *o0 = acc.data() + r * d, *o1 = o0 + d;
-      int64_t i = 0;
-      for (; i + 32 <= d; i += 32) {
-        __m256 c0[4], c1[4];
-        _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) c0[c] = _mm256_loadu_ps(o0 + i + 8 * c), c1[c] = _mm256_loadu_ps(o1 + i + 8 * c);
-        for (int64_t u = 0; u < n; ++u) {
-          const __m256 b0 = _mm256_set1_ps(p0[u]), b1 = _mm256_set1_ps(p1[u]);
-          _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) {
-            const __m256 t = _mm256_loadu_ps(tile.get() + u * d + i + 8 * c);
-            c0[c] = _mm256_fmadd_ps(b0, t, c0[c]);
-            c1[c] = _mm256_fmadd_ps(b1, t, c1[c]);
+  if (!values_done) {  // AVX2: the probabilities times V, 8 slots at a time, summed in fp32
+    for (int64_t j = 0; j < end; j += 8) {
+      const int64_t n = std::min<int64_t>(8, end - j);
+      for (int64_t u = 0; u < n; ++u) widen(v + (j + u) * vs.s, d, tile.get() + u * d);
+      // Two queries at a time share each load of the tile, 32 outputs per pass (8 accumulators);
+      // every output sums its slots in order either way.
+      int64_t r = 0;
+      for (; r + 2 <= G; r += 2) {
+        const float *p0 = sc.get() + r * end8 + j, *p1 = p0 + end8;
+        float *o0 = acc.data() + r * d, *o1 = o0 + d;
+        int64_t i = 0;
+        for (; i + 32 <= d; i += 32) {
+          __m256 c0[4], c1[4];
+          _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) c0[c] = _mm256_loadu_ps(o0 + i + 8 * c), c1[c] = _mm256_loadu_ps(o1 + i + 8 * c);
+          for (int64_t u = 0; u < n; ++u) {
+            const __m256 b0 = _mm256_set1_ps(p0[u]), b1 = _mm256_set1_ps(p1[u]);
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) {
+              const __m256 t = _mm256_loadu_ps(tile.get() + u * d + i + 8 * c);
+              c0[c] = _mm256_fmadd_ps(b0, t, c0[c]);
+              c1[c] = _mm256_fmadd_ps(b1, t, c1[c]);
+            }
           }
+          _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o0 + i + 8 * c, c0[c]), _mm256_storeu_ps(o1 + i + 8 * c, c1[c]);
         }
-        _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o0 + i + 8 * c, c0[c]), _mm256_storeu_ps(o1 + i + 8 * c, c1[c]);
-      }
-      for (; i < d; i += 8) {
-        __m256 c0 = _mm256_loadu_ps(o0 + i), c1 = _mm256_loadu_ps(o1 + i);
-        for (int64_t u = 0; u < n; ++u) {
-          const __m256 t = _mm256_loadu_ps(tile.get() + u * d + i);
-          c0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[u]), t, c0);
-          c1 = _mm256_fmadd_ps(_mm256_set1_ps(p1[u]), t, c1);
+        for (; i < d; i += 8) {
+          __m256 c0 = _mm256_loadu_ps(o0 + i), c1 = _mm256_loadu_ps(o1 + i);
+          for (int64_t u = 0; u < n; ++u) {
+            const __m256 t = _mm256_loadu_ps(tile.get() + u * d + i);
+            c0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[u]), t, c0);
+            c1 = _mm256_fmadd_ps(_mm256_set1_ps(p1[u]), t, c1);
+          }
+          _mm256_storeu_ps(o0 + i, c0), _mm256_storeu_ps(o1 + i, c1);
         }
-        _mm256_storeu_ps(o0 + i, c0), _mm256_storeu_ps(o1 + i, c1);
       }
-    }
-    for (; r < G; ++r) {
-      const float* p = sc.get() + r * end8 + j;
-      float* o = acc.data() + r * d;
-      __m256 pu[8];
-      for (int64_t u = 0; u < n; ++u) pu[u] = _mm256_set1_ps(p[u]);
-      for (int64_t i = 0; i < d; i += 8) {
-        __m256 a = _mm256_loadu_ps(o + i);
-        for (int64_t u = 0; u < n; ++u) a = _mm256_fmadd_ps(pu[u], _mm256_loadu_ps(tile.get() + u * d + i), a);
-        _mm256_storeu_ps(o + i, a);
+      for (; r < G; ++r) {
+        const float* p = sc.get() + r * end8 + j;
+        float* o = acc.data() + r * d;
+        __m256 pu[8];
+        for (int64_t u = 0; u < n; ++u) pu[u] = _mm256_set1_ps(p[u]);
+        for (int64_t i = 0; i < d; i += 8) {
+          __m256 a = _mm256_loadu_ps(o + i);
+          for (int64_t u = 0; u < n; ++u) a = _mm256_fmadd_ps(pu[u], _mm256_loadu_ps(tile.get() + u * d + i), a);
+          _mm256_storeu_ps(o + i, a);
+        }
       }
     }
   }
-write_out:
   for (int64_t g = 0; g < group; ++g)
     for (int64_t t = 0; t < s; ++t) {
       const float* src = acc.data() + (g * s + t) * d;
