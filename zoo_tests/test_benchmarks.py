@@ -65,7 +65,8 @@ def test_speculative_prints_draft_and_prompt_lookup_next_to_target_only():
     out = _run("speculative.py", "--tp", "1", "--new-tokens", "12", "--compile", "eager")
     rows = [line for line in out.splitlines() if line.startswith(" 1 eager")]
     assert [row[12:39].strip() for row in rows] == ["free generation", "grounded (the file again)", "sampled, temperature 1"]
-    assert all(row.count("x") == 2 and row.count("%") == 2 for row in rows)
+    # draft and lookup: end-to-end and decode-only ratios, and acceptance
+    assert all(row.count("x") == 4 and row.count("%") == 2 for row in rows)
 
 
 def test_collectives_prints_ours_next_to_gloo():
