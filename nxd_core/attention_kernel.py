@@ -11,7 +11,7 @@ costs what the text's length asks, not the cache's (benchmarks/attention.py meas
 NXD_ATTENTION_KERNEL=0 switches it off (read by prepare()).
 
 Two paths, chosen at run time: AVX2+FMA throughout, or, for bf16 inputs on a CPU with AVX512_BF16,
-the scores by `vdpbf16ps` on q and k as stored (`path()`, `use_path()`, `available_paths()`).
+both products by `vdpbf16ps` on the inputs as stored (`path()`, `use_path()`, `available_paths()`).
 """
 
 from __future__ import annotations

@@ -107,23 +107,10 @@ NXD_AVX512BF16 static inline __m512bh load_bf16x32(__mmask32 mask, const uint16_
   return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
 }
 
-// out[i] = the sum of v[i]'s 16 lanes for i < N (powers of two in one pass of shuffles)
-// (a reduction each costs ~9 instructions, as many as 9 dot products: on rows of 256, half a
-// tile's time). Each sum takes _mm512_reduce_add_ps's order, lane i with i + 8, then i + 4, i + 2,
-// i + 1, so an output has the same bits however many are reduced together.
-NXD_AVX512BF16 static inline __m512 halves_added(__m512 a, __m512 b) {  // [a_i + a_i+8 | b_i + b_i+8]
-  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
-}
-NXD_AVX512BF16 static inline __m512 quarters_added(__m512 a, __m512 b) {  // 8-lane halves -> 4-lane quarters
-  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-NXD_AVX512BF16 static inline __m512 pairs_added(__m512 a, __m512 b) {  // per 128 bits: [a0+a2, a1+a3, b0+b2, b1+b3]
-  return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
-}
-NXD_AVX512BF16 static inline __m512 neighbours_added(__m512 a, __m512 b) {  // per 128 bits: [a0+a1, a2+a3, b0+b1, b2+b3]
-  return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
+// out[i] = the sum of v[i]'s 16 lanes for i < N (powers of two in one pass of shuffles, the steps
+// in cpu_common.h) (a reduction each costs ~9 instructions, as many as 9 dot products: on rows of
+// 256, half a tile's time). Each sum takes _mm512_reduce_add_ps's order, so an output has the same
+// bits however many are reduced together.
 template <int N>
 NXD_AVX512BF16 static inline void lane_sums(const __m512* v, float* out) {
   constexpr int P = N >= 16 ? 16 : N >= 8 ? 8 : N >= 4 ? 4 : N >= 2 ? 2 : 1;  // the largest power of two <= N
@@ -274,7 +261,6 @@ static void rows(const uint16_t* w, int64_t K, const X* x, int64_t xs, int64_t M
 // more than it saves (2 Zen 4 cores, one row of x, fastest call: W [256, 256] 4.1 us on one thread,
 // 5.7 us on two; [256, 688] 9.7 us against 6.8 us).
 constexpr int64_t kGrain = 64, kTaskBytes = 128 << 10;
-
 
 at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "bf16_linear: x [M, K] and w [N, K]");

@@ -1,8 +1,8 @@
 // What the CPU decode kernels (bf16_linear.cpp, int8_linear.cpp, int4_linear.cpp,
-// decode_attention.cpp) share: bf16 conversions, an AVX2 horizontal sum and how they split a
-// matrix's rows over threads. cpp_build.build_and_load puts a digest of this header in each
-// kernel's build flags, so that a change here rebuilds them (torch's loader hashes only the listed
-// sources).
+// decode_attention.cpp) share: bf16 conversions, an AVX2 horizontal sum, the steps of summing many
+// AVX-512 vectors at once, and how they split a matrix's rows over threads. cpp_build.build_and_load
+// puts a digest of this header in each kernel's build flags, so that a change here rebuilds them
+// (torch's loader hashes only the listed sources).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -33,6 +33,23 @@ static inline float hsum8(__m256 v) {
   s = _mm_hadd_ps(s, s);
   s = _mm_hadd_ps(s, s);
   return _mm_cvtss_f32(s);
+}
+
+// The steps of summing many 16-lane vectors at once, each in _mm512_reduce_add_ps's order (lane i
+// with i + 8, then i + 4, i + 2, i + 1), so that a sum has the same bits alone or with others
+// (row invariance): each step adds two vectors' halves, quarters, pairs or neighbours into one.
+#define NXD_REDUCE_AVX512 __attribute__((target("avx512f")))
+NXD_REDUCE_AVX512 static inline __m512 halves_added(__m512 a, __m512 b) {  // [a_i + a_i+8 | b_i + b_i+8]
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+NXD_REDUCE_AVX512 static inline __m512 quarters_added(__m512 a, __m512 b) {  // 8-lane halves -> 4-lane quarters
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+NXD_REDUCE_AVX512 static inline __m512 pairs_added(__m512 a, __m512 b) {  // per 128 bits: [a0+a2, a1+a3, b0+b2, b1+b3]
+  return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+NXD_REDUCE_AVX512 static inline __m512 neighbours_added(__m512 a, __m512 b) {  // per 128 bits: [a0+a1, a2+a3, b0+b1, b2+b3]
+  return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 // f(begin, end) over chunks of `chunk` rows of [0, N). Each of at::get_num_threads() threads (at

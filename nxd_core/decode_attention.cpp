@@ -13,7 +13,7 @@
 // a KV head (GQA) read it together. A query's result depends on nothing but its own row and mask:
 // masked slots weigh exactly 0 (the serving engine and speculative decoding rely on row invariance).
 //
-// AVX2+FMA (the file's flags), the scores of bf16 inputs on AVX512_BF16 where the CPU has it;
+// AVX2+FMA (the file's flags); bf16 inputs take vdpbf16ps where the CPU has AVX512_BF16;
 // nxd_core/attention_kernel.py sends other CPUs to the Python path.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -86,7 +86,7 @@ static inline __m256 as_dtype8(__m256 p) {
   }
 }
 
-// ---- scores on AVX512_BF16 (bf16 inputs, where the CPU has it) ------------------------------
+// ---- AVX512_BF16 (bf16 inputs, where the CPU has it) ------------------------------------------
 //
 // vdpbf16ps takes q and k as stored, 32 products per instruction (the products are exact in fp32,
 // as the widened FMAs' are; the sums are fp32), twice the multiply-adds per cycle of AVX2's fp32
@@ -104,19 +104,13 @@ static bool cpu_supports(Isa isa) {
 }
 static Isa g_isa = cpu_supports(kAvx512Bf16) ? kAvx512Bf16 : kAvx2;  // the best this CPU has, unless set
 
-// The lane sums of a[0..7] as one vector [sum a0, ..., sum a7]; each sum adds lane i to i + 8,
-// then i + 4, i + 2, i + 1, whatever the other seven are (row invariance).
+// The lane sums of a[0..7] as one vector [sum a0, ..., sum a7], each in _mm512_reduce_add_ps's
+// order whatever the other seven are (row invariance; the steps are cpu_common.h's).
 NXD_AVX512BF16 static inline __m256 lane_sums8(const __m512* a) {
-  __m512 h[4], q[2];
-  _Pragma("GCC unroll 4") for (int i = 0; i < 4; ++i)  // [a_2i lanes i + (i+8) | a_2i+1 ...]
-    h[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  _Pragma("GCC unroll 2") for (int i = 0; i < 2; ++i)  // 128-bit lane j: a_4i+j, 4 values
-    q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  // 128-bit lane j: [a_j, a_j, a_4+j, a_4+j] (2 values each), then [a_j, a_4+j, ...]
-  const __m512 p = _mm512_add_ps(_mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(p, p, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(p, p, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 q0 = quarters_added(halves_added(a[0], a[1]), halves_added(a[2], a[3]));  // 128-bit lane j: a_j
+  const __m512 q1 = quarters_added(halves_added(a[4], a[5]), halves_added(a[6], a[7]));  // a_4+j
+  const __m512 p = pairs_added(q0, q1);   // 128-bit lane j: [a_j, a_j, a_4+j, a_4+j]
+  const __m512 z = neighbours_added(p, p);  // 128-bit lane j: [a_j, a_4+j, a_j, a_4+j]
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
   return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, z));
 }
@@ -220,11 +214,14 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
   // scratch: no zero-fill where every element is written before it is read
   std::unique_ptr<float[]> qf(new float[G * d]), sc(new float[G * end8]), tile(new float[8 * d]);
   std::vector<float> acc(G * d, 0.0f);
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t t = 0; t < s; ++t) {
-      const T* src = q + g * qs.h + t * qs.s;
-      for (int64_t i = 0; i < d; ++i) qf[(g * s + t) * d + i] = to_float(src[i]);
-    }
+  // bf16 inputs on AVX512_BF16: both products by vdpbf16ps (V's pairs for head sizes up to 128)
+  const bool dot_bf16 = std::is_same_v<T, uint16_t> && g_isa == kAvx512Bf16;
+  if (!dot_bf16)  // the AVX2 scores read q widened
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t t = 0; t < s; ++t) {
+        const T* src = q + g * qs.h + t * qs.s;
+        for (int64_t i = 0; i < d; ++i) qf[(g * s + t) * d + i] = to_float(src[i]);
+      }
   // Scores, 8 slots at a time: the tile of K is widened once and read by every query.
   const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   const std::vector<uint16_t> zero_row(d, 0);  // the key of a slot past `end` (never read from the cache)
@@ -247,7 +244,7 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
       _mm256_storeu_ps(sc.get() + r * end8 + j, _mm256_blendv_ps(minus_inf, scores, _mm256_castsi256_ps(keep)));
     };
     if constexpr (std::is_same_v<T, uint16_t>) {
-      if (g_isa == kAvx512Bf16) {
+      if (dot_bf16) {
         const uint16_t* keys[8];
         for (int64_t u = 0; u < 8; ++u) keys[u] = j + u < end ? k + (j + u) * ks.s : zero_row.data();
         auto row = [&](int64_t r) { return q + (r / s) * qs.h + (r % s) * qs.s; };
@@ -325,7 +322,7 @@ static void attend_one(const T* q, Strides qs, const T* k, const T* v, Strides k
   }
   bool values_done = false;
   if constexpr (std::is_same_v<T, uint16_t>) {
-    if (g_isa == kAvx512Bf16 && d <= 128) {
+    if (dot_bf16 && d <= 128) {
       const int64_t chunks = d <= 32 ? 1 : d <= 64 ? 2 : 4, npairs = (end + 1) / 2, pstride = end8 / 2;
       std::unique_ptr<__m512i[]> pairs(new __m512i[std::max<int64_t>(1, npairs * chunks * 2)]);
       interleave_values(v, vs.s, end, d, chunks, zero_row.data(), pairs.get());
