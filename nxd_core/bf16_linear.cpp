@@ -262,26 +262,39 @@ static void rows(const uint16_t* w, int64_t K, const X* x, int64_t xs, int64_t M
 // 5.7 us on two; [256, 688] 9.7 us against 6.8 us).
 constexpr int64_t kGrain = 64, kTaskBytes = 128 << 10;
 
-at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
-  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "bf16_linear: x [M, K] and w [N, K]");
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
-              "bf16_linear: bfloat16 tensors, w contiguous");
+// x [M, K] against the weights ws[0..P) (each [N_p, K]) into out [M, sum N_p]: part p's outputs
+// are columns [offset_p, offset_p + N_p). One call for q, k and v (or gate and up) pays the fixed
+// costs once: the threads' start and finish, and x's preparation.
+static at::Tensor linear_parts(const at::Tensor& x_in, at::TensorList ws) {
+  TORCH_CHECK(!ws.empty(), "bf16_linear: no weights");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "bf16_linear: x bfloat16 [M, K]");
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  std::vector<int64_t> part_rows, offset;
+  int64_t total = 0;
+  for (const at::Tensor& w : ws) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K, "bf16_linear: x [M, K] and w [N, K]");
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "bf16_linear: bfloat16 tensors, w contiguous");
+    part_rows.push_back(w.size(0));
+    offset.push_back(total);
+    total += w.size(0);
+  }
   const at::Tensor xb = x_in.contiguous();
-  const int64_t M = xb.size(0), K = xb.size(1), N = w.size(0);
   const int64_t chunk = std::max(kGrain, kTaskBytes / std::max<int64_t>(1, 2 * K));
-  at::Tensor out = at::empty({M, N}, xb.options());
-  if (M == 0 || N == 0) return out;
+  at::Tensor out = at::empty({M, total}, xb.options());
+  if (M == 0 || total == 0) return out;
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  std::vector<const uint16_t*> wps;
+  for (const at::Tensor& w : ws) wps.push_back(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()));
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  // Part p's rows write into out's columns from offset[p]; out's rows are `total` apart.
   if (g_isa == kAvx512Bf16) {
-    split_rows(N, chunk, [&](int64_t begin, int64_t end) {
+    split_parts(part_rows, chunk, [&](int64_t p, int64_t begin, int64_t end) {
       if (M < 4)  // 4 weight rows: 1 row of x has 8 chains of dot products, not 2 (short rows ran 10-25% faster)
-        rows_avx512bf16<4>(wp, K, xs, M, N, begin, end, op);
+        rows_avx512bf16<4>(wps[p], K, xs, M, total, begin, end, op + offset[p]);
       else if (K >= 1024)  // 3 weight rows: long rows of x leave L1, and each load of x serves 3 rows, not 2
-        rows_avx512bf16<3>(wp, K, xs, M, N, begin, end, op);
+        rows_avx512bf16<3>(wps[p], K, xs, M, total, begin, end, op + offset[p]);
       else  // short rows: the 8-output tile's sums are reduced in one pass, 12 in two
-        rows_avx512bf16<2>(wp, K, xs, M, N, begin, end, op);
+        rows_avx512bf16<2>(wps[p], K, xs, M, total, begin, end, op + offset[p]);
     });
     return out;
   }
@@ -296,16 +309,21 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xf[m * stride + x_order(k, block)] = bf16_to_float(xs[m * K + k]);
   if (g_isa == kAvx512) {  // 8 rows of x x 2 accumulators: 16 of the 32 zmm registers
-    split_rows(N, chunk, [&](int64_t begin, int64_t end) {
-      rows<float, 8, dot_avx512<1>, dot_avx512<2>, dot_avx512<4>, dot_avx512<8>>(wp, K, xf, stride, M, N, begin, end, op);
+    split_parts(part_rows, chunk, [&](int64_t p, int64_t begin, int64_t end) {
+      rows<float, 8, dot_avx512<1>, dot_avx512<2>, dot_avx512<4>, dot_avx512<8>>(wps[p], K, xf, stride, M, total, begin, end, op + offset[p]);
     });
   } else {
-    split_rows(N, chunk, [&](int64_t begin, int64_t end) {
-      rows<float, 2, dot_avx2<1>, dot_avx2<2>, dot_avx2<2>, dot_avx2<2>>(wp, K, xf, stride, M, N, begin, end, op);
+    split_parts(part_rows, chunk, [&](int64_t p, int64_t begin, int64_t end) {
+      rows<float, 2, dot_avx2<1>, dot_avx2<2>, dot_avx2<2>, dot_avx2<2>>(wps[p], K, xf, stride, M, total, begin, end, op + offset[p]);
     });
   }
   return out;
 }
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) { return linear_parts(x, {w}); }
+
+// x [M, K] against several weights at once: [M, sum of their rows], each weight's outputs in turn.
+at::Tensor bf16_linear_many(const at::Tensor& x, at::TensorList ws) { return linear_parts(x, ws); }
 
 // The CPU itself is asked too (its flags as the OS reports them could be wrong in a test's
 // monkeypatch, never in here): an instruction the CPU lacks would kill the process.
@@ -337,7 +355,11 @@ std::string bf16_linear_isa() { return kIsaNames[g_isa]; }
 // Registered with the dispatcher (not pybind): a call costs what any aten op costs.
 TORCH_LIBRARY(nxd, m) {
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("bf16_linear_many(Tensor x, Tensor[] ws) -> Tensor");
   m.def("bf16_linear_set_isa(str isa) -> str", &bf16_linear_set_isa);
   m.def("bf16_linear_isa() -> str", &bf16_linear_isa);
 }
-TORCH_LIBRARY_IMPL(nxd, CPU, m) { m.impl("bf16_linear", &bf16_linear); }
+TORCH_LIBRARY_IMPL(nxd, CPU, m) {
+  m.impl("bf16_linear", &bf16_linear);
+  m.impl("bf16_linear_many", &bf16_linear_many);
+}

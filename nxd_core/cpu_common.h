@@ -1,6 +1,6 @@
 // What the CPU decode kernels (bf16_linear.cpp, int8_linear.cpp, int4_linear.cpp,
 // decode_attention.cpp) share: bf16 conversions, an AVX2 horizontal sum, the steps of summing many
-// AVX-512 vectors at once, and how they split a matrix's rows over threads. cpp_build.build_and_load
+// AVX-512 vectors at once, and how they split the rows of one or several matrices over threads. cpp_build.build_and_load
 // puts a digest of this header in each kernel's build flags, so that a change here rebuilds them
 // (torch's loader hashes only the listed sources).
 #pragma once
@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 static inline float bf16_to_float(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
@@ -52,24 +53,53 @@ NXD_REDUCE_AVX512 static inline __m512 neighbours_added(__m512 a, __m512 b) {  /
   return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// f(begin, end) over chunks of `chunk` rows of [0, N). Each of at::get_num_threads() threads (at
-// most one per chunk) owns a contiguous share and takes its chunks in order (one stream, as a fixed
-// split), then takes what is left of the other shares: on a shared machine one thread often starts
-// or runs late, and a fixed split waits for its whole share. Measured (2 Zen 4 cores, one row of x,
-// machine shared, fastest call of 40 passes over 256 MB of copies, GB/s): [5632, 2048] fixed halves
-// 54.9, one counter for all chunks 47.9, shares with stealing 53.3 (medians 37.7 / 36.7 / 39.8);
-// [2048, 2048] 42.0 / 40.9 / 45.2. Which thread computes a row changes nothing in how it is computed.
+// f(c) for each chunk c of [0, chunks). Each of at::get_num_threads() threads (at most one per
+// chunk) owns a contiguous share and takes its chunks in order (one stream, as a fixed split), then
+// takes what is left of the other shares: on a shared machine one thread often starts or runs late,
+// and a fixed split waits for its whole share. Measured (2 Zen 4 cores, one row of x, machine
+// shared, fastest call of 40 passes over 256 MB of copies, GB/s): [5632, 2048] fixed halves 54.9,
+// one counter for all chunks 47.9, shares with stealing 53.3 (medians 37.7 / 36.7 / 39.8);
+// [2048, 2048] 42.0 / 40.9 / 45.2. Which thread computes a chunk changes nothing in how it is computed.
 template <typename F>
-static void split_rows(int64_t N, int64_t chunk, const F& f) {
-  const int64_t chunks = (N + chunk - 1) / chunk;
+static void split_chunks(int64_t chunks, const F& f) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
-  if (threads <= 1) return f(0, N);
+  if (threads <= 1) {
+    for (int64_t c = 0; c < chunks; ++c) f(c);
+    return;
+  }
   std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[threads]);  // next chunk of each share
   for (int64_t t = 0; t < threads; ++t) next[t] = chunks * t / threads;
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t) {
     for (int64_t i = 0; i < threads; ++i) {  // its own share first, then the others' leftovers
       const int64_t t = (first + i) % threads, stop = chunks * (t + 1) / threads;
-      for (int64_t c; (c = next[t].fetch_add(1, std::memory_order_relaxed)) < stop;) f(c * chunk, std::min(N, (c + 1) * chunk));
+      for (int64_t c; (c = next[t].fetch_add(1, std::memory_order_relaxed)) < stop;) f(c);
     }
+  });
+}
+
+// f(begin, end) over chunks of `chunk` rows of [0, N) (split_chunks).
+template <typename F>
+static void split_rows(int64_t N, int64_t chunk, const F& f) {
+  if (N <= 0) return;
+  if (std::min<int64_t>(at::get_num_threads(), (N + chunk - 1) / chunk) <= 1) return f(0, N);
+  split_chunks((N + chunk - 1) / chunk, [&](int64_t c) { f(c * chunk, std::min(N, (c + 1) * chunk)); });
+}
+
+// f(part, begin, end) over chunks of `chunk` rows of each part's [0, rows[part]): the rows of several
+// matrices that meet the same x (q, k and v; gate and up) in one parallel region, so that one call
+// pays the fixed costs once (split_chunks). A chunk never spans two parts.
+template <typename F>
+static void split_parts(const std::vector<int64_t>& rows, int64_t chunk, const F& f) {
+  std::vector<int64_t> first(rows.size() + 1, 0);  // each part's first chunk
+  for (size_t p = 0; p < rows.size(); ++p) first[p + 1] = first[p] + (rows[p] + chunk - 1) / chunk;
+  if (std::min<int64_t>(at::get_num_threads(), first.back()) <= 1) {  // one thread: each part whole
+    for (size_t p = 0; p < rows.size(); ++p)
+      if (rows[p] > 0) f(int64_t(p), int64_t(0), rows[p]);
+    return;
+  }
+  split_chunks(first.back(), [&](int64_t c) {
+    const int64_t p = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    const int64_t begin = (c - first[p]) * chunk;
+    f(p, begin, std::min(rows[p], begin + chunk));
   });
 }

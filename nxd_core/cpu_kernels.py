@@ -137,6 +137,10 @@ def _register_shape_function() -> None:
     def _(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("nxd::bf16_linear_many")
+    def _many(x, weights):
+        return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
 
 def _qualifies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
@@ -157,3 +161,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     out = _extension(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
     return out + bias if bias is not None else out
+
+
+def linear_many(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[F.linear(x, w) for w in weights]: the weights that meet the same x (q, k and v; gate and up)
+    in one call of the kernel where they all qualify, which pays a call's fixed costs once."""
+    if len(weights) < 2 or not all(_qualifies(x, w) for w in weights):
+        return [linear(x, w) for w in weights]
+    out = torch.ops.nxd.bf16_linear_many(x.reshape(-1, x.shape[-1]), list(weights)).view(*x.shape[:-1], -1)
+    return list(out.split([w.shape[0] for w in weights], dim=-1))

@@ -103,6 +103,10 @@ def _register_shape_function() -> None:
     def _(x, packed, scale):
         return x.new_empty(x.shape[0], packed.shape[0])
 
+    @torch.library.register_fake("nxd::int4_linear_many")
+    def _many(x, packs, scales):
+        return x.new_empty(x.shape[0], sum(p.shape[0] for p in packs))
+
 
 def _qualifies(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> bool:
     return (
@@ -133,3 +137,14 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias
         return _fallback(x, packed, scale, bias)
     out = _extension(x.reshape(-1, x.shape[-1]), packed, scale).view(*x.shape[:-1], packed.shape[0])
     return out + bias if bias is not None else out
+
+
+def int4_linear_many(x: torch.Tensor, packs: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[int4_linear(x, p, s) for p, s in zip(packs, scales)]: the weights that meet the same x (q, k
+    and v; gate and up) in one call of the kernel where they all qualify and share a group size (its
+    fixed costs once)."""
+    same_groups = len({s.shape[-1] for s in scales}) == 1
+    if len(packs) < 2 or not same_groups or not all(_qualifies(x, p, s) for p, s in zip(packs, scales)):
+        return [int4_linear(x, p, s) for p, s in zip(packs, scales)]
+    out = torch.ops.nxd.int4_linear_many(x.reshape(-1, x.shape[-1]), list(packs), list(scales)).view(*x.shape[:-1], -1)
+    return list(out.split([p.shape[0] for p in packs], dim=-1))

@@ -31,6 +31,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 
 // 16 bytes (32 inputs) as q - 8 in int8: lo the 16 even inputs, hi the 16 odd ones, in order.
@@ -437,17 +438,34 @@ static void permute_bf16(const at::Tensor& xc, int64_t Kp, uint16_t* xd) {
         }
 }
 
-at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale) {
-  TORCH_CHECK(x_in.dim() == 2 && packed.dim() == 2 && x_in.size(1) == 2 * packed.size(1), "int4_linear: x [M, K] and packed [N, K / 2]");
+// x [M, K] against the int4 weights packed[0..P) (each [N_p, K / 2], scales [N_p, groups] of one
+// group size) into out [M, sum N_p]: part p's outputs are columns [offset_p, offset_p + N_p). One
+// call for q, k and v (or gate and up) pays the fixed costs once: the threads' start and finish,
+// and x's preparation.
+static at::Tensor linear_parts(const at::Tensor& x_in, at::TensorList packs, at::TensorList scales) {
+  TORCH_CHECK(!packs.empty() && packs.size() == scales.size(), "int4_linear: as many scales as weights, at least one");
+  TORCH_CHECK(x_in.dim() == 2, "int4_linear: x [M, K] and packed [N, K / 2]");
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat, "int4_linear: x bfloat16 or float32");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "int4_linear: packed uint8, contiguous");
-  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.dim() == 2 && scale.size(0) == packed.size(0) && scale.size(1) > 0,
-              "int4_linear: scale bfloat16 [N, groups]");
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = packed.size(0), ng = scale.size(1);
+  const int64_t M = x_in.size(0), K = x_in.size(1), ng = scales[0].dim() == 2 ? scales[0].size(1) : 0;
+  std::vector<int64_t> rows, offset;
+  std::vector<at::Tensor> scs;
+  int64_t total = 0;
+  for (size_t p = 0; p < packs.size(); ++p) {
+    const at::Tensor& packed = packs[p];
+    const at::Tensor& scale = scales[p];
+    TORCH_CHECK(packed.dim() == 2 && K == 2 * packed.size(1), "int4_linear: x [M, K] and packed [N, K / 2]");
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "int4_linear: packed uint8, contiguous");
+    TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.dim() == 2 && scale.size(0) == packed.size(0) && scale.size(1) > 0,
+                "int4_linear: scale bfloat16 [N, groups]");
+    TORCH_CHECK(scale.size(1) == ng, "int4_linear: the weights of one call share a group size");
+    rows.push_back(packed.size(0));
+    offset.push_back(total);
+    total += packed.size(0);
+    scs.push_back(scale.contiguous());
+  }
   TORCH_CHECK(K % ng == 0 && (K / ng) % 2 == 0, "int4_linear: the groups must split K into equal even parts");
   const int64_t G = K / ng;
   const at::Tensor xc = x_in.contiguous();
-  const at::Tensor sc = scale.contiguous();
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
   const Isa isa = chosen_isa();
   const Path path = isa == kAvx512Bf16 && bf16 && bf16_fits(G) ? kPathBf16 : isa >= kAvx512 ? kPathAvx512 : kPathAvx2;
@@ -465,11 +483,13 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   }
   const char* x = static_cast<const char*>(xw.data_ptr());
   const int64_t x_row_bytes = path == kPathBf16 ? Kp * 2 : K * 4;
-  at::Tensor out = at::empty({M, N}, xc.options());
-  const Weights W{packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>()), K, G, ng, words, Kp};
+  at::Tensor out = at::empty({M, total}, xc.options());
+  if (M == 0 || total == 0) return out;
   uint16_t* ob = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   float* of = bf16 ? nullptr : out.data_ptr<float>();
-  split_rows(N, 64, [&](int64_t begin, int64_t end) {  // chunks of 64 rows: whole blocks
+  split_parts(rows, 64, [&](int64_t p, int64_t begin, int64_t end) {  // chunks of 64 rows: whole blocks
+    const uint8_t* wp = packs[p].data_ptr<uint8_t>();
+    const uint16_t* sp = reinterpret_cast<const uint16_t*>(scs[p].data_ptr<at::BFloat16>());
     // Blocks of rows so the fp32 sums for all M rows stay on the stack, then round once.
     constexpr int64_t kBlock = 64;
     float acc[16 * kBlock];
@@ -477,7 +497,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     // More than 16 rows of x: the next 16 meet the same block of W again, now in L2.
     for (int64_t n0 = begin; n0 < end; n0 += kBlock) {
       const int64_t n1 = std::min(end, n0 + kBlock), nb = n1 - n0;
-      const Weights Wb{W.w + n0 * (K / 2), W.s + n0 * ng, K, G, ng, words, Kp};
+      const Weights Wb{wp + n0 * (K / 2), sp + n0 * ng, K, G, ng, words, Kp};
       for (int64_t m0 = 0; m0 < M; m0 += mb) {
         const int64_t mc = std::min(mb, M - m0);
         const void* xm = x + m0 * x_row_bytes;
@@ -487,14 +507,20 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
         for (int64_t m = 0; m < mc; ++m)
           for (int64_t n = n0; n < n1; ++n) {
             const float v = acc[m * nb + n - n0];
-            if (bf16) ob[(m0 + m) * N + n] = float_to_bf16(v);
-            else of[(m0 + m) * N + n] = v;
+            const int64_t at = (m0 + m) * total + offset[p] + n;
+            if (bf16) ob[at] = float_to_bf16(v);
+            else of[at] = v;
           }
       }
     }
   });
   return out;
 }
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale) { return linear_parts(x, {packed}, {scale}); }
+
+// x [M, K] against several int4 weights (one group size) at once: [M, sum of their rows], each weight's outputs in turn.
+at::Tensor int4_linear_many(const at::Tensor& x, at::TensorList packs, at::TensorList scales) { return linear_parts(x, packs, scales); }
 
 std::string int4_linear_isa() {
   const Isa isa = chosen_isa();
@@ -505,6 +531,10 @@ std::string int4_linear_isa() {
 // the nxd namespace, which bf16_linear.cpp defines.
 TORCH_LIBRARY_FRAGMENT(nxd, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
+  m.def("int4_linear_many(Tensor x, Tensor[] packs, Tensor[] scales) -> Tensor");
   m.def("int4_linear_isa() -> str", &int4_linear_isa);
 }
-TORCH_LIBRARY_IMPL(nxd, CPU, m) { m.impl("int4_linear", &int4_linear); }
+TORCH_LIBRARY_IMPL(nxd, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int4_linear_many", &int4_linear_many);
+}

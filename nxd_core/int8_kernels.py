@@ -80,6 +80,10 @@ def _register_shape_function() -> None:
     def _(x, weight, scale):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("nxd::int8_linear_many")
+    def _many(x, weights, scales):
+        return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
 
 def _qualifies(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
     return (
@@ -113,3 +117,12 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
         return _fallback(x, weight, scale, bias)
     out = _extension(x.reshape(-1, x.shape[-1]), weight, scale).view(*x.shape[:-1], weight.shape[0])
     return out + bias if bias is not None else out
+
+
+def int8_linear_many(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[int8_linear(x, w, s) for w, s in zip(weights, scales)]: the weights that meet the same x
+    (q, k and v; gate and up) in one call of the kernel where they all qualify (its fixed costs once)."""
+    if len(weights) < 2 or not all(_qualifies(x, w, s) for w, s in zip(weights, scales)):
+        return [int8_linear(x, w, s) for w, s in zip(weights, scales)]
+    out = torch.ops.nxd.int8_linear_many(x.reshape(-1, x.shape[-1]), list(weights), list(scales)).view(*x.shape[:-1], -1)
+    return list(out.split([w.shape[0] for w in weights], dim=-1))

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 
 // ---- AVX2 + FMA: 8 lanes ----------------------------------------------------------------------
@@ -320,14 +321,31 @@ static void rows_range(const int8_t* w, int64_t K, const float* x, int64_t M, in
   if (n < nb) rows_tiles<AVX512, 1>(w, K, x, M, n, nb, acc);
 }
 
-at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale) {
-  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "int8_linear: x [M, K] and w [N, K]");
+// x [M, K] against the int8 weights ws[0..P) (each [N_p, K], scales [N_p]) into out [M, sum N_p]:
+// part p's outputs are columns [offset_p, offset_p + N_p). One call for q, k and v (or gate and up)
+// pays the fixed costs once: the threads' start and finish, and x's preparation.
+static at::Tensor linear_parts(const at::Tensor& x_in, at::TensorList ws, at::TensorList scales) {
+  TORCH_CHECK(!ws.empty() && ws.size() == scales.size(), "int8_linear: as many scales as weights, at least one");
+  TORCH_CHECK(x_in.dim() == 2, "int8_linear: x [M, K] and w [N, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat, "int8_linear: x bfloat16 or float32");
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "int8_linear: w int8, contiguous");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == w.size(0), "int8_linear: scale float32 [N]");
   const at::Tensor xc = x_in.contiguous();
-  const at::Tensor sc = scale.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+  const int64_t M = xc.size(0), K = xc.size(1);
+  std::vector<int64_t> rows, offset;
+  std::vector<const int8_t*> wps;
+  std::vector<at::Tensor> scs;
+  int64_t total = 0;
+  for (size_t p = 0; p < ws.size(); ++p) {
+    const at::Tensor& w = ws[p];
+    const at::Tensor& scale = scales[p];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K, "int8_linear: x [M, K] and w [N, K]");
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "int8_linear: w int8, contiguous");
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == w.size(0), "int8_linear: scale float32 [N]");
+    rows.push_back(w.size(0));
+    offset.push_back(total);
+    total += w.size(0);
+    wps.push_back(w.data_ptr<int8_t>());
+    scs.push_back(scale.contiguous());
+  }
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
   // bf16 x on AVX512_VNNI: three signed bytes per input, a scale per block (quantize_x); a NaN or
   // infinity in x keeps the fp32 path.
@@ -353,13 +371,14 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
     for (int64_t i = 0; i < M * K; ++i) xd[i] = bf16_to_float(xs[i]);
   }
   const float* x = vnni ? nullptr : xw.data_ptr<float>();
-  at::Tensor out = at::empty({M, N}, xc.options());
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
+  at::Tensor out = at::empty({M, total}, xc.options());
+  if (M == 0 || total == 0) return out;
   uint16_t* ob = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   float* of = bf16 ? nullptr : out.data_ptr<float>();
   const bool avx512 = chosen_isa() >= kAvx512;
-  split_rows(N, 64, [&](int64_t begin, int64_t end) {  // chunks of 64 rows: whole blocks
+  split_parts(rows, 64, [&](int64_t p, int64_t begin, int64_t end) {  // chunks of 64 rows: whole blocks
+    const int8_t* wp = wps[p];
+    const float* sp = scs[p].data_ptr<float>();
     // Blocks of rows so the fp32 sums for all M rows stay on the stack, then scale and round once.
     constexpr int64_t kBlock = 64;
     float acc[16 * kBlock];
@@ -375,8 +394,9 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
         for (int64_t m = 0; m < mc; ++m)
           for (int64_t n = n0; n < n1; ++n) {
             const float v = acc[m * nb + n - n0] * sp[n];
-            if (bf16) ob[(m0 + m) * N + n] = float_to_bf16(v);
-            else of[(m0 + m) * N + n] = v;
+            const int64_t at = (m0 + m) * total + offset[p] + n;
+            if (bf16) ob[at] = float_to_bf16(v);
+            else of[at] = v;
           }
       }
     }
@@ -384,12 +404,21 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   return out;
 }
 
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) { return linear_parts(x, {w}, {scale}); }
+
+// x [M, K] against several int8 weights at once: [M, sum of their rows], each weight's outputs in turn.
+at::Tensor int8_linear_many(const at::Tensor& x, at::TensorList ws, at::TensorList scales) { return linear_parts(x, ws, scales); }
+
 std::string int8_linear_isa() { return kIsaNames[chosen_isa()]; }
 
 // Registered with the dispatcher (not pybind): a call costs what any aten op costs. A fragment of
 // the nxd namespace, which bf16_linear.cpp defines.
 TORCH_LIBRARY_FRAGMENT(nxd, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("int8_linear_many(Tensor x, Tensor[] ws, Tensor[] scales) -> Tensor");
   m.def("int8_linear_isa() -> str", &int8_linear_isa);
 }
-TORCH_LIBRARY_IMPL(nxd, CPU, m) { m.impl("int8_linear", &int8_linear); }
+TORCH_LIBRARY_IMPL(nxd, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int8_linear_many", &int8_linear_many);
+}

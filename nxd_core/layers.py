@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import init
 
 from . import parallel_state as ps
-from .cpu_kernels import linear
+from .cpu_kernels import linear, linear_many
 from .mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -131,6 +131,12 @@ class ColumnParallelLinear(nn.Module):
         """This rank's x W^T + b (a quantized layer overrides it: nxd_core.quantization)."""
         return linear(x, self.weight, bias)
 
+    @staticmethod
+    def matmuls(layers: list[ColumnParallelLinear], x: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's x W^T (no bias), for layers of this class that meet the same x, in one kernel
+        call where it can (a quantized layer overrides it)."""
+        return linear_many(x, [layer.weight for layer in layers])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.tp == 1:  # built unsharded (tp=1, or parallel_state.replicated()): nothing to exchange
             return self.matmul(x, self.bias)
@@ -147,6 +153,22 @@ class ColumnParallelLinear(nn.Module):
             f"input_size={self.input_size}, output_size={self.output_size}, tp={self.spec.tp}, "
             f"local_out={self.spec.shard_size}, gather_output={self.gather_output}"
         )
+
+
+def column_parallel_many(layers: list[ColumnParallelLinear], x: torch.Tensor) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers] for column-parallel layers that meet the same x and keep their
+    outputs split (q, k and v; gate and up). Where the layers are of one class, their products are
+    one kernel call (cpu_kernels.linear_many): decoding pays a call's fixed costs (the threads' start
+    and finish, x's preparation) once, not once per layer. At tp > 1 x enters the parallel region
+    once: the forward is the identity, and the gradients of all the layers are summed before their
+    one all-reduce, which is the sum of their all-reduces."""
+    first = layers[0]
+    if len(layers) < 2 or any(type(layer) is not type(first) or layer.gather_output for layer in layers):
+        return [layer(x) for layer in layers]
+    if first.spec.tp > 1:
+        x = copy_to_tensor_model_parallel_region(x)
+    outputs = type(first).matmuls(layers, x)
+    return [y + layer.bias if layer.bias is not None else y for y, layer in zip(outputs, layers)]
 
 
 class RowParallelLinear(nn.Module):

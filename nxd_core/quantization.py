@@ -120,6 +120,17 @@ class _QuantizedMatmul:
             return int8_kernels.int8_linear(x, self.weight, self.weight_scale, bias)
         return int4_kernels.int4_linear(x, self.weight, self.weight_scale, bias)
 
+    @staticmethod
+    def matmuls(layers: list, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's x W^T (no bias), in one kernel call where their weights are of one kind."""
+        weights, scales = [layer.weight for layer in layers], [layer.weight_scale for layer in layers]
+        kinds = {w.dtype for w in weights}
+        if kinds == {torch.int8}:
+            return int8_kernels.int8_linear_many(x, weights, scales)
+        if kinds == {torch.uint8}:
+            return int4_kernels.int4_linear_many(x, weights, scales)
+        return [layer.matmul(x, None) for layer in layers]
+
 
 class QuantizedColumnParallelLinear(_QuantizedMatmul, ColumnParallelLinear):
     """ColumnParallelLinear with int8 or int4 weights; its scales are sharded with the weight's rows."""

@@ -29,7 +29,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from nxd_core import attention_kernel, cpu_kernels
 from nxd_core import parallel_state as ps
-from nxd_core.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from nxd_core.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, column_parallel_many
 
 # The family contract (nxd_models.families.Family).
 MODEL_TYPES = ("llama",)
@@ -160,12 +160,10 @@ class ParallelLlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache_position=None, first_row: int = 0):
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim)
+        q, k, v = (y.view(batch, seq, -1, self.head_dim) for y in column_parallel_many([self.q_proj, self.k_proj, self.v_proj], x))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache_position is not None:
             rows = slice(first_row, first_row + batch)
@@ -212,7 +210,8 @@ class ParallelLlamaMLP(nn.Module):
 
     def forward(self, x):
         gate, up, down = (getattr(self, name) for name in self.names)
-        return down(self.act_fn(gate(x)) * up(x))
+        gated, upped = column_parallel_many([gate, up], x)
+        return down(self.act_fn(gated) * upped)
 
 
 class ParallelLlamaDecoderLayer(nn.Module):
