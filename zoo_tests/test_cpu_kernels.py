@@ -176,3 +176,41 @@ def test_nxd_bf16_kernel_forces_a_path_or_aten(monkeypatch):
         torch.ops.nxd.bf16_linear_set_isa(before)
     _fresh(monkeypatch, forced="aten")
     assert not cpu_kernels.prepare() and _falls_back_to_f_linear()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_every_path_computes_several_weights_in_one_call(kernel_path, rows):
+    """bf16_linear_many (q, k and v in one call) is bit for bit each weight's own call, on one thread
+    and on two (chunks of several matrices share the threads), for awkward shapes and an empty part."""
+    generator = torch.Generator().manual_seed(rows)
+    threads = torch.get_num_threads()
+    for k, outs in ((100, [33, 7, 0, 129]), (2048, [256, 64, 64]), (4099, [3, 70])):
+        x = torch.randn(rows, k, generator=generator).bfloat16()
+        weights = [torch.randn(n, k, generator=generator).bfloat16() for n in outs]
+        alone = torch.cat([torch.ops.nxd.bf16_linear(x, w) for w in weights], dim=1)
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            try:
+                together = torch.ops.nxd.bf16_linear_many(x, weights)
+            finally:
+                torch.set_num_threads(threads)
+            assert torch.equal(together, alone), (k, outs, count)
+        pieces = cpu_kernels.linear_many(x[None], weights)  # a batch dimension, split back per weight
+        assert [p.shape for p in pieces] == [(1, rows, n) for n in outs]
+        assert all(torch.equal(p[0], a) for p, a in zip(pieces, alone.split(outs, dim=1)))
+
+
+def test_linear_many_falls_back_per_weight_and_compiles_to_one_call():
+    from torch._inductor.utils import run_and_get_code
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 64, generator=generator)
+    weights = [torch.randn(n, 64, generator=generator) for n in (40, 8)]
+    # fp32 x: F.linear for each weight
+    for got, w in zip(cpu_kernels.linear_many(x, weights), weights):
+        torch.testing.assert_close(got, F.linear(x, w), rtol=0, atol=0)
+    xb, wb = x.bfloat16(), [w.bfloat16() for w in weights]
+    with torch.inference_mode():
+        compiled, code = run_and_get_code(torch.compile(cpu_kernels.linear_many, dynamic=False), xb, wb)
+    assert "\n".join(code).count("nxd.bf16_linear_many.default(") == 1
+    assert all(torch.equal(c, e) for c, e in zip(compiled, cpu_kernels.linear_many(xb, wb)))

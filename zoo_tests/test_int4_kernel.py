@@ -94,8 +94,29 @@ def _row_invariance() -> list[str]:
     return failures
 
 
+def _many() -> list[str]:
+    """int4_linear_many (q, k and v in one call) bit for bit each weight's own call, on one and two threads."""
+    failures, threads = [], torch.get_num_threads()
+    generator = torch.Generator().manual_seed(12)
+    for k, group, outs in ((384, 128, [64, 3, 129]), (2112, 32, [256, 64, 64]), (192, 6, [5, 70])):
+        weights = [quantize_int4(torch.randn(n, k, generator=generator), group) for n in outs]
+        for rows in (1, 5):
+            for dtype in (torch.bfloat16, torch.float32):
+                x = torch.randn(rows, k, generator=generator).to(dtype)
+                alone = torch.cat([torch.ops.nxd.int4_linear(x, p, s) for p, s in weights], dim=1)
+                for count in (1, 2):
+                    torch.set_num_threads(count)
+                    try:
+                        together = torch.ops.nxd.int4_linear_many(x, [p for p, _ in weights], [s for _, s in weights])
+                    finally:
+                        torch.set_num_threads(threads)
+                    if not torch.equal(together, alone):
+                        failures.append(f"many: rows={rows} K={k} G={group} N={outs} {dtype} threads={count}")
+    return failures
+
+
 def _check() -> dict:
-    return {"isa": int4_kernels.isa(), "sweep": _sweep(), "row_invariance": _row_invariance()}
+    return {"isa": int4_kernels.isa(), "sweep": _sweep(), "row_invariance": _row_invariance(), "many": _many()}
 
 
 def _in_child(path: str) -> dict:
@@ -111,12 +132,13 @@ def _in_child(path: str) -> dict:
 @pytest.mark.parametrize("path", list(PATHS))
 def test_each_path_matches_reference_and_is_row_invariant(path):
     """On each path this CPU has (its best in this process, the others forced in a child): the
-    dequantized reference within rounding, and rows computed independently, bit for bit."""
+    dequantized reference within rounding, rows computed independently, and several weights in one
+    call as each alone, bit for bit."""
     if not PATHS[path] <= cpu_flags():
         pytest.skip(f"this CPU has no {path}")
     best = next(p for p, flags in PATHS.items() if flags <= cpu_flags())
     result = _check() if path == best and os.environ.get("NXD_INT4_KERNEL", path) == path else _in_child(path)
-    assert result == {"isa": path, "sweep": [], "row_invariance": []}
+    assert result == {"isa": path, "sweep": [], "row_invariance": [], "many": []}
 
 
 @needs_kernel

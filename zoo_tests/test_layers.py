@@ -6,7 +6,7 @@ from torch import nn
 
 from nxd_core import parallel_state as ps
 from nxd_core.checkpoint import load_state_dict_from_full
-from nxd_core.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from nxd_core.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, column_parallel_many
 from nxd_core.sharding import ShardSpec, get_sharding, shard_tensor
 
 TOL = 1e-5
@@ -87,9 +87,40 @@ def embedding_case(vocab, dim, shard_across_embedding, pad):
     return _compare(layer, reference, ids)
 
 
+def column_many_case():
+    """column_parallel_many (one kernel call for q, k and v on a CPU) equals each layer's own forward,
+    outputs and gradients: layers of several widths, one replicated past 2 ranks, one padded, biases or not."""
+    torch.manual_seed(0)
+
+    def layers():
+        return [
+            ColumnParallelLinear(16, 12, gather_output=False),
+            ColumnParallelLinear(16, 8, gather_output=False, max_parts=2, unit=4),
+            ColumnParallelLinear(16, 10, gather_output=False, pad=True, bias=False),
+        ]
+
+    together, alone = layers(), layers()
+    for a, b in zip(together, alone):
+        b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 16)
+    x_together, x_alone = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys_together, ys_alone = column_parallel_many(together, x_together), [layer(x_alone) for layer in alone]
+    grads = [torch.randn_like(y) for y in ys_alone]
+    sum((y * g).sum() for y, g in zip(ys_together, grads)).backward()
+    sum((y * g).sum() for y, g in zip(ys_alone, grads)).backward()
+    errors = {f"output {i}": (a - b).abs().max().item() for i, (a, b) in enumerate(zip(ys_together, ys_alone))}
+    errors |= {f"shape {i}": float(a.shape != b.shape) for i, (a, b) in enumerate(zip(ys_together, ys_alone))}
+    for i, (a, b) in enumerate(zip(together, alone)):
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            errors[f"grad {i}.{name}"] = (pa.grad - pb.grad).abs().max().item()
+    errors["grad input"] = (x_together.grad - x_alone.grad).abs().max().item()
+    return errors
+
+
 CASES = {
     "column gather": (column_case, (16, 12, True, False)),
     "column local": (column_case, (16, 12, False, False)),
+    "column many": (column_many_case, ()),
     "column gather padded": (column_case, (16, 7, True, True)),
     "column->row mlp": (column_row_mlp_case, (16, 24, False)),
     "column->row mlp padded": (column_row_mlp_case, (16, 10, True)),
