@@ -107,6 +107,12 @@ def test_bf16_kernel_prints_every_path_next_to_aten():
     assert len(rows) == 2 and all(row.count("GB/s") == 1 + header.count("nxd ") for row in rows)
 
 
+def test_fused_calls_prints_one_call_per_weight_next_to_shared_calls():
+    out = _run("fused_calls.py", "--quick")
+    assert "calls one per weight" in out and "fastest round of each" in out
+    assert out.count("q/k/v and gate/up together") >= 1 and "bf16:" in out
+
+
 def test_attention_prints_the_kernel_next_to_the_python_path():
     out = _run("attention.py", "--calls-only")
     assert "python (compiled)" in out and out.count("x\n") >= 8
