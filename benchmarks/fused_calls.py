@@ -92,7 +92,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     fields = QUICK if args.quick else LAYOUTS[args.layout]
     rounds = 2 if args.quick else args.rounds
-    kinds = [kind for kind, ready in (("bf16", cpu_kernels.prepare), ("int8", int8_kernels.prepare), ("int4", int4_kernels.prepare)) if ready()]
+    kinds = [
+        kind for kind, ready in (("bf16", cpu_kernels.prepare), ("int8", int8_kernels.prepare), ("int4", int4_kernels.prepare)) if ready()
+    ]
     if not kinds:
         print("no decode kernel builds on this machine (it needs AVX2/FMA and a C++ compiler): nothing to compare")
         return
@@ -124,7 +126,9 @@ def main() -> None:
                     fastest = min(fastest, time.perf_counter() - start)
                 seconds[way] = fastest
                 best[kind, way] = min(best[kind, way], fastest)
-            line += f" {seconds['apart'] * 1e3:>10.2f} ms {seconds['together'] * 1e3:>12.2f} ms {seconds['apart'] / seconds['together']:>5.2f}x"
+            line += (
+                f" {seconds['apart'] * 1e3:>10.2f} ms {seconds['together'] * 1e3:>12.2f} ms {seconds['apart'] / seconds['together']:>5.2f}x"
+            )
         print(line, flush=True)
     print("fastest round of each (ms; GB/s of weights and scales read):")
     for kind in kinds:
