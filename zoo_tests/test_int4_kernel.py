@@ -14,6 +14,7 @@ import torch
 from nxd_core import int4_kernels
 from nxd_core.cpp_build import cpu_flags
 from nxd_core.quantization import dequantize, quantize_int4
+from zoo_tests.shared_calls import shared_call_failures
 
 ROOT = Path(__file__).resolve().parent.parent
 # K: multiples of 128 and not (64, 96, 160, 2112: a partial last block of the 128-input paths), none of 512
@@ -96,22 +97,11 @@ def _row_invariance() -> list[str]:
 
 def _many() -> list[str]:
     """int4_linear_many (q, k and v in one call) bit for bit each weight's own call, on one and two threads."""
-    failures, threads = [], torch.get_num_threads()
-    generator = torch.Generator().manual_seed(12)
+    failures, generator = [], torch.Generator().manual_seed(12)
     for k, group, outs in ((384, 128, [64, 3, 129]), (2112, 32, [256, 64, 64]), (192, 6, [5, 70])):
         weights = [quantize_int4(torch.randn(n, k, generator=generator), group) for n in outs]
-        for rows in (1, 5):
-            for dtype in (torch.bfloat16, torch.float32):
-                x = torch.randn(rows, k, generator=generator).to(dtype)
-                alone = torch.cat([torch.ops.nxd.int4_linear(x, p, s) for p, s in weights], dim=1)
-                for count in (1, 2):
-                    torch.set_num_threads(count)
-                    try:
-                        together = torch.ops.nxd.int4_linear_many(x, [p for p, _ in weights], [s for _, s in weights])
-                    finally:
-                        torch.set_num_threads(threads)
-                    if not torch.equal(together, alone):
-                        failures.append(f"many: rows={rows} K={k} G={group} N={outs} {dtype} threads={count}")
+        one, many = torch.ops.nxd.int4_linear, torch.ops.nxd.int4_linear_many
+        failures += shared_call_failures(f"K={k} G={group} N={outs}", weights, one, many, k, seed=k + group)
     return failures
 
 

@@ -12,6 +12,7 @@ import torch
 
 from nxd_core import int8_kernels
 from nxd_core.quantization import quantize_int8
+from zoo_tests.shared_calls import shared_call_failures
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS, FEATURES, OUTPUTS = [1, 2, 5, 8], [1, 7, 64, 100, 4096, 5000], [1, 3, 64, 257]
@@ -51,22 +52,11 @@ def _sweep() -> list[str]:
 
 def _many_failures() -> list[str]:
     """int8_linear_many (q, k and v in one call) bit for bit each weight's own call, on one and two threads."""
-    failures, threads = [], torch.get_num_threads()
-    generator = torch.Generator().manual_seed(11)
+    failures, generator = [], torch.Generator().manual_seed(11)
     for k, outs in ((300, [64, 3, 129]), (2048, [256, 64, 64])):
         weights = [quantize_int8(torch.randn(n, k, generator=generator)) for n in outs]
-        for rows in (1, 5):
-            for dtype in (torch.bfloat16, torch.float32):
-                x = torch.randn(rows, k, generator=generator).to(dtype)
-                alone = torch.cat([torch.ops.nxd.int8_linear(x, q, s) for q, s in weights], dim=1)
-                for count in (1, 2):
-                    torch.set_num_threads(count)
-                    try:
-                        together = torch.ops.nxd.int8_linear_many(x, [q for q, _ in weights], [s for _, s in weights])
-                    finally:
-                        torch.set_num_threads(threads)
-                    if not torch.equal(together, alone):
-                        failures.append(f"many: rows={rows} K={k} N={outs} {dtype} threads={count}")
+        one, many = torch.ops.nxd.int8_linear, torch.ops.nxd.int8_linear_many
+        failures += shared_call_failures(f"K={k} N={outs}", weights, one, many, k, seed=k)
     return failures
 
 
