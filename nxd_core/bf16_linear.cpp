@@ -18,7 +18,7 @@
 // every (n, m) pair has its own U accumulators, the same k steps, tails and reduction order, and
 // threads split N only, never K.
 //
-// Threads split N in chunks of rows (split_rows): each streams its own share, then takes the chunks
+// Threads split N in chunks of rows (split_parts): each streams its own share, then takes the chunks
 // another thread has not reached: on a shared machine one thread often starts or runs late, and a
 // fixed split waits for its whole share. Which thread computes a row changes nothing in how it is computed.
 #include <torch/extension.h>

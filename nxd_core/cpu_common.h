@@ -77,17 +77,10 @@ static void split_chunks(int64_t chunks, const F& f) {
   });
 }
 
-// f(begin, end) over chunks of `chunk` rows of [0, N) (split_chunks).
-template <typename F>
-static void split_rows(int64_t N, int64_t chunk, const F& f) {
-  if (N <= 0) return;
-  if (std::min<int64_t>(at::get_num_threads(), (N + chunk - 1) / chunk) <= 1) return f(0, N);
-  split_chunks((N + chunk - 1) / chunk, [&](int64_t c) { f(c * chunk, std::min(N, (c + 1) * chunk)); });
-}
-
-// f(part, begin, end) over chunks of `chunk` rows of each part's [0, rows[part]): the rows of several
-// matrices that meet the same x (q, k and v; gate and up) in one parallel region, so that one call
-// pays the fixed costs once (split_chunks). A chunk never spans two parts.
+// f(part, begin, end) over chunks of `chunk` rows of each part's [0, rows[part]): the rows of one
+// matrix, or of several that meet the same x (q, k and v; gate and up) in one parallel region, so
+// that one call pays the fixed costs once (split_chunks). A chunk never spans two parts; on one
+// thread each part goes whole.
 template <typename F>
 static void split_parts(const std::vector<int64_t>& rows, int64_t chunk, const F& f) {
   std::vector<int64_t> first(rows.size() + 1, 0);  // each part's first chunk

@@ -19,7 +19,7 @@
 // NXD_INT4_KERNEL=avx2 or avx512 (read once per process) lowers the path, so each can be tested on
 // one machine.
 //
-// Threads take chunks of 64 rows, their own share first, then others' leftovers (split_rows); never split K.
+// Threads take chunks of 64 rows, their own share first, then others' leftovers (split_parts); never split K.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
