@@ -6,7 +6,9 @@ from llama_fixtures import save_tiny_llama
 from speculative_fixtures import chi_square, first_tokens_of_a_round
 
 from nxd_models import from_pretrained_parallel
-from nxd_models.generation.worker.prompt_lookup import MAX_BACKOFF, PAYS, PROBE, PromptLookup
+from nxd_models.generation.worker.prompt_lookup import GROWTH, MAX_BACKOFF, PAYS, PROBE, PromptLookup
+from nxd_models.generation.worker.sampling import SamplingParams
+from nxd_models.generation.worker.speculative import SpeculativeSession, _accept, _accept_certain
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +85,40 @@ def test_a_certain_proposal_keeps_the_target_distribution():
     generator = torch.Generator().manual_seed(0)
     for guess in (0, 1):  # an unlikely and a likely guess
         drafted = torch.full((draws, k), guess)
-        q = torch.nn.functional.one_hot(drafted, 5).float()
-        first, accepted = first_tokens_of_a_round(drafted, q, p0, generator)
+        first, accepted = first_tokens_of_a_round(drafted, None, p0, generator)  # a certainty: _accept_certain
         statistic = chi_square(first, p0)
         assert statistic < 18.47, (guess, torch.bincount(first, minlength=5) / draws, statistic)  # df=4, p=0.001
         assert abs(float((accepted > 0).double().mean()) - float(p0[guess])) < 0.01
         # keeping the guess whenever it was offered would fail the same test
         assert chi_square(drafted[:, 0], p0) > 1000
+
+
+def test_a_certain_proposal_draws_as_a_one_hot_draft_does():
+    """_accept_certain (prompt lookup's sampler) makes the same draws from the same values as the
+    draft sampler given a one-hot q: rows that accept nothing, some, and every proposed token."""
+    generator = torch.Generator().manual_seed(2)
+    rows, k, vocab = 64, 3, 7
+    p0 = torch.softmax(torch.randn(rows, k + 1, vocab, generator=generator), dim=-1)
+    likely = p0[:, :k].argmax(dim=-1)  # mostly accepted
+    drafted = torch.where(torch.rand(rows, k, generator=generator) < 0.7, likely, torch.randint(0, vocab, (rows, k), generator=generator))
+    q = torch.nn.functional.one_hot(drafted, vocab).float()
+    session = lambda seed: SpeculativeSession(  # noqa: E731
+        valid=None,
+        pos=None,
+        last=None,
+        finished=None,
+        emitted=None,
+        params=SamplingParams(do_sample=True),
+        generator=torch.Generator().manual_seed(seed),
+        eos=torch.tensor([]),
+        k=k,
+        max_new_tokens=8,
+    )
+    for seed in range(5):
+        accepted, following = _accept(session(seed), drafted, q, p0.log())
+        accepted_certain, following_certain = _accept_certain(session(seed), drafted, p0.log())
+        assert torch.equal(accepted, accepted_certain) and torch.equal(following, following_certain), seed
+        assert set(accepted.tolist()) >= {0, k}  # rows that stop at once and rows that take every token
 
 
 def test_lookup_proposes_what_followed_the_latest_occurrence_of_the_longest_ngram():
@@ -119,7 +148,7 @@ def test_lookup_backs_off_after_rounds_that_do_not_pay():
         plain_steps.append(lookup.skip)  # the plain steps speculate_round takes before the next round
         lookup.skip = 0
         assert lookup.propose([False])[1] == [PROBE]  # the next round: a probe
-    assert plain_steps[:7] == [1, 2, 4, 8, 16, 32, 64] and max(plain_steps) == MAX_BACKOFF
+    assert plain_steps[:4] == [1, GROWTH, GROWTH**2, GROWTH**3] and plain_steps[-1] == MAX_BACKOFF
     assert lookup.probing and lookup.propose([False])[1] == [PROBE]  # a probe proposes few tokens
     lookup.outcome(PAYS, rows=1)  # a round that pays: the full k, no back-off
     assert lookup.skip == 0 and lookup.propose([False])[1] == [4]

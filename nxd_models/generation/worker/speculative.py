@@ -60,6 +60,10 @@ class SpeculativeSession:
     rounds: int = 0
     accepted: list[int] = field(default_factory=list)  # histogram: rounds (per row) that accepted i proposed tokens
     proposed: int = 0  # tokens proposed, over all rows and rounds (lookup proposes fewer than k at times)
+    eos_ids: frozenset = frozenset()  # eos as a set, for _emit (made once: a round's Python costs as much as its tensor ops)
+
+    def __post_init__(self):
+        self.eos_ids = frozenset(self.eos.tolist())
 
 
 def _slots(session: SpeculativeSession, offsets):
@@ -134,6 +138,25 @@ def _accept(session: SpeculativeSession, drafted: torch.Tensor, q, target_logits
     return accepted, torch.multinomial(dist, 1, generator=session.generator).squeeze(-1)
 
 
+def _accept_certain(session: SpeculativeSession, drafted: torch.Tensor, target_logits: torch.Tensor):
+    """_accept for proposals that are certainties (prompt lookup: q one-hot on each proposed token),
+    without q at the vocabulary's size: a token is accepted with probability p(token), and a
+    rejection draws from p without it. The same draws from the same values as _accept with a one-hot
+    q (p - 1 clamps to 0, p - 0 is p), in fewer eager ops: a sampled lookup round that finds
+    nothing to accept is what speculation costs on text that does not repeat."""
+    batch, k = drafted.shape
+    p = probabilities(target_logits, session.params)  # [batch, k + 1, vocab]
+    p_drafted = p[:, :k].gather(-1, drafted[..., None]).squeeze(-1)
+    u = torch.rand(batch, k, generator=session.generator, device=p.device)
+    accepted = (u < p_drafted).long().cumprod(dim=1).sum(dim=1)
+    rows = torch.arange(batch, device=p.device)
+    stop = p[rows, accepted]  # the target's distribution where each row stops
+    residual = stop.scatter(-1, drafted[rows, accepted.clamp(max=k - 1)][:, None], 0.0)
+    keep = (accepted == k) | (residual.sum(dim=-1) <= 0)  # all accepted, or nothing left but the guess
+    dist = torch.where(keep[:, None], stop, residual)
+    return accepted, torch.multinomial(dist, 1, generator=session.generator).squeeze(-1)
+
+
 def _plain_steps(session: SpeculativeSession, n: int) -> list[list[int]]:
     """Prompt lookup with nothing to propose: n tokens per row through plain decoding's step (its
     compiled step, token choice included), with as little around each step as plain decoding has:
@@ -143,15 +166,23 @@ def _plain_steps(session: SpeculativeSession, n: int) -> list[list[int]]:
     room = [session.max_new_tokens - e for e, done in zip(session.emitted.tolist(), session.finished.tolist()) if not done]
     n = max(1, min([n, *room]))
     # Rows at the same slot (always, at batch 1) take the model's shared-slot path, plain decoding's.
-    shared = bool((session.pos == session.pos[0]).all())
+    shared = session.pos.shape[0] == 1 or bool((session.pos == session.pos[0]).all())
     call = ("plain", shared)
+    # Every step's slots at once, [n, batch], clamped as _advance clamps (moving the pointers once per
+    # step cost 3% of a small model's step); a step's are sliced as plain decoding's ([1] when shared,
+    # else [batch, 1]), with the same strides, which the compiled step's guards expect.
+    if n == 1:  # most calls (a round with nothing to propose): the pointers as they are
+        positions = session.pos[None]
+    else:
+        ahead = torch.arange(n, device=session.pos.device)[:, None]
+        positions = (session.pos + ahead).clamp(max=session.valid.shape[1] - 1 - session.k)
     last, finished, steps = session.last, session.finished, []
-    for _ in range(n):
-        position = session.pos[:1] if shared else session.pos[:, None]
+    for i in range(n):
+        position = positions[i, :1] if shared else positions[i][:, None]
         last, finished = guarded_call(call in lookup.calls_run, session.plain_step, last, session.valid, position, finished)
         lookup.calls_run.add(call)
-        _advance(session, 1)
         steps.append(last)
+    _advance(session, n)
     session.last = last
     return _emit(session, torch.stack(steps, dim=1).tolist(), [0] * last.shape[0])
 
@@ -170,7 +201,7 @@ def _emit(session: SpeculativeSession, candidates: list[list[int]], counts: list
     Updates finished, emitted, the acceptance stats (rows with counts[row] tokens proposed, of which
     accepted[row] were taken) and prompt lookup's text. Python lists, converted once: per-row tensor
     indexing would cost more than a small model's whole step."""
-    eos = set(session.eos.tolist())
+    eos = session.eos_ids
     finished, emitted = session.finished.tolist(), session.emitted.tolist()
     gained, accepted_real = [], 0
     for row, done in enumerate(finished):
@@ -239,7 +270,7 @@ def speculate_round(session: SpeculativeSession) -> list[list[int]]:
         if proposal is None:
             return _plain_steps(session, 1)
         # Padding (rows that found less) is verified too, harmlessly, but not counted as proposed;
-        # a proposal is certain, so q is one-hot when sampling (made below, at the vocabulary's size).
+        # a proposal is certain (q one-hot when sampling: _accept_certain).
         (drafted, counts), q = proposal, None
     fed = torch.cat([session.last[:, None], drafted], dim=1)
     slots = _slots(session, torch.arange(fed.shape[1], device=fed.device))
@@ -251,8 +282,9 @@ def speculate_round(session: SpeculativeSession) -> list[list[int]]:
     else:
         target_logits = guarded_call(trusted, session.target, fed, session.valid, position_ids=None, cache_position=slots, last_only=False)
         if q is None:  # a lookup proposal
-            q = torch.nn.functional.one_hot(drafted, target_logits.shape[-1]).to(target_logits.dtype)
-        accepted, following = _accept(session, drafted, q, target_logits)
+            accepted, following = _accept_certain(session, drafted, target_logits)
+        else:
+            accepted, following = _accept(session, drafted, q, target_logits)
     if lookup is not None:
         lookup.calls_run.add(fed.shape[1])
     # Finished rows keep their pointer (they rewrite the same slots).
