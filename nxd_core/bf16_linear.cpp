@@ -182,11 +182,12 @@ NXD_AVX512BF16 static void tile_avx512bf16(const uint16_t* w, int64_t K, int64_t
     _Pragma("GCC unroll 32") for (int m = 0; m < MR; ++m) out[m * NR + r] = total[r * MR + m];
 }
 
-// NR rows of W, `apart` rows apart from row n, against all M rows of x: 4, 2, then 1 row of x at a time.
-template <int NR>
+// NR rows of W, `apart` rows apart from row n, against all M rows of x: MR rows of x at a time, then
+// what is left in tiles of 4, 3, 2 and 1 (only those smaller than MR).
+template <int NR, int MR>
 static void tile_rows_avx512bf16(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int64_t N, int64_t n,
                                  int64_t apart, uint16_t* out) {
-  float part[NR * 4];
+  float part[NR * MR];
   int64_t m = 0;
   auto store = [&](int mr) {
     for (int i = 0; i < mr; ++i)
@@ -194,20 +195,51 @@ static void tile_rows_avx512bf16(const uint16_t* w, int64_t K, const uint16_t* x
     m += mr;
   };
   const uint16_t* row = w + n * K;
-  while (M - m >= 4) tile_avx512bf16<NR, 4>(row, K, apart * K, x + m * K, K, part), store(4);
-  if (M - m >= 2) tile_avx512bf16<NR, 2>(row, K, apart * K, x + m * K, K, part), store(2);
+  while (M - m >= MR) tile_avx512bf16<NR, MR>(row, K, apart * K, x + m * K, K, part), store(MR);
+  if constexpr (MR > 4)
+    if (M - m >= 4) tile_avx512bf16<NR, 4>(row, K, apart * K, x + m * K, K, part), store(4);
+  if constexpr (MR > 3)
+    if (M - m == 3) tile_avx512bf16<NR, 3>(row, K, apart * K, x + m * K, K, part), store(3);
+  if constexpr (MR > 2)
+    if (M - m >= 2) tile_avx512bf16<NR, 2>(row, K, apart * K, x + m * K, K, part), store(2);
   if (M - m == 1) tile_avx512bf16<NR, 1>(row, K, apart * K, x + m * K, K, part), store(1);
 }
 
 // Rows [begin, end) of W, TR at a time: the rows of a tile are a TR-th of the range apart (tiles of
 // adjacent rows read memory slower: one row of x, [2048, 2048], 26.9 GB/s against 33.9 for one row
 // at a time, slow spell; rows apart read alike), then the rows left over one at a time.
-template <int TR>
+template <int TR, int MR>
 static void rows_avx512bf16(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int64_t N, int64_t begin,
                             int64_t end, uint16_t* out) {
   const int64_t apart = (end - begin) / TR;
-  for (int64_t i = 0; i < apart; ++i) tile_rows_avx512bf16<TR>(w, K, x, M, N, begin + i, apart, out);
-  for (int64_t n = begin + TR * apart; n < end; ++n) tile_rows_avx512bf16<1>(w, K, x, M, N, n, 0, out);
+  for (int64_t i = 0; i < apart; ++i) tile_rows_avx512bf16<TR, MR>(w, K, x, M, N, begin + i, apart, out);
+  for (int64_t n = begin + TR * apart; n < end; ++n) tile_rows_avx512bf16<1, MR>(w, K, x, M, N, n, 0, out);
+}
+
+// The tile of NR weight rows x MR rows of x for M rows of x (speculative verification: k + 1; a
+// serving batch). One tile over every row of x reads each weight once per call and each piece of x
+// once per NR weights; NR * MR accumulator pairs must fit in 32 registers with the loads. Measured
+// (one Zen 4 core, W [256, 2048] in cache, GMAC/s, the previous tiles of 4, 2 and 1 rows of x ->
+// these): 3 rows 57 -> 94 (4 x 3), 5 rows 64 -> 82 (2 x 5), 6 rows 68 -> 80 (2 x 6), 7 rows
+// 62 -> 64 (4 x 3 twice, then 1); 4 and 8 rows were best as they were (3 x 4; at K 256 all tile
+// shapes came within 10%: short rows spend their time in the reductions). From memory, two threads,
+// 1.1B shapes (benchmarks/bf16_kernel.py --rows 3 5 6 8, slow memory spell): 3 rows 9-18% faster,
+// 5 rows 0-15%, 6 and 8 rows the same. Which tile computes an output changes nothing in how it is
+// computed (row invariance).
+static void rows_for(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int64_t N, int64_t begin, int64_t end,
+                     uint16_t* out) {
+  if (M == 3 || M == 7)
+    rows_avx512bf16<4, 3>(w, K, x, M, N, begin, end, out);
+  else if (M == 5)
+    rows_avx512bf16<2, 5>(w, K, x, M, N, begin, end, out);
+  else if (M == 6)
+    rows_avx512bf16<2, 6>(w, K, x, M, N, begin, end, out);
+  else if (M < 4)  // 4 weight rows: 1 row of x has 8 chains of dot products, not 2 (short rows ran 10-25% faster)
+    rows_avx512bf16<4, 4>(w, K, x, M, N, begin, end, out);
+  else if (K >= 1024)  // 3 weight rows: long rows of x leave L1, and each load of x serves 3 rows, not 2
+    rows_avx512bf16<3, 4>(w, K, x, M, N, begin, end, out);
+  else  // short rows: the 8-output tile's sums are reduced in one pass, 12 in two
+    rows_avx512bf16<2, 4>(w, K, x, M, N, begin, end, out);
 }
 
 // ---- driver -----------------------------------------------------------------------------------
@@ -289,12 +321,7 @@ static at::Tensor linear_parts(const at::Tensor& x_in, at::TensorList ws) {
   // Part p's rows write into out's columns from offset[p]; out's rows are `total` apart.
   if (g_isa == kAvx512Bf16) {
     split_parts(part_rows, chunk, [&](int64_t p, int64_t begin, int64_t end) {
-      if (M < 4)  // 4 weight rows: 1 row of x has 8 chains of dot products, not 2 (short rows ran 10-25% faster)
-        rows_avx512bf16<4>(wps[p], K, xs, M, total, begin, end, op + offset[p]);
-      else if (K >= 1024)  // 3 weight rows: long rows of x leave L1, and each load of x serves 3 rows, not 2
-        rows_avx512bf16<3>(wps[p], K, xs, M, total, begin, end, op + offset[p]);
-      else  // short rows: the 8-output tile's sums are reduced in one pass, 12 in two
-        rows_avx512bf16<2>(wps[p], K, xs, M, total, begin, end, op + offset[p]);
+      rows_for(wps[p], K, xs, M, total, begin, end, op + offset[p]);
     });
     return out;
   }
