@@ -6,13 +6,9 @@ from nxd_models.generation.worker.sampling import SamplingParams
 from nxd_models.generation.worker.speculative import SpeculativeSession, _accept, _accept_certain
 
 
-def first_tokens_of_a_round(drafted: torch.Tensor, q: torch.Tensor | None, p0: torch.Tensor, generator) -> tuple:
-    """(each row's first new token, accepted per row) of one sampled round over the rows of drafted
-    [rows, k] with draft distributions q (None: proposals that are certainties, as prompt lookup's),
-    where the target's distribution is p0 at every position."""
-    rows, k = drafted.shape
-    target_logits = p0.log()[None, None].expand(rows, k + 1, p0.numel())
-    session = SpeculativeSession(
+def sampling_session(k: int, generator: torch.Generator) -> SpeculativeSession:
+    """A session with only what the samplers (_accept, _accept_certain) read."""
+    return SpeculativeSession(
         valid=None,
         pos=None,
         last=None,
@@ -24,6 +20,15 @@ def first_tokens_of_a_round(drafted: torch.Tensor, q: torch.Tensor | None, p0: t
         k=k,
         max_new_tokens=8,
     )
+
+
+def first_tokens_of_a_round(drafted: torch.Tensor, q: torch.Tensor | None, p0: torch.Tensor, generator) -> tuple:
+    """(each row's first new token, accepted per row) of one sampled round over the rows of drafted
+    [rows, k] with draft distributions q (None: proposals that are certainties, as prompt lookup's),
+    where the target's distribution is p0 at every position."""
+    rows, k = drafted.shape
+    target_logits = p0.log()[None, None].expand(rows, k + 1, p0.numel())
+    session = sampling_session(k, generator)
     accepted, following = _accept_certain(session, drafted, target_logits) if q is None else _accept(session, drafted, q, target_logits)
     return torch.where(accepted > 0, drafted[:, 0], following), accepted
 

@@ -3,12 +3,11 @@
 import pytest
 import torch
 from llama_fixtures import save_tiny_llama
-from speculative_fixtures import chi_square, first_tokens_of_a_round
+from speculative_fixtures import chi_square, first_tokens_of_a_round, sampling_session
 
 from nxd_models import from_pretrained_parallel
 from nxd_models.generation.worker.prompt_lookup import GROWTH, MAX_BACKOFF, PAYS, PROBE, PromptLookup
-from nxd_models.generation.worker.sampling import SamplingParams
-from nxd_models.generation.worker.speculative import SpeculativeSession, _accept, _accept_certain
+from nxd_models.generation.worker.speculative import _accept, _accept_certain
 
 
 @pytest.fixture(scope="module")
@@ -102,21 +101,9 @@ def test_a_certain_proposal_draws_as_a_one_hot_draft_does():
     likely = p0[:, :k].argmax(dim=-1)  # mostly accepted
     drafted = torch.where(torch.rand(rows, k, generator=generator) < 0.7, likely, torch.randint(0, vocab, (rows, k), generator=generator))
     q = torch.nn.functional.one_hot(drafted, vocab).float()
-    session = lambda seed: SpeculativeSession(  # noqa: E731
-        valid=None,
-        pos=None,
-        last=None,
-        finished=None,
-        emitted=None,
-        params=SamplingParams(do_sample=True),
-        generator=torch.Generator().manual_seed(seed),
-        eos=torch.tensor([]),
-        k=k,
-        max_new_tokens=8,
-    )
     for seed in range(5):
-        accepted, following = _accept(session(seed), drafted, q, p0.log())
-        accepted_certain, following_certain = _accept_certain(session(seed), drafted, p0.log())
+        accepted, following = _accept(sampling_session(k, torch.Generator().manual_seed(seed)), drafted, q, p0.log())
+        accepted_certain, following_certain = _accept_certain(sampling_session(k, torch.Generator().manual_seed(seed)), drafted, p0.log())
         assert torch.equal(accepted, accepted_certain) and torch.equal(following, following_certain), seed
         assert set(accepted.tolist()) >= {0, k}  # rows that stop at once and rows that take every token
 
