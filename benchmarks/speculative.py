@@ -93,8 +93,9 @@ def main() -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--k", type=int, default=4, help="draft tokens per round")
-    # 7: a verification of 8 rows stays on the bf16 decode kernel, which computes each row alike at
-    # any row count; wider ones go to ATen's GEMM, whose rounding can flip a near-tie (docs/generation.md).
+    # 7: a verification of 8 rows stays on the bf16 decode kernel on every path, which computes each
+    # row alike at any row count; wider ones than a path takes go to ATen's GEMM, whose rounding can
+    # flip a near-tie (docs/generation.md).
     parser.add_argument("--lookup-k", type=int, default=7, help="prompt-lookup tokens per round")
     parser.add_argument("--compile", choices=["both", "eager", "compiled"], default="both")
     args = parser.parse_args()

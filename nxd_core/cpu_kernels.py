@@ -46,8 +46,14 @@ ENV = "NXD_BF16_KERNEL"
 # (before the tiles: 0.90 / 2.17 and 1.36 / 3.64). The rows of a verification (k + 1) or a serving
 # batch must be summed exactly as a one-row decode step sums them (row invariance), so a switch
 # to ATen at some row count would break it anyway. On AVX2-only CPUs ATen has no bf16
-# instructions and the kernel wins up to 8 rows (measured before issue 21).
-MAX_ROWS = {"avx512bf16": 8, "avx512": 8, "avx2": 8}
+# instructions and the kernel wins up to 8 rows (measured before issue 21). The avx512bf16 kernel
+# stays ahead at 12 and 16 rows too (2 threads, weights from memory, ms per call, ATen against the
+# kernel: [2048, 2048] 0.55 / 0.43 and 0.60 / 0.50; [5632, 2048] 1.46 / 1.31 and 1.66 / 1.54;
+# [32000, 2048] 8.4 / 7.6 and 10.4 / 8.9; the demo model's shapes in cache, one step's linears,
+# 381 / 257 and 436 / 344 us), so it takes up to 16: HF's default prompt_lookup_num_tokens=10
+# verifies 11 rows, which went to ATen at 0.79x of plain decoding on the demo model (12 rows would
+# be the kernel's 1.3x); on the avx512 and avx2 paths ATen's bf16 GEMM wins past 8 here.
+MAX_ROWS = {"avx512bf16": 16, "avx512": 8, "avx2": 8}
 
 _SOURCE = Path(__file__).with_name("bf16_linear.cpp")
 _extension = None  # torch.ops.nxd.bf16_linear, once prepare() succeeded in this process

@@ -50,6 +50,7 @@ SHAPES = [
     (2, 4, 4, 1, 77, 128, 76),  # no GQA, the last slot, head size 128
     (1, 8, 2, 8, 43, 8, 20),  # 8 queries, head size 8, 43 slots
     (2, 6, 3, 3, 19, 24, 0),  # from slot 0, head size 24, odd slot count
+    (1, 8, 4, 16, 300, 64, 200),  # 16 queries: the widest pass llama.FEW_QUERIES sends here (lookup's k = 15)
 ]
 
 
@@ -99,13 +100,13 @@ def test_slots_past_the_mask_are_never_read(dtype, kernel_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_row_and_query_gets_what_it_gets_alone(dtype, kernel_path):
     """Row invariance, as the serving engine and speculative verification need: bit for bit."""
-    q, k, v, mask, scale = case(3, 8, 4, 5, 200, 64, 150, dtype, pad=9)
+    q, k, v, mask, scale = case(3, 8, 4, 11, 200, 64, 150, dtype, pad=9)  # 11 queries: HF's default lookup k = 10
     with torch.inference_mode():
         whole = attention_kernel.decode_attention(q, k, v, mask, scale)
         for row in range(3):
             alone = attention_kernel.decode_attention(q[row : row + 1], k[row : row + 1], v[row : row + 1], mask[row : row + 1], scale)
             assert torch.equal(alone, whole[row : row + 1])
-            for query in range(5):
+            for query in range(11):
                 one = attention_kernel.decode_attention(
                     q[row : row + 1, :, query : query + 1],
                     k[row : row + 1],

@@ -35,7 +35,7 @@ def test_kernel_only_where_it_qualifies(monkeypatch):
     w = torch.randn(16, 32).bfloat16()
     with torch.inference_mode():
         cpu_kernels.linear(torch.randn(2, 3, 32).bfloat16(), w)  # 6 rows, bf16: the kernel
-        cpu_kernels.linear(torch.randn(9, 32).bfloat16(), w)  # too many rows
+        cpu_kernels.linear(torch.randn(cpu_kernels.max_rows() + 1, 32).bfloat16(), w)  # too many rows
         cpu_kernels.linear(torch.randn(1, 32), w.float())  # fp32
     x = torch.randn(1, 32).bfloat16().requires_grad_()
     cpu_kernels.linear(x, w).sum().backward()  # autograd goes through F.linear
@@ -90,7 +90,7 @@ SHAPES = [(1, 1), (7, 1), (5, 3), (33, 100), (3, 31), (65, 97), (9, 4097), (130,
 def test_every_path_matches_f_linear_within_bf16_rounding(kernel_path, n, k):
     generator = torch.Generator().manual_seed(n * 7919 + k)
     w = torch.randn(n, k, generator=generator).bfloat16()
-    for rows in range(1, 9):
+    for rows in range(1, cpu_kernels.MAX_ROWS[kernel_path] + 1):
         x = torch.randn(rows, k, generator=generator).bfloat16()
         exact = x.double() @ w.double().T
         ours = torch.ops.nxd.bf16_linear(x, w)
@@ -107,10 +107,11 @@ def test_every_path_is_row_and_thread_invariant(kernel_path, n, k):
     rows (W [1000, 2048]: 16 chunks, taken in a different order from call to call)."""
     generator = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=generator).bfloat16()
-    x = torch.randn(8, k, generator=generator).bfloat16()
-    single = torch.cat([torch.ops.nxd.bf16_linear(x[m : m + 1], w) for m in range(8)])
-    for rows in range(1, 9):
-        for start in range(0, 8 - rows + 1, 3):
+    most = cpu_kernels.MAX_ROWS[kernel_path]
+    x = torch.randn(most, k, generator=generator).bfloat16()
+    single = torch.cat([torch.ops.nxd.bf16_linear(x[m : m + 1], w) for m in range(most)])
+    for rows in range(1, most + 1):
+        for start in range(0, most - rows + 1, 3):
             assert torch.equal(torch.ops.nxd.bf16_linear(x[start : start + rows], w), single[start : start + rows]), (rows, start)
     threads = torch.get_num_threads()
     try:
