@@ -51,8 +51,8 @@ ENV = "NXD_BF16_KERNEL"
 # kernel: [2048, 2048] 0.55 / 0.43 and 0.60 / 0.50; [5632, 2048] 1.46 / 1.31 and 1.66 / 1.54;
 # [32000, 2048] 8.4 / 7.6 and 10.4 / 8.9; the demo model's shapes in cache, one step's linears,
 # 381 / 257 and 436 / 344 us), so it takes up to 16: HF's default prompt_lookup_num_tokens=10
-# verifies 11 rows, which went to ATen at 0.79x of plain decoding on the demo model (12 rows would
-# be the kernel's 1.3x); on the avx512 and avx2 paths ATen's bf16 GEMM wins past 8 here.
+# verifies 11 rows, which then stay row-invariant (greedy exact) and fast (with llama.FEW_QUERIES);
+# on the avx512 and avx2 paths ATen's bf16 GEMM wins past 8 here.
 MAX_ROWS = {"avx512bf16": 16, "avx512": 8, "avx2": 8}
 
 _SOURCE = Path(__file__).with_name("bf16_linear.cpp")

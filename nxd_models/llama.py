@@ -109,8 +109,8 @@ def llama_arch(config) -> DecoderArch:
 # matmuls beat SDPA's flash kernel: inductor fuses them with the mask and softmax into one loop; on
 # CPUs the kernel reads only the filled slots. 16, not 8: SDPA reads every slot of the cache, and a
 # verification of 11 (HF's default prompt_lookup_num_tokens=10) cost twice one of 8 on the demo
-# model (1.3 against 0.75 ms); with the kernel prompt lookup at k = 10 went from 0.82x to 1.55x of
-# plain decoding on benchmarks/speculative.py's grounded task (k = 7: 1.41x).
+# model (1.3 against 0.75 ms); with the kernel prompt lookup at k = 10 went from 0.82x to 1.10-1.55x
+# of plain decoding on benchmarks/speculative.py's grounded task (a noisy hour; k = 7: 1.21-1.41x).
 FEW_QUERIES = 16
 
 
