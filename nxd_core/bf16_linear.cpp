@@ -234,8 +234,8 @@ static void rows_for(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M,
     rows_avx512bf16<2, 5>(w, K, x, M, N, begin, end, out);
   else if (M == 6)
     rows_avx512bf16<2, 6>(w, K, x, M, N, begin, end, out);
-  else if (M < 4)  // 4 weight rows: 1 row of x has 8 chains of dot products, not 2 (short rows ran 10-25% faster)
-    rows_avx512bf16<4, 4>(w, K, x, M, N, begin, end, out);
+  else if (M < 3)  // 4 weight rows: 1 row of x has 8 chains of dot products, not 2 (short rows ran 10-25% faster)
+    rows_avx512bf16<4, 2>(w, K, x, M, N, begin, end, out);
   else if (K >= 1024)  // 3 weight rows: long rows of x leave L1, and each load of x serves 3 rows, not 2
     rows_avx512bf16<3, 4>(w, K, x, M, N, begin, end, out);
   else  // short rows: the 8-output tile's sums are reduced in one pass, 12 in two
