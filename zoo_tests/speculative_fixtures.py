@@ -3,11 +3,11 @@
 import torch
 
 from nxd_models.generation.worker.sampling import SamplingParams
-from nxd_models.generation.worker.speculative import SpeculativeSession, _accept, _accept_certain
+from nxd_models.generation.worker.speculative import SpeculativeSession, _accept
 
 
 def sampling_session(k: int, generator: torch.Generator) -> SpeculativeSession:
-    """A session with only what the samplers (_accept, _accept_certain) read."""
+    """A session with only what the sampler (_accept) reads."""
     return SpeculativeSession(
         valid=None,
         pos=None,
@@ -29,7 +29,7 @@ def first_tokens_of_a_round(drafted: torch.Tensor, q: torch.Tensor | None, p0: t
     rows, k = drafted.shape
     target_logits = p0.log()[None, None].expand(rows, k + 1, p0.numel())
     session = sampling_session(k, generator)
-    accepted, following = _accept_certain(session, drafted, target_logits) if q is None else _accept(session, drafted, q, target_logits)
+    accepted, following = _accept(session, drafted, q, target_logits)
     return torch.where(accepted > 0, drafted[:, 0], following), accepted
 
 

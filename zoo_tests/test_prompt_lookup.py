@@ -7,7 +7,7 @@ from speculative_fixtures import chi_square, first_tokens_of_a_round, sampling_s
 
 from nxd_models import from_pretrained_parallel
 from nxd_models.generation.worker.prompt_lookup import GROWTH, MAX_BACKOFF, PAYS, PROBE, PromptLookup
-from nxd_models.generation.worker.speculative import _accept, _accept_certain
+from nxd_models.generation.worker.speculative import _accept
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_a_certain_proposal_keeps_the_target_distribution():
     generator = torch.Generator().manual_seed(0)
     for guess in (0, 1):  # an unlikely and a likely guess
         drafted = torch.full((draws, k), guess)
-        first, accepted = first_tokens_of_a_round(drafted, None, p0, generator)  # a certainty: _accept_certain
+        first, accepted = first_tokens_of_a_round(drafted, None, p0, generator)  # a certainty: _accept with q None
         statistic = chi_square(first, p0)
         assert statistic < 18.47, (guess, torch.bincount(first, minlength=5) / draws, statistic)  # df=4, p=0.001
         assert abs(float((accepted > 0).double().mean()) - float(p0[guess])) < 0.01
@@ -93,8 +93,8 @@ def test_a_certain_proposal_keeps_the_target_distribution():
 
 
 def test_a_certain_proposal_draws_as_a_one_hot_draft_does():
-    """_accept_certain (prompt lookup's sampler) makes the same draws from the same values as the
-    draft sampler given a one-hot q: rows that accept nothing, some, and every proposed token."""
+    """_accept with q None (prompt lookup's certain proposals) makes the same draws from the same
+    values as with a one-hot q: rows that accept nothing, some, and every proposed token."""
     generator = torch.Generator().manual_seed(2)
     rows, k, vocab = 64, 3, 7
     p0 = torch.softmax(torch.randn(rows, k + 1, vocab, generator=generator), dim=-1)
@@ -103,7 +103,7 @@ def test_a_certain_proposal_draws_as_a_one_hot_draft_does():
     q = torch.nn.functional.one_hot(drafted, vocab).float()
     for seed in range(5):
         accepted, following = _accept(sampling_session(k, torch.Generator().manual_seed(seed)), drafted, q, p0.log())
-        accepted_certain, following_certain = _accept_certain(sampling_session(k, torch.Generator().manual_seed(seed)), drafted, p0.log())
+        accepted_certain, following_certain = _accept(sampling_session(k, torch.Generator().manual_seed(seed)), drafted, None, p0.log())
         assert torch.equal(accepted, accepted_certain) and torch.equal(following, following_certain), seed
         assert set(accepted.tolist()) >= {0, k}  # rows that stop at once and rows that take every token
 

@@ -18,9 +18,10 @@ at least PAYS tokens each on average. After one that does not, lookup backs off:
 (speculative.py takes `skip` and runs them in one go), and the round after them is a probe that
 proposes at most PROBE tokens (a narrow, cheap pass). On sampled text that never repeats, a
 back-off that doubled up to 64 left lookup at 0.89-0.95x of plain decoding (9 failed rounds in 256
-tokens); growing 4x up to 128, 0.95-0.96x (6 rounds; benchmarks/speculative.py). A round that pays restores the full k and clears the back-off. Every decision depends
-on tokens only, so every rank makes the same one. The n-grams are indexed as tokens arrive (a dict
-per n), so a proposal costs a few dictionary lookups, not a search of the text.
+tokens); growing 4x up to 128, 0.95-0.96x (6 rounds; benchmarks/speculative.py). A round that pays
+restores the full k and clears the back-off. Every decision depends on tokens only, so every rank
+makes the same one. The n-grams are indexed as tokens arrive (a dict per n), so a proposal costs a
+few dictionary lookups, not a search of the text.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class SpeculativeSession:
     rounds: int = 0
     accepted: list[int] = field(default_factory=list)  # histogram: rounds (per row) that accepted i proposed tokens
     proposed: int = 0  # tokens proposed, over all rows and rounds (lookup proposes fewer than k at times)
-    eos_ids: frozenset = frozenset()  # eos as a set, for _emit (made once: a round's Python costs as much as its tensor ops)
+    eos_ids: frozenset = field(init=False)  # eos as a set, for _emit (made once: a round's Python costs as much as its tensor ops)
 
     def __post_init__(self):
         self.eos_ids = frozenset(self.eos.tolist())
@@ -121,38 +121,27 @@ def _draft_tokens(session: SpeculativeSession):
 
 def _accept(session: SpeculativeSession, drafted: torch.Tensor, q, target_logits: torch.Tensor):
     """Sampling, per row: how many draft tokens are accepted [batch], and the target's next token
-    [batch] (greedy acceptance is greedy_verify's)."""
-    batch, k = drafted.shape
-    p = probabilities(target_logits, session.params)  # [batch, k + 1, vocab]
-    p_drafted = p[:, :k].gather(-1, drafted[..., None]).squeeze(-1)
-    q_drafted = q.gather(-1, drafted[..., None]).squeeze(-1)
-    u = torch.rand(batch, k, generator=session.generator, device=p.device)
-    accepted = (u * q_drafted < p_drafted).long().cumprod(dim=1).sum(dim=1)  # u < p/q, without dividing by 0
-    rows = torch.arange(batch, device=p.device)
-    residual = p[rows, accepted.clamp(max=k - 1)] - q[rows, accepted.clamp(max=k - 1)]
-    residual = residual.clamp(min=0)
-    all_accepted = accepted == k
-    # A residual that rounds to nothing (draft == target) falls back to the target's own distribution.
-    empty = residual.sum(dim=-1) <= 0
-    dist = torch.where((all_accepted | empty)[:, None], p[rows, accepted], residual)
-    return accepted, torch.multinomial(dist, 1, generator=session.generator).squeeze(-1)
-
-
-def _accept_certain(session: SpeculativeSession, drafted: torch.Tensor, target_logits: torch.Tensor):
-    """_accept for proposals that are certainties (prompt lookup: q one-hot on each proposed token),
-    without q at the vocabulary's size: a token is accepted with probability p(token), and a
-    rejection draws from p without it. The same draws from the same values as _accept with a one-hot
-    q (p - 1 clamps to 0, p - 0 is p), in fewer eager ops: a sampled lookup round that finds
-    nothing to accept is what speculation costs on text that does not repeat."""
+    [batch] (greedy acceptance is greedy_verify's). q: the draft's distributions [batch, k, vocab],
+    or None for proposals that are certainties (prompt lookup: q one-hot on each proposed token),
+    taken as that one-hot q without building it at the vocabulary's size (the same draws from the
+    same values: u * 1 is u, p - 1 clamps to 0, p - 0 is p), in fewer eager ops: a sampled lookup
+    round that finds nothing to accept is what speculation costs on text that does not repeat."""
     batch, k = drafted.shape
     p = probabilities(target_logits, session.params)  # [batch, k + 1, vocab]
     p_drafted = p[:, :k].gather(-1, drafted[..., None]).squeeze(-1)
     u = torch.rand(batch, k, generator=session.generator, device=p.device)
+    if q is not None:  # u < p/q, without dividing by 0
+        u = u * q.gather(-1, drafted[..., None]).squeeze(-1)
     accepted = (u < p_drafted).long().cumprod(dim=1).sum(dim=1)
-    rows = torch.arange(batch, device=p.device)
+    rows, stopped = torch.arange(batch, device=p.device), accepted.clamp(max=k - 1)
     stop = p[rows, accepted]  # the target's distribution where each row stops
-    residual = stop.scatter(-1, drafted[rows, accepted.clamp(max=k - 1)][:, None], 0.0)
-    keep = (accepted == k) | (residual.sum(dim=-1) <= 0)  # all accepted, or nothing left but the guess
+    if q is None:
+        residual = stop.scatter(-1, drafted[rows, stopped][:, None], 0.0)
+    else:
+        residual = (p[rows, stopped] - q[rows, stopped]).clamp(min=0)
+    # All accepted: the bonus token from p; a residual that rounds to nothing (draft == target) falls
+    # back to the target's own distribution too.
+    keep = (accepted == k) | (residual.sum(dim=-1) <= 0)
     dist = torch.where(keep[:, None], stop, residual)
     return accepted, torch.multinomial(dist, 1, generator=session.generator).squeeze(-1)
 
@@ -171,11 +160,8 @@ def _plain_steps(session: SpeculativeSession, n: int) -> list[list[int]]:
     # Every step's slots at once, [n, batch], clamped as _advance clamps (moving the pointers once per
     # step cost 3% of a small model's step); a step's are sliced as plain decoding's ([1] when shared,
     # else [batch, 1]), with the same strides, which the compiled step's guards expect.
-    if n == 1:  # most calls (a round with nothing to propose): the pointers as they are
-        positions = session.pos[None]
-    else:
-        ahead = torch.arange(n, device=session.pos.device)[:, None]
-        positions = (session.pos + ahead).clamp(max=session.valid.shape[1] - 1 - session.k)
+    ahead = torch.arange(n, device=session.pos.device)[:, None]
+    positions = (session.pos + ahead).clamp(max=session.valid.shape[1] - 1 - session.k)
     last, finished, steps = session.last, session.finished, []
     for i in range(n):
         position = positions[i, :1] if shared else positions[i][:, None]
@@ -270,7 +256,7 @@ def speculate_round(session: SpeculativeSession) -> list[list[int]]:
         if proposal is None:
             return _plain_steps(session, 1)
         # Padding (rows that found less) is verified too, harmlessly, but not counted as proposed;
-        # a proposal is certain (q one-hot when sampling: _accept_certain).
+        # a proposal is certain (q one-hot when sampling: _accept with q None).
         (drafted, counts), q = proposal, None
     fed = torch.cat([session.last[:, None], drafted], dim=1)
     slots = _slots(session, torch.arange(fed.shape[1], device=fed.device))
@@ -281,10 +267,7 @@ def speculate_round(session: SpeculativeSession) -> list[list[int]]:
         accepted, following = guarded_call(trusted, session.verify, fed, session.valid, slots)
     else:
         target_logits = guarded_call(trusted, session.target, fed, session.valid, position_ids=None, cache_position=slots, last_only=False)
-        if q is None:  # a lookup proposal
-            accepted, following = _accept_certain(session, drafted, target_logits)
-        else:
-            accepted, following = _accept(session, drafted, q, target_logits)
+        accepted, following = _accept(session, drafted, q, target_logits)  # q None: a lookup proposal
     if lookup is not None:
         lookup.calls_run.add(fed.shape[1])
     # Finished rows keep their pointer (they rewrite the same slots).
